@@ -1,0 +1,156 @@
+"""``bnrewrite.transform`` and what it records for ``inspect``."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .capture import Capture, Region, capture
+from .errors import InputError
+from .recipe import Recipe, parse_recipe
+from .sites import Site, find_sites
+
+
+@dataclass
+class TransformInfo:
+    """Plain-data record of a transform, kept on the model as ``model.bnrewrite_info``."""
+
+    recipe: str
+    sites: list[dict[str, Any]]
+    regions: list[Region]
+    top_traced: bool
+    top_error: str | None
+    selected: list[str] = field(default_factory=list)
+
+
+def _select(sites: list[Site], include, exclude) -> list[Site]:
+    def as_list(globs):
+        return [globs] if isinstance(globs, str) else list(globs or [])
+
+    inc, exc = as_list(include), as_list(exclude)
+    names = sorted({s.name for s in sites})
+    for glob in inc + exc:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise InputError(f"glob '{glob}' matches no BatchNorm site; site names look like: {sample}")
+    chosen = []
+    for site in sites:
+        if inc and not any(fnmatch.fnmatchcase(site.name, g) for g in inc):
+            continue
+        if any(fnmatch.fnmatchcase(site.name, g) for g in exc):
+            continue
+        chosen.append(site)
+    return chosen
+
+
+def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs=None, include=None,
+              exclude=None, inplace: bool = False, **options) -> nn.Module:
+    """Rewrite every BatchNorm of ``model`` into the variant(s) of ``recipe``.
+
+    Args:
+        model: any ``nn.Module``.
+        recipe: ``+``-joined components, e.g. ``"fs+vdn"``, ``"ghost:size=16"`` (see README).
+        example_inputs: a tuple of example inputs; records shapes and materialises lazy modules.
+        include, exclude: module-name globs (``"layer1.*"``) that pick the sites to rewrite.
+        inplace: rewrite ``model`` itself instead of a deep copy.
+        **options: variant-specific arguments the recipe's passes take (e.g. ``data_stats``
+            for ``vdn``, ``seed`` for the sampling schedules).
+
+    Returns a module with the same ``state_dict()`` keys as ``model``; a model without
+    BatchNorm is returned unchanged with a warning.
+
+    Example::
+
+        >>> import torch, torchvision, bnrewrite
+        >>> m = bnrewrite.transform(torchvision.models.resnet18(weights=None), "bn")
+        >>> m(torch.randn(2, 3, 64, 64)).shape
+        torch.Size([2, 1000])
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"transform expects an nn.Module, got {type(model).__name__}")
+    parsed = parse_recipe(recipe)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if not any(_is_norm(m) for m in model.modules()):
+        warnings.warn(f"{type(model).__name__} has no BatchNorm: returned unchanged", stacklevel=2)
+        return model
+    work = model if inplace else copy.deepcopy(model)
+    if example_inputs is not None:
+        _materialise_lazy(work, example_inputs)
+    captured = capture(work)
+    sites = find_sites(captured, example_inputs)
+    selected = _select(sites, include, exclude)
+    context = RewriteContext(captured=captured, example_inputs=example_inputs, options=dict(options))
+    from .registry import VARIANTS
+
+    result = captured.root
+    for component in _pipeline_order(parsed):
+        variant = VARIANTS[component.name]
+        result = variant.rewrite(result, selected, component.options, context)
+    unused = set(context.options) - context.consumed
+    if unused:
+        raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
+                         f"recipe '{parsed}' uses")
+    object.__setattr__(result, "bnrewrite_info", TransformInfo(
+        recipe=str(parsed), sites=[s.as_dict() for s in sites], regions=list(captured.regions),
+        top_traced=captured.top_traced, top_error=captured.top_error,
+        selected=[s.name for s in selected]))
+    if captured.top_error is not None:
+        object.__setattr__(result, "_bnrewrite_capture_error", captured.top_error)
+    return result
+
+
+@dataclass
+class RewriteContext:
+    """What a pass may need beyond (module, sites, options): the capture, the example inputs,
+    and keyword options given to ``transform`` (a pass marks those it uses as consumed)."""
+
+    captured: Capture
+    example_inputs: tuple | None
+    options: dict[str, Any]
+    consumed: set[str] = field(default_factory=set)
+
+    def take(self, key: str, default=None):
+        self.consumed.add(key)
+        return self.options.get(key, default)
+
+
+_ROLE_ORDER = {"norm": 0, "stats": 1, "post": 2}
+
+
+def _pipeline_order(recipe: Recipe):
+    from .registry import VARIANTS
+
+    return sorted(recipe.components, key=lambda c: _ROLE_ORDER[VARIANTS[c.name].role])
+
+
+def _is_norm(m: nn.Module) -> bool:
+    from .runtime.base import is_batchnorm
+
+    return is_batchnorm(m)
+
+
+def _materialise_lazy(model: nn.Module, example_inputs: tuple) -> None:
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    if any(isinstance(m, LazyModuleMixin) for m in model.modules()):
+        import torch
+
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def inspect_sites(model: nn.Module, example_inputs=None) -> list[Site]:
+    """Sites of ``model`` as it is now (stock or transformed), without changing it."""
+    captured = capture(copy.deepcopy(model))
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return find_sites(captured, example_inputs)

@@ -1,0 +1,210 @@
+"""State shared by every runtime module: exactly BatchNorm's parameters and buffers.
+
+A rewritten site keeps ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+``num_batches_tracked`` under the same names as ``torch.nn.BatchNorm*d``, so a stock
+checkpoint loads into a rewritten model with ``strict=True`` and back. Variants that
+need more state (CBN history, schedule counters) list it in ``optional_state_keys``:
+those keys are written by ``state_dict`` but may be absent when loading.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# timm's BatchNormAct2d (and similar subclasses) apply these children after normalising.
+_POST_NORM_CHILDREN = ("drop", "act")
+
+
+class BatchNormState(nn.Module):
+    """Base of all runtime normalisation modules.
+
+    Subclasses implement :meth:`forward_train`; eval mode (or
+    ``track_running_stats=False`` with batch statistics) is stock BatchNorm.
+    Every subclass exposes :meth:`inference_affine`, the per-channel ``(scale, shift)``
+    that eval mode computes, which is all ``fold_for_inference`` needs.
+    """
+
+    _version = 2  # same as _BatchNorm: num_batches_tracked exists
+    optional_state_keys: tuple[str, ...] = ()
+    # passes and the fold pass look at this instead of isinstance checks per variant
+    is_bnrewrite_norm = True
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.source_kind = "BatchNorm"
+        self.channel_dim = 1
+        self._post_children: tuple[str, ...] = ()
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, **options):
+        """Build the runtime module for ``bn``, sharing its Parameter and buffer objects."""
+        if isinstance(bn, BatchNormState):
+            src_kind = bn.source_kind
+        else:
+            src_kind = type(bn).__name__
+        if getattr(bn, "weight", None) is not None and isinstance(bn.weight, nn.parameter.UninitializedParameter):
+            from ..errors import InputError
+            raise InputError(f"{src_kind} is a lazy module that has not seen an input yet: pass "
+                             "example_inputs= to bnrewrite.transform so its shape is known")
+        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats, **options)
+        new.source_kind = src_kind
+        if bn.affine:
+            new.weight = bn.weight
+            new.bias = bn.bias
+        if bn.track_running_stats:
+            new.running_mean = bn.running_mean
+            new.running_var = bn.running_var
+            new.num_batches_tracked = bn.num_batches_tracked
+        post = []
+        for name in _POST_NORM_CHILDREN:
+            child = getattr(bn, name, None)
+            if isinstance(child, nn.Module) and not isinstance(child, nn.Identity):
+                new.add_module(name, child)
+                post.append(name)
+            elif isinstance(child, nn.Identity):
+                new.add_module(name, child)
+        new._post_children = tuple(post)
+        new.train(bn.training)
+        return new
+
+    # ---------------------------------------------------------------- numerics shared by variants
+    def reduce_dims(self, x: torch.Tensor) -> list[int]:
+        return [d for d in range(x.dim()) if d != 1]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            from ..errors import InputError
+            raise InputError(f"{type(self).__name__} expects (N, {self.num_features}, ...) input, "
+                             f"got shape {tuple(x.shape)}")
+
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """PyTorch's rule: EMA with ``momentum`` (or the cumulative mean when None) of the
+        batch mean and the *unbiased* variance of the ``count`` values the statistics came from."""
+        if not (self.training and self.track_running_stats):
+            return
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
+            unbiased = var.detach() * (count / max(count - 1, 1))
+            self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+    def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """y = (x - mean) / sqrt(var + eps) * weight + bias, broadcast over the channel dim."""
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        inv = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = (inv * self.weight).reshape(shape)
+            return (x - mean.reshape(shape)) * scale + self.bias.reshape(shape)
+        return (x - mean.reshape(shape)) * inv.reshape(shape)
+
+    def uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exactly ``nn.BatchNorm*d.forward`` on this state."""
+        bn_training = self.uses_batch_stats()
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, factor, self.eps)
+
+    def post_norm(self, y: torch.Tensor) -> torch.Tensor:
+        for name in self._post_children:
+            y = getattr(self, name)(y)
+        return y
+
+    # ---------------------------------------------------------------- module protocol
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if self.uses_batch_stats():
+            y = self.forward_train(x)
+        else:
+            y = self.stock_forward(x)
+        return self.post_norm(y)
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inference_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(scale, shift)`` with eval output ``x * scale + shift``."""
+        if not self.track_running_stats:
+            from ..errors import UnsupportedPatternError
+            raise UnsupportedPatternError(
+                f"{type(self).__name__} has track_running_stats=False: its eval output depends on the "
+                "batch, so it has no per-channel affine to fold")
+        inv = torch.rsqrt(self.running_var + self.eps)
+        scale = inv * self.weight if self.affine else inv
+        shift = -self.running_mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        return scale, shift
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def describe(self, input_shape: tuple[int, ...] | None = None) -> dict:
+        """What ``bnrewrite inspect`` shows for this site; variants add their own keys."""
+        return {"variant": type(self).__name__}
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for key in self.optional_state_keys:
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A stock BatchNorm (any subclass, lazy or sync) or a bnrewrite runtime module."""
+    return isinstance(module, _BatchNorm) or getattr(module, "is_bnrewrite_norm", False)
+
+
+def is_stock_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm)
