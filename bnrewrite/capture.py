@@ -10,6 +10,7 @@ direct child of an eager module, where it can still be swapped).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -92,45 +93,149 @@ class RegionTracer(fx.Tracer):
             self.graph.erase_node(node)
 
 
-def graph_module_keeping_state(root: nn.Module, graph: fx.Graph, class_name: str | None = None) -> fx.GraphModule:
-    """``fx.GraphModule`` copies only what the graph uses; keep every submodule, parameter and
-    buffer of ``root`` so ``state_dict()`` has exactly the original keys."""
-    gm = fx.GraphModule(root, graph, class_name or type(root).__name__)
+_MODULE_STATE_KEYS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+class CapturedGraphModule(fx.GraphModule):
+    """A GraphModule that keeps *all* of the original module's state and may hold a twin graph.
+
+    ``fx.GraphModule`` copies only the attributes its graph uses, and drops the rest again on
+    ``deepcopy`` and ``torch.save``; a captured model must keep every submodule, parameter
+    and buffer so that ``state_dict()`` has exactly the original keys.
+
+    ``forward`` code that reads ``self.training`` (torchvision's StochasticDepth, timm's
+    DropPath, Inception's aux head) is baked into a traced graph. When the train-mode and
+    eval-mode traces differ, the module holds both: its own graph for the mode it was
+    captured in (``primary_training``) and ``mode_twin``, a GraphModule over the same
+    submodules, which ``__call__`` uses in the other mode. Graph passes rewrite the primary
+    graph; the twin shares every submodule, so module swaps reach it too.
+    """
+
+    primary_training = True
+
+    def __call__(self, *args, **kwargs):
+        twin = self.__dict__.get("mode_twin")
+        if twin is not None and self.training != self.primary_training:
+            return twin(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        _restore_state(res, self.__dict__, lambda v: copy.deepcopy(v, memo))
+        return res
+
+    def __reduce__(self):
+        reducer, args = super().__reduce__()
+        return _rebuild_captured, (reducer, args, type(self).__name__)
+
+
+def _restore_state(target: "CapturedGraphModule", source: dict, copier) -> None:
+    for key in ("_modules", "_parameters", "_buffers"):
+        for name, value in source[key].items():
+            if name not in target.__dict__[key] or target.__dict__[key][name] is None:
+                target.__dict__[key][name] = copier(value)
+    target._non_persistent_buffers_set = set(source["_non_persistent_buffers_set"])
+    for key, value in source.items():
+        if key not in target.__dict__ and key not in _MODULE_STATE_KEYS and key != "_graph":
+            target.__dict__[key] = copier(value)
+    target.training = source.get("training", target.training)
+
+
+def _rebuild_captured(reducer, args, class_name):
+    plain = reducer(*args)
+    res = CapturedGraphModule(plain, plain.graph, class_name)
+    _restore_state(res, args[0], lambda v: v)
+    return res
+
+
+def graph_module_keeping_state(root: nn.Module, graph: fx.Graph, class_name: str | None = None,
+                               training: bool = True) -> CapturedGraphModule:
+    """A CapturedGraphModule of ``graph`` sharing every child, parameter and buffer of ``root``."""
+    gm = CapturedGraphModule(root, graph, class_name or type(root).__name__)
     for name, child in root.named_children():
         setattr(gm, name, child)
     for name, param in root.named_parameters(recurse=False):
         if name not in gm._parameters:
             gm.register_parameter(name, param)
-    for name, buf in root.named_buffers(recurse=False):
+    own_buffers = dict(root.named_buffers(recurse=False))
+    for name, buf in own_buffers.items():
         gm.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
+    for name in gm._buffers:
+        if name not in own_buffers:  # fx's _tensor_constantN: plain tensors the code closes over
+            gm._non_persistent_buffers_set.add(name)
+    gm.primary_training = training
     gm.train(root.training)
     return gm
 
 
-def trace_region(module: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Trace ``module`` with failing submodules as leaves; raises if its own forward fails."""
-    tracer = RegionTracer()
-    graph = tracer.trace(module)
-    return graph_module_keeping_state(module, graph), dict(tracer.failed)
+def _mode_source(module: nn.Module, training: bool) -> nn.Module:
+    """What to trace for one mode: a captured module's twin holds the other mode's graph."""
+    twin = module.__dict__.get("mode_twin")
+    if twin is not None and getattr(module, "primary_training", True) != training:
+        return twin
+    return module
+
+
+def _trace_in_mode(module: nn.Module, training: bool, leaves: set[str]) -> tuple[fx.Graph, dict[str, str]]:
+    source = _mode_source(module, training)
+    modes = {m: m.training for m in source.modules()}
+    source.train(training)
+    try:
+        tracer = RegionTracer(leaves)
+        graph = tracer.trace(source)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return graph, tracer.failed
+
+
+def trace_region(module: nn.Module, primary_training: bool = True) -> tuple[CapturedGraphModule, dict[str, str]]:
+    """Trace ``module`` in train and eval mode with failing submodules as leaves (the same
+    leaves for both); raises if its own forward fails. See :class:`CapturedGraphModule`."""
+    leaves: set[str] = set()
+    failed: dict[str, str] = {}
+    while True:
+        graphs = {}
+        new = {}
+        for training in (True, False):
+            graphs[training], fails = _trace_in_mode(module, training, leaves)
+            new.update(fails)
+        failed.update(new)
+        if set(new) <= leaves:
+            break
+        leaves |= set(new)
+    gm = graph_module_keeping_state(module, graphs[primary_training], training=primary_training)
+    other = graphs[not primary_training]
+    if other.python_code("self").src != graphs[primary_training].python_code("self").src:
+        gm.__dict__["mode_twin"] = graph_module_keeping_state(module, other, training=not primary_training)
+    return gm, failed
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at ``name`` (also in a mode twin, which shares the rest)."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+    twin = parent.__dict__.get("mode_twin")
+    if twin is not None:
+        setattr(twin, child, new)
 
 
-def capture(model: nn.Module, _prefix: str = "", _regions: list[Region] | None = None) -> Capture:
+def capture(model: nn.Module, *, training: bool = True, _prefix: str = "",
+            _regions: list[Region] | None = None) -> Capture:
     """Capture ``model``: a GraphModule at the top when it traces, with every leaf region
-    captured separately (recursively), and eager modules only where nothing else works."""
+    captured separately (recursively), and eager modules only where nothing else works.
+
+    ``training`` picks the mode whose graph passes rewrite (train for ``transform``, eval
+    for folding); the other mode's graph is kept as a twin when it differs."""
     regions = [] if _regions is None else _regions
     try:
-        gm, failed = trace_region(model)
+        gm, failed = trace_region(model, training)
     except Exception as exc:  # noqa: BLE001 - the model's own forward is untraceable
         reason = _first_line(exc)
         for child_name, child in list(model.named_children()):
             if _contains_batchnorm(child) and not is_batchnorm(child):
-                sub = capture(child, _join(_prefix, child_name), regions)
+                sub = capture(child, training=training, _prefix=_join(_prefix, child_name), _regions=regions)
                 setattr(model, child_name, sub.root)
         return Capture(model, False, reason, regions)
     for name, reason in failed.items():
@@ -141,7 +246,7 @@ def capture(model: nn.Module, _prefix: str = "", _regions: list[Region] | None =
             continue
         first = len(regions)
         regions.append(Region(full, reason, traced=True))
-        sub = capture(sub_module, full, regions)
+        sub = capture(sub_module, training=training, _prefix=full, _regions=regions)
         regions[first].traced = sub.top_traced
         set_submodule(gm, name, sub.root)
     return Capture(gm, True, None, regions)

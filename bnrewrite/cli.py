@@ -1,0 +1,255 @@
+"""``bnrewrite`` command line: inspect | fold | export | bench | demo.
+
+Imports of torch and friends happen inside the commands so ``bnrewrite --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+MODEL_HELP = ("torchvision:NAME, timm:NAME, path/to/file.py:factory (a function returning the "
+              "model), or a saved whole module (.pt)")
+
+
+# ---------------------------------------------------------------------------- model loading
+def load_model(spec: str):
+    """Build the model named by ``spec`` (see MODEL_HELP); never downloads weights."""
+    from .errors import InputError
+
+    kind, sep, name = spec.partition(":")
+    if sep and kind == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None)
+        except (ValueError, KeyError) as exc:
+            raise InputError(f"torchvision has no model '{name}' ({exc}); "
+                             "see torchvision.models.list_models()") from None
+    if sep and kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise InputError("timm is not installed: pip install timm") from None
+        try:
+            return timm.create_model(name, pretrained=False)
+        except RuntimeError as exc:
+            raise InputError(f"timm cannot build '{name}': {exc}") from None
+    if spec.endswith(".pt") or spec.endswith(".pth"):
+        import torch
+
+        try:
+            return torch.load(spec, weights_only=False)
+        except FileNotFoundError:
+            raise InputError(f"no such file: {spec}") from None
+    path, sep, factory = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        import importlib.util
+        import os
+
+        if not os.path.exists(path):
+            raise InputError(f"no such file: {path}")
+        module_spec = importlib.util.spec_from_file_location("bnrewrite_user_model", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        fn = getattr(module, factory, None)
+        if fn is None:
+            raise InputError(f"{path} has no '{factory}'")
+        return fn()
+    raise InputError(f"cannot load model '{spec}': use {MODEL_HELP}")
+
+
+def parse_shape(text: str | None):
+    from .errors import InputError
+
+    if text is None or text.lower() == "none":
+        return None
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise InputError(f"--input-shape must be comma-separated ints like 1,3,224,224, got '{text}'") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise InputError(f"--input-shape must be positive ints, got '{text}'")
+    return shape
+
+
+# ---------------------------------------------------------------------------- inspect
+def site_rows(model, shape):
+    """Transform-free report rows for a (possibly transformed) model."""
+    import torch
+
+    from .api import inspect_sites
+
+    example = (torch.randn(*shape),) if shape else None
+    sites = inspect_sites(model, example)
+    rows = []
+    for site in sites:
+        module = None if site.functional else model.get_submodule(site.name)
+        details = {}
+        if module is not None and hasattr(module, "describe"):
+            details = module.describe(site.input_shape)
+        rows.append({**site.as_dict(), "rewritten_to": details.get("variant", site.kind),
+                     "details": {k: v for k, v in details.items() if k != "variant"}})
+    return rows
+
+
+def _format_table(rows, columns):
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    for r in rows:
+        lines.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+    return "\n".join(lines)
+
+
+def to_dot(model) -> str:
+    """Graphviz text of the top-level graph; nodes calling bnrewrite runtime modules are filled."""
+    from torch import fx
+
+    if not isinstance(model, fx.GraphModule):
+        return "digraph G {\n  label=\"top level not traced\";\n}\n"
+    lines = ["digraph G {", "  rankdir=TB;", "  node [shape=box, fontsize=10];"]
+    for node in model.graph.nodes:
+        label = f"{node.name}\\n{node.op}: {node.target if node.op != 'call_function' else getattr(node.target, '__name__', node.target)}"
+        style = ""
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            label += f"\\n{type(module).__name__}"
+            if getattr(module, "is_bnrewrite_norm", False) or getattr(module, "is_bnrewrite_leaf", False):
+                style = ", style=filled, fillcolor=orange"
+        lines.append(f'  "{node.name}" [label="{label}"{style}];')
+        for inp in node.all_input_nodes:
+            lines.append(f'  "{inp.name}" -> "{node.name}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_inspect(args) -> int:
+    if args.model.endswith(".onnx"):
+        return _inspect_onnx(args)
+    from .api import transform
+
+    model = load_model(args.model)
+    shape = parse_shape(args.input_shape)
+    import torch
+
+    example = (torch.randn(*shape),) if shape else None
+    transformed = transform(model, args.recipe, example_inputs=example,
+                            **({"seed": args.seed} if args.recipe != "bn" and args.seed is not None else {}))
+    info = getattr(transformed, "bnrewrite_info", None)
+    rows = site_rows(transformed, shape)
+    selected = set(info.selected) if info else set()
+    for row in rows:
+        row["rewritten"] = row["name"] in selected and row["rewritten_to"] != row["kind"]
+        if row["name"] not in selected:
+            row["rewritten_to"] = "(excluded)"
+    n_regions = len(info.regions) if info else 0
+    summary = {"sites": len(rows), "rewritten": sum(r["rewritten"] for r in rows),
+               "leaf_regions": n_regions, "recipe": info.recipe if info else args.recipe,
+               "top_level_traced": info.top_traced if info else None}
+    if args.format == "json":
+        out = {"model": args.model, "summary": summary, "sites": rows,
+               "regions": [vars(r) for r in (info.regions if info else [])]}
+        text = json.dumps(out, indent=2, default=str)
+    elif args.format == "dot":
+        text = to_dot(transformed)
+    else:
+        table_rows = []
+        for r in rows:
+            details = ", ".join(f"{k}={v}" for k, v in r["details"].items())
+            table_rows.append({"name": r["name"] + (f" @{r['call_index']}" if r["shared"] else ""),
+                               "kind": r["kind"],
+                               "shape": "x".join(map(str, r["input_shape"])) if r["input_shape"] else "-",
+                               "producer": r["producer"] or "-", "consumer": r["consumer"] or "-",
+                               "rewritten to": r["rewritten_to"], "details": details or "-"})
+        text = _format_table(table_rows, ["name", "kind", "shape", "producer", "consumer",
+                                          "rewritten to", "details"])
+        if info and info.regions:
+            text += "\n\nleaf regions (captured separately because their caller did not trace):\n"
+            text += "\n".join(f"  {r.name}: {'traced' if r.traced else 'eager'} — {r.reason}" for r in info.regions)
+        if info and not info.top_traced:
+            text += f"\n\ntop level not traced: {info.top_error}"
+        text += (f"\n\n{summary['sites']} sites, {summary['rewritten']} rewritten, "
+                 f"{summary['leaf_regions']} leaf regions (recipe: {summary['recipe']})")
+    _emit(text, args.out)
+    return 0
+
+
+def _inspect_onnx(args) -> int:
+    from .errors import InputError
+
+    try:
+        from .export import inspect_onnx
+    except ImportError:
+        raise InputError("ONNX inspection needs bnrewrite.export (not available in this build)") from None
+    report = inspect_onnx(args.model)
+    _emit(json.dumps(report, indent=2, default=str) if args.format == "json" else str(report), args.out)
+    return 0
+
+
+def _emit(text: str, out: str | None) -> None:
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+        print(f"wrote {out}")
+    else:
+        print(text)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnrewrite",
+        description="Rewrite a model's BatchNorm into paper variants (torch.fx), fold it away for "
+                    "inference, export to ONNX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="show the BatchNorm sites of a model and what a recipe does to them",
+                       description="Show every BatchNorm site (name, kind, input shape, producer, "
+                                   "consumer, what the recipe rewrites it to) and a summary line. "
+                                   "With a .onnx file: its op counts and any normalisation left.")
+    p.add_argument("model", help=MODEL_HELP + ", or a .onnx file")
+    p.add_argument("--recipe", default="bn", help="recipe, e.g. 'fs+vdn' or 'ghost:size=16' (default: bn)")
+    p.add_argument("--input-shape", default="1,3,224,224",
+                   help="example input shape for shapes, comma separated (default 1,3,224,224; 'none' skips)")
+    p.add_argument("--format", choices=["table", "json", "dot"], default="table",
+                   help="table (default), json, or dot (Graphviz of the rewritten graph, rewritten nodes filled)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling schedules (recipes that sample)")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_inspect)
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands defined next to the features they drive (fold/export, bench, demo)."""
+    for module_name in ("bnrewrite.cli_fold_export", "bnrewrite.cli_demo"):
+        try:
+            module = __import__(module_name, fromlist=["add_commands"])
+        except ImportError:
+            continue
+        module.add_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import BnRewriteError
+
+    try:
+        return int(args.func(args) or 0)
+    except BnRewriteError as exc:
+        print(f"bnrewrite: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
