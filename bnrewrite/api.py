@@ -78,9 +78,10 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     if not any(_is_norm(m) for m in model.modules()):
         warnings.warn(f"{type(model).__name__} has no BatchNorm: returned unchanged", stacklevel=2)
         return model
+    # lazy modules cannot be copied before their first input: materialise them on the model
+    # itself (what its own first forward would do) before the copy
+    _materialise_lazy(model, example_inputs)
     work = model if inplace else copy.deepcopy(model)
-    if example_inputs is not None:
-        _materialise_lazy(work, example_inputs)
     captured = capture(work)
     sites = find_sites(captured, example_inputs)
     selected = _select(sites, include, exclude)
@@ -134,12 +135,16 @@ def _is_norm(m: nn.Module) -> bool:
     return is_batchnorm(m)
 
 
-def _materialise_lazy(model: nn.Module, example_inputs: tuple) -> None:
+def _materialise_lazy(model: nn.Module, example_inputs: tuple | None) -> None:
     from torch.nn.modules.lazy import LazyModuleMixin
 
-    if any(isinstance(m, LazyModuleMixin) for m in model.modules()):
+    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
         import torch
 
+        if example_inputs is None:
+            raise InputError(f"lazy module(s) {', '.join(lazy[:3])} have not seen an input yet: pass "
+                             "example_inputs=(x,) to bnrewrite.transform so their shapes are known")
         modes = {m: m.training for m in model.modules()}
         model.eval()
         with torch.no_grad():

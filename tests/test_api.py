@@ -1,0 +1,83 @@
+"""transform(): errors, globs, warnings, checkpoints both ways."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import bnrewrite
+from bnrewrite.errors import BnRewriteError, InputError, RecipeError
+from tests import models
+
+
+def test_model_without_batchnorm_is_returned_unchanged_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.warns(UserWarning, match="has no BatchNorm: returned unchanged"):
+        out = bnrewrite.transform(model, "bn")
+    assert out is model
+
+
+@pytest.mark.parametrize("bad", [None, "resnet18", torch.randn(2), lambda x: x])
+def test_non_module_input(bad):
+    with pytest.raises(InputError, match="transform expects an nn.Module"):
+        bnrewrite.transform(bad, "bn")
+
+
+def test_unknown_recipe_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="unknown component 'bnn' — did you mean 'bn'"):
+        bnrewrite.transform(models.ConvBNReLU(), "bnn")
+
+
+def test_errors_are_bnrewrite_errors():
+    assert issubclass(RecipeError, BnRewriteError) and issubclass(InputError, BnRewriteError)
+
+
+def test_glob_matching_nothing():
+    with pytest.raises(InputError, match=r"glob 'layer9\.\*' matches no BatchNorm site; site names look like: bn1"):
+        bnrewrite.transform(torchvision.models.resnet18(weights=None), "bn", include="layer9.*")
+
+
+def test_include_exclude_select_sites():
+    model = torchvision.models.resnet18(weights=None)
+    out = bnrewrite.transform(model, "bn", include=["layer1.*", "bn1"], exclude="layer1.1.*")
+    assert out.bnrewrite_info.selected == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+
+
+def test_unused_transform_option_is_rejected():
+    with pytest.raises(InputError, match="option\\(s\\) data_stats that no component"):
+        bnrewrite.transform(models.ConvBNReLU(), "bn", data_stats=None)
+
+
+def test_lazy_modules_need_example_inputs():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(InputError, match="pass example_inputs"):
+        bnrewrite.transform(model, "bn")
+
+
+def test_inplace_and_copy():
+    model = models.ConvBNReLU()
+    out = bnrewrite.transform(model, "bn")
+    assert all(p is not q for p in out.parameters() for q in model.parameters())
+    out2 = bnrewrite.transform(model, "bn", inplace=True)
+    assert {id(p) for p in out2.parameters()} == {id(p) for p in model.parameters()}
+
+
+def test_state_dict_round_trip_strict_both_ways():
+    torch.manual_seed(0)
+    stock = torchvision.models.resnet18(weights=None)
+    for m in stock.modules():  # make every BN state distinct from the defaults
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    transformed = bnrewrite.transform(torchvision.models.resnet18(weights=None), "bn")
+    transformed.load_state_dict(stock.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    stock.eval()
+    transformed.eval()
+    assert torch.equal(stock(x), transformed(x))
+    fresh = torchvision.models.resnet18(weights=None)
+    fresh.load_state_dict(copy.deepcopy(transformed.state_dict()), strict=True)
+    fresh.eval()
+    assert torch.equal(fresh(x), stock(x))

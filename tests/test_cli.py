@@ -1,0 +1,71 @@
+"""bnrewrite CLI: fast help, inspect in three formats, clear errors."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bnrewrite.cli import main
+
+ENTRY = [sys.executable, "-m", "bnrewrite.cli"]
+
+
+def test_help_is_fast_and_lists_options():
+    start = time.perf_counter()
+    out = subprocess.run(ENTRY + ["--help"], capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    assert "inspect" in out.stdout
+    assert elapsed < 2.0, f"bnrewrite --help took {elapsed:.2f}s"
+    sub = subprocess.run(ENTRY + ["inspect", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--recipe", "--input-shape", "--format", "--out", "--seed"):
+        assert option in sub
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from bnrewrite.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_inspect_table(capsys):
+    assert main(["inspect", "torchvision:resnet18", "--input-shape", "1,3,64,64"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.bn1" in out and "1x64x16x16" in out and "Conv2d" in out and "ReLU" in out
+    assert out.strip().endswith("20 sites, 0 rewritten, 0 leaf regions (recipe: bn)")
+
+
+def test_inspect_json_reports_leaf_regions(capsys):
+    pytest.importorskip("timm")
+    assert main(["inspect", "timm:mobilevitv2_050", "--format", "json", "--input-shape", "none"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["sites"] == len(data["sites"]) > 0
+    assert data["summary"]["leaf_regions"] == len(data["regions"]) > 0
+    assert all(r["reason"] for r in data["regions"])
+
+
+def test_inspect_dot(tmp_path, capsys):
+    path = tmp_path / "g.dot"
+    assert main(["inspect", "torchvision:resnet18", "--format", "dot", "--out", str(path)]) == 0
+    text = path.read_text()
+    assert text.startswith("digraph G {") and '"layer1_0_bn1"' in text and "->" in text
+
+
+def test_inspect_user_file_factory(tmp_path, capsys):
+    src = tmp_path / "net.py"
+    src.write_text("import torch.nn as nn\n"
+                   "def build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())\n")
+    assert main(["inspect", f"{src}:build", "--input-shape", "2,3,8,8"]) == 0
+    assert "2x4x6x6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "torchvision:resnet9000"], "torchvision has no model 'resnet9000'"),
+    (["inspect", "nothing"], "cannot load model 'nothing'"),
+    (["inspect", "torchvision:resnet18", "--recipe", "fss"], "unknown component 'fss'"),
+    (["inspect", "torchvision:resnet18", "--input-shape", "1,x"], "--input-shape must be comma-separated ints"),
+])
+def test_errors_are_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnrewrite: error:") and message in err and "Traceback" not in err

@@ -1,0 +1,112 @@
+"""The recipe language: parsing, typed options, clear errors, and a fuzz test."""
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnrewrite.errors import RecipeError
+from bnrewrite.recipe import Recipe, Variant, parse_recipe
+
+
+@dataclass(frozen=True)
+class SizeOptions:
+    size: int = 16
+    ratio: float = 1 / 32
+    sync: bool = False
+    kind: Literal["hadamard", "random"] = "hadamard"
+    k: int | Literal["auto"] = "auto"
+
+    def __post_init__(self):
+        if self.size <= 0:
+            raise ValueError(f"size must be a positive int, got {self.size}")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+def _noop(module, sites, options, context):
+    return module
+
+
+REGISTRY = {
+    "bn": Variant("bn", NoOptions, _noop, None, "norm", "stock"),
+    "ghost": Variant("ghost", SizeOptions, _noop, None, "norm", "ghost", combines_with=frozenset({"rot"})),
+    "fs": Variant("fs", SizeOptions, _noop, None, "norm", "fs", combines_with=frozenset({"vdn"})),
+    "vdn": Variant("vdn", SizeOptions, _noop, None, "stats", "vdn", combines_with=frozenset({"fs"})),
+    "rot": Variant("rot", SizeOptions, _noop, None, "post", "rot", combines_with=frozenset({"ghost"})),
+}
+
+
+def parse(text):
+    return parse_recipe(text, REGISTRY)
+
+
+def test_defaults_and_types():
+    r = parse("ghost:size=8,ratio=1/64,sync=true,kind=random,k=4")
+    opts = r.components[0].options
+    assert (opts.size, opts.ratio, opts.sync, opts.kind, opts.k) == (8, 1 / 64, True, "random", 4)
+    assert parse("ghost").components[0].options == SizeOptions()
+    assert parse("ghost:k=auto").components[0].options.k == "auto"
+
+
+def test_combination_and_roundtrip():
+    r = parse("fs:ratio=1/64+vdn:size=2")
+    assert r.names() == ("fs", "vdn")
+    assert str(r) == "fs:ratio=1/64+vdn:size=2"
+    assert parse(str(r)) == r
+    assert isinstance(r, Recipe)
+
+
+def test_real_registry_parses_bn():
+    assert parse_recipe("bn").names() == ("bn",)
+    assert parse_recipe(" BN ").names() == ("bn",)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fss", "unknown component 'fss' — did you mean 'fs'? known: bn, fs, ghost, rot, vdn"),
+    ("ghost:size=x", "ghost: size must be an int, got 'x'"),
+    ("ghost:size=0", "ghost: size must be a positive int, got 0"),
+    ("ghost:sise=3", "ghost: unknown option 'sise' — did you mean 'size'?"),
+    ("ghost:size", "ghost: option 'size' must be key=value"),
+    ("ghost:", "ghost: ':' must be followed by key=value options"),
+    ("ghost:ratio=1/0", "ghost: ratio must be a number or a fraction like 1/32, got '1/0'"),
+    ("ghost:kind=spiral", "ghost: kind must be one of hadamard, random, got 'spiral'"),
+    ("ghost:k=many", "ghost: k must be an int or one of auto, got 'many'"),
+    ("ghost:sync=maybe", "ghost: sync must be a bool (true/false), got 'maybe'"),
+    ("ghost:size=2,size=3", "ghost: option 'size' given twice"),
+    ("fs+ghost", "recipe combines fs and ghost: pick one normalisation"),
+    ("fs+fs", "component 'fs' appears 2 times"),
+    ("vdn+rot", "'vdn' cannot be combined with 'rot'"),
+    ("rot", "'rot' needs a normalisation"),
+    ("", "empty recipe"),
+    ("fs++vdn", "empty component"),
+])
+def test_error_messages_name_the_bad_part(text, message):
+    with pytest.raises(RecipeError) as info:
+        parse(text)
+    assert message in str(info.value)
+
+
+def test_non_string_recipe():
+    with pytest.raises(RecipeError, match="recipe must be a string"):
+        parse_recipe(3)
+
+
+TOKENS = st.sampled_from(["bn", "fs", "ghost", "vdn", "rot", "fss", ":", "+", ",", "=", "size", "ratio",
+                          "sync", "kind", "k", "auto", "1/32", "1/0", "-3", "0", "16", "true", "x", " ",
+                          "hadamard", "1e-3", "..", "ü", "=="])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(TOKENS, max_size=12).map("".join) | st.text(max_size=30))
+def test_fuzz_parser_returns_recipe_or_raises_recipe_error(text):
+    try:
+        result = parse(text)
+    except RecipeError:
+        return
+    assert isinstance(result, Recipe)
+    assert parse(str(result)) == result

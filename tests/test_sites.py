@@ -1,0 +1,72 @@
+"""Site discovery: every BN call, with producer, consumer, sharing and shapes."""
+import pytest
+import torch
+from torch import nn
+
+from bnrewrite.capture import capture
+from bnrewrite.sites import find_sites
+from tests import models
+
+
+def _sites(model, x=None):
+    return find_sites(capture(model), None if x is None else (x,))
+
+
+def test_patterns():
+    x = torch.randn(2, 3, 8, 8)
+    sites = _sites(models.Patterns(), x)
+    by = {(s.name, s.call_index): s for s in sites}
+    bn1 = by[("bn1", 0)]
+    assert (bn1.producer.kind, bn1.producer.name, bn1.consumer.kind) == ("Conv2d", "conv1", "relu")
+    assert bn1.input_shape == (2, 8, 8, 8) and bn1.dims == 2 and not bn1.shared
+    bn2 = by[("bn2", 0)]
+    assert bn2.producer is None, "conv2's output also feeds the add: not a private producer"
+    assert bn2.consumer.kind == "relu" and bn2.consumer.inplace
+    assert by[("bn_shared", 0)].shared and by[("bn_shared", 1)].shared
+    assert by[("bn_shared", 0)].consumer is None
+    assert by[("bn_shared", 1)].producer is None
+    bn1d = by[("bn1d", 0)]
+    assert (bn1d.producer.kind, bn1d.consumer.kind, bn1d.dims, bn1d.input_shape) == ("Linear", "SiLU", 1, (2, 6))
+    functional = [s for s in sites if s.functional]
+    assert len(functional) == 1 and functional[0].kind == "F.batch_norm"
+    assert len(sites) == 6
+
+
+def test_eager_bn_of_an_untraceable_module_is_still_a_site():
+    sites = _sites(models.NestedUntraceable(), torch.randn(2, 3, 8, 8))
+    gate = [s for s in sites if s.name == "body.gate.bn"]
+    assert len(gate) == 1 and gate[0].graph is None and gate[0].input_shape == (2, 8, 8, 8)
+    assert {s.name for s in sites} == {"stem.bn", "body.block.bn", "body.gate.bn"}
+
+
+@pytest.mark.parametrize("bn, shape", [
+    (nn.BatchNorm1d(4), (3, 4, 5)),
+    (nn.BatchNorm3d(4, affine=False), (2, 4, 3, 3, 3)),
+    (nn.SyncBatchNorm(4), (2, 4, 3, 3)),
+    (nn.BatchNorm2d(4, track_running_stats=False), (2, 4, 3, 3)),
+])
+def test_kinds_and_flags(bn, shape):
+    model = nn.Sequential(bn, nn.ReLU6())
+    (site,) = _sites(model, torch.randn(*shape))
+    assert site.kind == type(bn).__name__
+    assert site.affine == bn.affine and site.track_running_stats == bn.track_running_stats
+    assert site.consumer.kind == "ReLU6" and site.input_shape == shape
+
+
+def test_lazy_batchnorm_after_materialisation():
+    import bnrewrite
+
+    model = nn.Sequential(nn.LazyConv2d(5, 3), nn.LazyBatchNorm2d(), nn.GELU())
+    out = bnrewrite.transform(model, "bn", example_inputs=(torch.randn(2, 3, 6, 6),))
+    (site,) = out.bnrewrite_info.sites
+    assert site["num_features"] == 5 and site["producer"] == "Conv2d" and site["consumer"] == "GELU"
+
+
+def test_timm_batchnormact_has_internal_consumer():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.SiLU))
+    (site,) = _sites(model, torch.randn(2, 3, 6, 6))
+    assert site.kind == "BatchNormAct2d" and site.producer.kind == "Conv2d"
+    assert site.consumer.kind == "SiLU" and site.consumer.internal
