@@ -139,7 +139,9 @@ def cmd_inspect(args) -> int:
     info = getattr(transformed, "bnrewrite_info", None)
     rows = site_rows(transformed, shape)
     selected = set(info.selected) if info else set()
+    original_kind = {(s["name"], s["call_index"]): s["kind"] for s in (info.sites if info else [])}
     for row in rows:
+        row["kind"] = original_kind.get((row["name"], row["call_index"]), row["kind"])
         row["rewritten"] = row["name"] in selected and row["rewritten_to"] != row["kind"]
         if row["name"] not in selected:
             row["rewritten_to"] = "(excluded)"

@@ -1,0 +1,68 @@
+"""``bgn:groups=32,examples=2``: Batch-Group Norm at every selected site (four-things-bn §3.4).
+
+Each selected BatchNorm module becomes a :class:`~bnrewrite.runtime.batch_group.BatchGroupNorm`
+sharing its parameters and buffers. ``groups`` is the number of channel groups (Group Norm's
+hyperparameter; a layer whose channel count it does not divide uses the largest divisor of
+the channel count below it, see ``bnrewrite inspect``); ``examples`` the number of
+consecutive examples pooled per group. The paper targets batch sizes 1-4 (§3.4: with larger
+batches Batch or Ghost BN is the better choice), with ``examples=2``.
+
+Combinations: like ``ghost``, ``bgn`` is a normalisation that stands alone in a recipe
+(no other norm, no ``vdn``); inference example weighing and γ/β weight decay work with it
+through ``fold_for_inference`` and ``bnrewrite.param_groups``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from ..capture import set_submodule
+from ..runtime.batch_group import BatchGroupNorm
+
+
+@dataclass(frozen=True)
+class BatchGroupOptions:
+    """groups: channel groups per layer (Group Norm's default 32); examples: examples per group
+    (the paper's setting for batch 2 is 2); momentum as for ``ghost``."""
+
+    groups: int = 32
+    examples: int = 2
+    momentum: float | Literal["keep", "cumulative"] = "keep"
+
+    def __post_init__(self):
+        if self.groups < 1:
+            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        if self.examples < 1:
+            raise ValueError(f"examples must be >= 1, got {self.examples}")
+        if isinstance(self.momentum, float) and not 0.0 < self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {self.momentum}")
+
+
+def _momentum(option, current):
+    if option == "keep":
+        return current
+    if option == "cumulative":
+        return None
+    return float(option)
+
+
+def rewrite_batch_group(module: nn.Module, sites, options: BatchGroupOptions, context=None) -> nn.Module:
+    """Replace every selected BatchNorm module by a BatchGroupNorm."""
+    done: set[str] = set()
+    for site in sites:
+        if site.functional:
+            warnings.warn(f"bgn: '{site.name}' is a functional F.batch_norm call, not a module; it is "
+                          "kept as stock BatchNorm (make it an nn.BatchNorm module to rewrite it)",
+                          stacklevel=3)
+            continue
+        if site.name in done:
+            continue
+        done.add(site.name)
+        bn = module.get_submodule(site.name)
+        bgn = BatchGroupNorm.from_batchnorm(bn, groups=options.groups, examples=options.examples)
+        bgn.momentum = _momentum(options.momentum, bn.momentum)
+        set_submodule(module, site.name, bgn)
+    return module
