@@ -1,0 +1,318 @@
+"""CrossIterationBatchNorm against autograd Jacobians and the paper's formulas written out here
+(cross-iteration-bn.txt Eqs. 7–12, Alg. 1, App. B)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from bnrewrite.errors import InputError
+from bnrewrite.runtime.cross_iteration import (CrossIterationBatchNorm, auto_window, compensate_statistics,
+                                               expand_mean_gradient, mean_gradient, sq_mean_gradient,
+                                               taylor_offsets, window_statistics)
+
+D = torch.float64
+
+PRODUCERS = {
+    "conv1x1": (lambda b: nn.Conv2d(4, 6, 1, bias=b), (3, 4, 5, 5)),
+    "conv3x3_stride_pad": (lambda b: nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=b), (3, 4, 7, 6)),
+    "conv3x3_dilation": (lambda b: nn.Conv2d(4, 6, 3, dilation=2, padding=2, bias=b), (2, 4, 7, 7)),
+    "conv3x3_groups": (lambda b: nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=b), (2, 4, 5, 5)),
+    "conv_depthwise": (lambda b: nn.Conv2d(4, 4, 3, groups=4, bias=b), (2, 4, 5, 5)),
+    "conv_reflect": (lambda b: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", bias=b), (2, 4, 5, 5)),
+    "conv_same_even": (lambda b: nn.Conv2d(4, 6, 4, padding="same", bias=b), (2, 4, 6, 6)),
+    "conv1d": (lambda b: nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=b), (3, 4, 9)),
+    "conv3d": (lambda b: nn.Conv3d(2, 4, 3, padding=1, groups=2, bias=b), (2, 2, 3, 4, 4)),
+    "linear": (lambda b: nn.Linear(5, 6, bias=b), (7, 5)),
+}
+
+
+def _producer(name, bias, seed=0):
+    torch.manual_seed(seed)
+    build, shape = PRODUCERS[name]
+    producer = build(bias).to(D)
+    u = torch.randn(shape, dtype=D) + 0.3
+    return producer, u
+
+
+def _stats(producer, u, weight, bias):
+    params = {"weight": weight} | ({"bias": bias} if bias is not None else {})
+    x = functional_call(producer, params, (u,))
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.mean(dims), x.square().mean(dims)
+
+
+def _jacobians(producer, u):
+    """∂μ/∂θ and ∂ν/∂θ by autograd: full (C_out, C_out, C_in/g, *K) Jacobians (and bias)."""
+    w = producer.weight.detach()
+    b = None if producer.bias is None else producer.bias.detach()
+    jw = torch.autograd.functional.jacobian(lambda w_: _stats(producer, u, w_, b), w)
+    jb = None if b is None else torch.autograd.functional.jacobian(lambda b_: _stats(producer, u, w, b_), b)
+    return jw, jb
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("name", list(PRODUCERS))
+def test_closed_forms_equal_autograd_jacobians(name, bias):
+    producer, u = _producer(name, bias)
+    x = producer(u).detach()
+    (jac_mean, jac_sq_mean), _ = _jacobians(producer, u)
+    c_out = x.shape[1]
+    g_mean = mean_gradient(producer, u, x)
+    g_sq_mean = sq_mean_gradient(producer, u, x)
+    groups = getattr(producer, "groups", 1)
+    assert g_mean.shape[0] == groups and g_mean.numel() * c_out // groups == producer.weight.numel()
+    assert g_sq_mean.shape == producer.weight.shape
+    eye = torch.eye(c_out, dtype=torch.bool)
+    # App. B Eq. 15: only the j = q blocks are non-zero
+    assert jac_mean[~eye].abs().max() == 0 and jac_sq_mean[~eye].abs().max() == 0
+    torch.testing.assert_close(expand_mean_gradient(g_mean, c_out), jac_mean[eye], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_sq_mean, jac_sq_mean[eye], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("name", ["conv3x3_groups", "conv1d", "linear"])
+def test_compensation_is_eqs_7_8_with_autograd_jacobians(name, bias):
+    producer, u = _producer(name, bias)
+    x = producer(u).detach()
+    (jac_mean, jac_sq_mean), jac_b = _jacobians(producer, u)
+    old_w = producer.weight.detach()
+    old_b = None if producer.bias is None else producer.bias.detach()
+    mean, sq_mean = _stats(producer, u, old_w, old_b)
+    torch.manual_seed(3)
+    new_w = old_w + 0.01 * torch.randn_like(old_w)
+    new_b = None if old_b is None else old_b + 0.01 * torch.randn_like(old_b)
+    # Eqs. 7-8: μ + Jacobian · Δθ
+    delta_w = new_w - old_w
+    want_mean = mean + (jac_mean * delta_w).flatten(1).sum(1)
+    want_sq_mean = sq_mean + (jac_sq_mean * delta_w).flatten(1).sum(1)
+    if bias:
+        want_mean = want_mean + jac_b[0] @ (new_b - old_b)
+        want_sq_mean = want_sq_mean + jac_b[1] @ (new_b - old_b)
+    groups = getattr(producer, "groups", 1)
+    grads = (mean_gradient(producer, u, x)[None], sq_mean_gradient(producer, u, x)[None])
+    offsets = taylor_offsets(old_w, old_b, mean[None], sq_mean[None], *grads, groups)
+    got_mean, got_sq_mean = compensate_statistics(new_w, new_b, mean[None], *grads, *offsets, groups)
+    torch.testing.assert_close(got_mean[0], want_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_sq_mean[0], want_sq_mean, rtol=1e-10, atol=1e-12)
+    # unchanged weights: the Taylor term vanishes and the stored statistics come back
+    same = compensate_statistics(old_w, old_b, mean[None], *grads, *offsets, groups)
+    torch.testing.assert_close(same[0][0], mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(same[1][0], sq_mean, rtol=1e-12, atol=1e-12)
+
+
+def _paper_window(x, past_mean, past_sq_mean):
+    """Eqs. 9-11 literally: ν̄ = mean of max(ν, μ²), σ̄² = ν̄ − μ̄²."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    means = torch.cat([x.mean(dims)[None], past_mean])
+    sq_means = torch.cat([x.square().mean(dims)[None], past_sq_mean])
+    mean = means.mean(0)
+    sq_mean = torch.maximum(sq_means, means.square()).mean(0)
+    return mean, sq_mean - mean.square()
+
+
+def test_window_statistics_equal_eqs_9_11_including_the_max():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, dtype=D) * 2 + 1
+    past_mean = torch.randn(3, 4, dtype=D)
+    past_sq_mean = past_mean.square() + torch.rand(3, 4, dtype=D)
+    past_sq_mean[0, :2] = past_mean[0, :2].square() - 0.5  # invalid after compensation: Eq. 10 clamps
+    mean, var = window_statistics(x, past_mean, past_sq_mean)
+    want_mean, want_var = _paper_window(x, past_mean, past_sq_mean)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, want_var, rtol=1e-12, atol=1e-12)
+
+
+def test_window_statistics_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, dtype=D, requires_grad=True)
+    past_mean = torch.randn(2, 3, dtype=D)
+    past_sq_mean = past_mean.square() + torch.rand(2, 3, dtype=D)
+    assert torch.autograd.gradcheck(lambda x_: window_statistics(x_, past_mean, past_sq_mean), (x,))
+
+
+def _run_history(compensate=True, k=4, steps=5, bias=True, lr=0.05, name="conv3x3_stride_pad"):
+    """Train-mode steps with the producer's weights moved between them; returns what Alg. 1 needs."""
+    producer, _ = _producer(name, bias)
+    shape = PRODUCERS[name][1]
+    cbn = CrossIterationBatchNorm(producer.weight.shape[0], momentum=0.1, window=k, compensate=compensate).to(D)
+    if compensate:
+        cbn.attach_producer(producer, "conv")
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 1.5)
+        cbn.bias.uniform_(-0.5, 0.5)
+    record = []
+    torch.manual_seed(1)
+    for _ in range(steps):
+        u = torch.randn(shape, dtype=D) + 0.3
+        x = producer(u)
+        record.append((u, producer.weight.detach().clone(),
+                       None if producer.bias is None else producer.bias.detach().clone()))
+        cbn(x, u).square().sum().backward()
+        with torch.no_grad():
+            for p in producer.parameters():
+                p -= lr * p.grad
+                p.grad = None
+    return producer, cbn, record, shape
+
+
+@pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_module_equals_algorithm_1_with_autograd_jacobians(compensate, bias):
+    k = 4
+    producer, cbn, record, shape = _run_history(compensate, k=k, bias=bias)
+    torch.manual_seed(7)
+    u = torch.randn(shape, dtype=D) + 0.3
+    x = producer(u).detach().requires_grad_(True)
+    w_now = producer.weight.detach()
+    b_now = None if producer.bias is None else producer.bias.detach()
+    past_mean, past_sq_mean = [], []
+    for u_old, w_old, b_old in record[-(k - 1):]:  # the last k-1 iterations (Alg. 1 input)
+        mean, sq_mean = _stats(producer, u_old, w_old, b_old)
+        if compensate:  # Eqs. 7-8 with autograd Jacobians at θ_{t-τ}
+            old = copy.deepcopy(producer)
+            with torch.no_grad():
+                old.weight.copy_(w_old)
+                if bias:
+                    old.bias.copy_(b_old)
+            (jw_mean, jw_sq), jb = _jacobians(old, u_old)
+            mean = mean + (jw_mean * (w_now - w_old)).flatten(1).sum(1)
+            sq_mean = sq_mean + (jw_sq * (w_now - w_old)).flatten(1).sum(1)
+            if bias:
+                mean = mean + jb[0] @ (b_now - b_old)
+                sq_mean = sq_mean + jb[1] @ (b_now - b_old)
+        past_mean.append(mean)
+        past_sq_mean.append(sq_mean)
+    want_mean, want_var = _paper_window(x, torch.stack(past_mean), torch.stack(past_sq_mean))
+    shape_c = [1, -1] + [1] * (x.dim() - 2)
+    want = ((x - want_mean.reshape(shape_c)) / torch.sqrt(want_var.reshape(shape_c) + cbn.eps)
+            * cbn.weight.detach().reshape(shape_c) + cbn.bias.detach().reshape(shape_c))   # Eq. 12
+    running_mean, running_var = cbn.running_mean.clone(), cbn.running_var.clone()
+    got = cbn(x, u)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(got)
+    (gx_got,) = torch.autograd.grad(got, x, g)
+    (gx_want,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(gx_got, gx_want, rtol=1e-9, atol=1e-10)
+    # running statistics: EMA of the window statistics, Bessel-corrected over k*M values
+    count = k * (x.numel() // x.shape[1])
+    torch.testing.assert_close(cbn.running_mean, 0.9 * running_mean + 0.1 * want_mean.detach())
+    torch.testing.assert_close(cbn.running_var, 0.9 * running_var + 0.1 * want_var.detach() * count / (count - 1))
+
+
+def test_module_gradcheck_with_history():
+    producer, cbn, _, shape = _run_history(True, k=3, steps=4)
+    torch.manual_seed(9)
+    u = torch.randn(shape, dtype=D)
+    x = producer(u).detach().requires_grad_(True)
+    gamma = cbn.weight.detach().clone().requires_grad_(True)
+    beta = cbn.bias.detach().clone().requires_grad_(True)
+
+    def fresh(x_, gamma_, beta_):
+        m = copy.deepcopy(cbn)  # each evaluation starts from the same history
+        return functional_call(m, {"weight": gamma_, "bias": beta_}, (x_, u))
+
+    assert cbn._filled == 2
+    assert torch.autograd.gradcheck(fresh, (x, gamma, beta))
+
+
+def test_history_is_detached_and_holds_the_last_iterations():
+    producer, cbn, record, _ = _run_history(True, k=3, steps=3)
+    for key in ("cbn_mean", "cbn_sq_mean", "cbn_grad_mean", "cbn_grad_sq_mean", "cbn_mean_offset"):
+        assert not getattr(cbn, key).requires_grad
+    # the ring holds μ of the last two iterations, under the weights they ran with
+    stored = sorted(cbn.cbn_mean[:, 0].tolist())
+    want = sorted(_stats(producer, u, w, b)[0][0].item() for u, w, b in record[-2:])
+    assert stored == pytest.approx(want, rel=1e-12)
+
+
+def test_eval_is_stock_batchnorm_on_running_statistics():
+    producer, cbn, _, shape = _run_history(True, k=3, steps=4)
+    stock = nn.BatchNorm2d(cbn.num_features).to(D)
+    stock.load_state_dict({k: v for k, v in cbn.state_dict().items() if not k.startswith("cbn_")})
+    cbn.eval()
+    stock.eval()
+    u = torch.randn(shape, dtype=D)
+    x = producer(u).detach()
+    torch.testing.assert_close(cbn(x, u), stock(x), rtol=0, atol=0)
+    scale, shift = cbn.inference_affine()
+    torch.testing.assert_close(cbn(x), x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
+
+
+def test_state_dict_roundtrip_restores_history_exactly():
+    producer, cbn, _, shape = _run_history(True, k=4, steps=5)
+    assert set(CrossIterationBatchNorm.optional_state_keys) <= set(cbn.state_dict())
+    fresh = CrossIterationBatchNorm(cbn.num_features, window="auto").to(D)
+    fresh.attach_producer(producer, "conv")
+    fresh.load_state_dict(cbn.state_dict(), strict=True)
+    assert fresh.resolved_window == 4 and fresh._filled == 3 and fresh._steps == 5
+    u = torch.randn(shape, dtype=D)
+    x = producer(u).detach()
+    torch.testing.assert_close(fresh(x, u), cbn(x, u), rtol=0, atol=0)
+    torch.testing.assert_close(fresh.running_var, cbn.running_var, rtol=0, atol=0)
+
+
+def test_stock_checkpoint_loads_strict():
+    stock = nn.BatchNorm2d(6)
+    stock.running_mean.fill_(0.5)
+    _, cbn, _, _ = _run_history(True, k=3, steps=3)
+    cbn.float().load_state_dict(stock.state_dict(), strict=True)  # history keys are optional
+    torch.testing.assert_close(cbn.running_mean, stock.running_mean)
+
+
+def test_to_moves_history_and_reset_history_returns_to_stock():
+    producer, cbn, _, shape = _run_history(True, k=3, steps=3)
+    cbn.float()
+    producer.float()
+    assert cbn.cbn_grad_sq_mean.dtype == torch.float32 and cbn.cbn_mean.dtype == torch.float32
+    cbn.reset_history()
+    assert cbn._filled == 0 and int(cbn.cbn_filled) == 0
+    stock = nn.BatchNorm2d(6)
+    stock.load_state_dict({k: v for k, v in cbn.state_dict().items() if not k.startswith("cbn_")})
+    u = torch.randn(shape)
+    x = producer(u).detach()
+    torch.testing.assert_close(cbn(x, u), stock(x), rtol=0, atol=0)
+
+
+def test_deepcopy_and_torch_save_keep_the_producer_reference():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    cbn = CrossIterationBatchNorm.from_batchnorm(model[1], window=3)
+    cbn.attach_producer(model[0], "0")
+    model[1] = cbn
+    assert [k for k in model.state_dict()] == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                               "1.running_var", "1.num_batches_tracked"]
+    copied = copy.deepcopy(model)
+    assert copied[1].producer is copied[0]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded[1].producer is loaded[0]
+
+
+def test_compensated_call_without_producer_input_is_a_clear_error():
+    producer, _ = _producer("conv1x1", True)
+    cbn = CrossIterationBatchNorm(6, window=2).to(D)
+    cbn.attach_producer(producer, "conv")
+    with pytest.raises(InputError, match="producer_input"):
+        cbn(torch.randn(2, 6, 3, 3, dtype=D))
+
+
+@pytest.mark.parametrize("batch, k", [(1, 8), (2, 8), (3, 6), (4, 4), (5, 4), (8, 2), (16, 1), (64, 1)])
+def test_auto_window_is_section_4_3(batch, k):
+    assert auto_window(batch) == k
+    cbn = CrossIterationBatchNorm(3, window="auto", compensate=False)
+    cbn(torch.randn(batch, 3, 2, 2) if batch > 1 else torch.randn(1, 3, 2, 2))
+    assert cbn.resolved_window == k and cbn.cbn_mean.shape == (k - 1, 3)
+
+
+def test_describe_reports_history_memory():
+    producer, cbn, _, _ = _run_history(True, k=4, steps=2)
+    info = cbn.describe((3, 6, 4, 3))
+    w = producer.weight
+    per_iter = 2 * 6 + w.numel() + w[0].numel() + 2 * 6  # μ, ν, ∂ν/∂θ, ∂μ/∂θ, two offsets
+    assert info["variant"] == "cbn" and info["history_bytes"] == 3 * per_iter * 8
+    naive = CrossIterationBatchNorm(6, window=4, compensate=False)
+    assert naive.describe((3, 6, 4, 3))["history_bytes"] == 3 * 2 * 6 * 4
