@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "transform": ("bnrewrite.api", "transform"),
     "inspect_sites": ("bnrewrite.api", "inspect_sites"),
+    "stock_state_dict": ("bnrewrite.api", "stock_state_dict"),
     "Recipe": ("bnrewrite.recipe", "Recipe"),
     "parse_recipe": ("bnrewrite.recipe", "parse_recipe"),
     "new_epoch": ("bnrewrite.schedule", "new_epoch"),

@@ -92,7 +92,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     for component in _pipeline_order(parsed):
         variant = VARIANTS[component.name]
         result = variant.rewrite(result, selected, component.options, context)
-    unused = set(context.options) - context.consumed
+    unused = set(context.options) - context.consumed - _GENERAL_OPTIONS
     if unused:
         raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
                          f"recipe '{parsed}' uses")
@@ -119,6 +119,9 @@ class RewriteContext:
         self.consumed.add(key)
         return self.options.get(key, default)
 
+
+# accepted by every recipe even when no component of it draws random numbers
+_GENERAL_OPTIONS = {"seed"}
 
 _ROLE_ORDER = {"norm": 0, "stats": 1, "post": 2}
 
@@ -159,3 +162,20 @@ def inspect_sites(model: nn.Module, example_inputs=None) -> list[Site]:
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     return find_sites(captured, example_inputs)
+
+
+def stock_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` without the optional keys runtime modules add (sampling schedule,
+    CBN history, Extreme-Norm input means): exactly the keys of the original model, so it loads
+    into the stock model with ``strict=True``.
+
+    Example::
+
+        >>> stock = torchvision.models.resnet18(weights=None)
+        >>> stock.load_state_dict(bnrewrite.stock_state_dict(transformed), strict=True)
+    """
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        for key in getattr(module, "optional_state_keys", ()):
+            state.pop(f"{name}.{key}" if name else key, None)
+    return state

@@ -134,8 +134,7 @@ def cmd_inspect(args) -> int:
     import torch
 
     example = (torch.randn(*shape),) if shape else None
-    transformed = transform(model, args.recipe, example_inputs=example,
-                            **({"seed": args.seed} if args.recipe != "bn" and args.seed is not None else {}))
+    transformed = transform(model, args.recipe, example_inputs=example, **_inspection_options(args, shape))
     info = getattr(transformed, "bnrewrite_info", None)
     rows = site_rows(transformed, shape)
     selected = set(info.selected) if info else set()
@@ -175,6 +174,21 @@ def cmd_inspect(args) -> int:
                  f"{summary['leaf_regions']} leaf regions (recipe: {summary['recipe']})")
     _emit(text, args.out)
     return 0
+
+
+def _inspection_options(args, shape) -> dict:
+    """Transform options a recipe needs that an inspection has no data for: vdn gets unit
+    data statistics (the graph and the sites do not depend on their values)."""
+    from .recipe import parse_recipe
+
+    names = parse_recipe(args.recipe).names()
+    options = {}
+    if args.seed is not None and names != ("bn",):
+        options["seed"] = args.seed
+    if "vdn" in names:
+        channels = shape[1] if shape and len(shape) > 1 else 3
+        options["data_stats"] = ([0.0] * channels, [1.0] * channels)
+    return options
 
 
 def _inspect_onnx(args) -> int:

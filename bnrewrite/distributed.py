@@ -1,0 +1,96 @@
+"""Synchronised sampled statistics under ``torch.distributed`` (bn-sampling §4.3, micro-BN).
+
+SyncBatchNorm all-reduces the statistics of every activation. A sampled BatchNorm with
+``sync=True`` only needs the *sample*'s sums: each rank reduces its own sample to
+``(Σx, Σx², count)`` per channel, one all-reduce of ``2C + 1`` values combines them, and every
+rank normalises with the statistics of the union of the ranks' samples. With FS every rank
+uses the same patch (§4.3 (1)). Virtual rows (VDN) are reduced separately, so they may live on
+one rank only (§4.3 (3)): ranks without them contribute a zero count, and the virtual
+statistics still reach every rank.
+
+Gradient: the global sums are the sum of the ranks' sums, and the training loss is the sum of
+the ranks' losses, so the backward of the all-reduce is an all-reduce of the gradient (as in
+SyncBatchNorm's backward).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def sync_available(process_group: Any = None) -> bool:
+    """True when a process group of more than one rank is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(process_group) > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Differentiable sum over ranks (backward: sum of the ranks' gradients)."""
+    return _AllReduceSum.apply(tensor, group)
+
+
+def _local_sums(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    dims = [d for d in range(values.dim()) if d != channel_dim]
+    acc = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    count = values.numel() // max(values.shape[channel_dim], 1)
+    if values.numel() == 0:
+        zeros = acc.new_zeros(values.shape[channel_dim])
+        return zeros, zeros, 0
+    return acc.sum(dim=dims), (acc * acc).sum(dim=dims), count
+
+
+def synced_moments(x: torch.Tensor, spec, process_group: Any = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(mean, var, count)`` of the union over ranks of each rank's sample (Eq. 3), and of the
+    virtual rows, mixed by Eq. 4 — with one all-reduce of ``[Σx, Σx², n]`` for each part."""
+    c = x.shape[1]
+    w_virtual = float(spec.beta)
+    sel = spec.select(x)
+    s_sum, s_sq, s_count = _local_sums(sel, 0 if spec.points is not None else 1)
+    pieces = [s_sum, s_sq, s_sum.new_tensor([float(s_count)])]
+    with_virtual = w_virtual > 0.0
+    if with_virtual:
+        # every rank takes part in the same collective, holding virtual rows or not
+        virtual = x[:spec.num_virtual]
+        v_sum, v_sq, v_count = _local_sums(virtual, 1)
+        pieces += [v_sum, v_sq, v_sum.new_tensor([float(v_count)])]
+    packed = all_reduce_sum(torch.cat(pieces), process_group)
+    parts = []
+    counts = []
+    for i, weight in enumerate([1.0 - w_virtual] + ([w_virtual] if with_virtual else [])):
+        chunk = packed[i * (2 * c + 1):(i + 1) * (2 * c + 1)]
+        count = chunk[2 * c].detach()
+        counts.append(int(round(float(count))))
+        if counts[-1] == 0 or weight == 0.0:
+            continue
+        mean = chunk[:c] / count
+        var = (chunk[c:2 * c] / count - mean * mean).clamp_min(0.0)
+        parts.append((weight, mean.to(x.dtype), var.to(x.dtype), counts[-1]))
+    if not parts:
+        from .errors import InputError
+
+        raise InputError("sampled BatchNorm with sync=True: no rank holds any sampled value")
+    if len(parts) == 1:
+        _, mean, var, count = parts[0]
+        return mean, var, count
+    total = sum(w for w, *_ in parts)
+    mean = sum(w * m for w, m, _, _ in parts) / total
+    var = sum(w * v for w, _, v, _ in parts) / total
+    return mean, var, sum(cnt for *_, cnt in parts)

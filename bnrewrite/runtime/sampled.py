@@ -1,0 +1,575 @@
+"""Sampled BatchNorm and Virtual Dataset Normalization (Chen et al., "Batch Normalization
+Sampling", bn-sampling.txt §3.2, §4.1–4.3, Alg. 1–3, App. C–D).
+
+Training statistics are estimated from a *sample* of the activations (Eq. 3) and used to
+normalise the *whole* tensor (Eq. 1). Which values form the sample is described, per layer
+and per step, by a :class:`SampleSpec`:
+
+* ``ns``  – the first ``n`` examples (Alg. 1, "NS": begin = 0);
+* ``bs``  – ``n`` *contiguous* examples at a random offset (Alg. 1, "BS");
+* ``fs``  – one rectangular patch of every feature map, its location shared by all channels
+  and examples of the layer, area ≈ ``ratio``·H·W with the map's aspect ratio (Alg. 2);
+* ``frs`` – fully random points over examples × positions (§5.1, the unstable baseline);
+* ``vdn`` – the statistics of ``num_virtual`` synthetic rows prepended to the batch (Alg. 3),
+  alone or mixed with a sampler: X = β·X_virtual + (1−β)·X_sampled for mean and variance (Eq. 4).
+
+The indices are static until re-drawn (§4.1 "updated only once for each epoch", App. C.1
+"static sampling index"), independent per layer (App. C.2 inter-layer correlation) and drawn
+from a generator seeded by ``(seed, layer stream, draw number)``, so a run is reproducible and a
+checkpoint resumes the same schedule.
+
+Gradients: :func:`sampled_batch_norm_reference` computes the statistics from a slice of the
+input with plain torch ops, so autograd gives exactly App. C Eq. 6 — points outside the
+sample receive only ``dy·γ/σ``; points inside also receive the mean and variance terms with
+``1/s`` in place of ``1/m``.
+
+Eval mode is stock BatchNorm on the running statistics (``BatchNormState.stock_forward``).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .base import BatchNormState
+
+STRATEGIES = ("ns", "bs", "fs", "frs", "vdn", "full")
+
+
+# ====================================================================== the sample of one step
+@dataclass(frozen=True, eq=False)
+class SampleSpec:
+    """The values a sampled BatchNorm takes its statistics from, for one layer and one step.
+
+    For an input ``x`` of shape ``(num_virtual + N, C, *S)``:
+
+    * ``num_virtual``: rows ``x[:num_virtual]`` are virtual samples (VDN, Alg. 3).
+    * ``rows = (start, stop)``: the sampled examples are the *real* rows
+      ``x[num_virtual + start : num_virtual + stop]``.
+    * ``patch``: ``((start, stop), ...)`` per spatial dim of ``S`` (FS, Alg. 2); ``None`` = whole map.
+    * ``points``: for ``frs``, a sorted 1-d long tensor of flat indices into the positions of the
+      selection above, flattened as ``(example, *spatial)`` — i.e. the columns of
+      ``x_sel.transpose(0, 1).reshape(C, -1)``; ``None`` = every position.
+    * ``beta``: weight of the virtual statistics (Eq. 4): mean = β·mean_v + (1−β)·mean_s and the
+      same for the variance. ``beta = 1`` uses the virtual rows only; it only applies when
+      ``num_virtual > 0``.
+    """
+
+    rows: tuple[int, int]
+    patch: tuple[tuple[int, int], ...] | None = None
+    points: torch.Tensor | None = None
+    num_virtual: int = 0
+    beta: float = 0.0
+
+    def virtual_weight(self) -> float:
+        return float(self.beta) if self.num_virtual > 0 else 0.0
+
+    def uses_sample(self) -> bool:
+        return self.virtual_weight() < 1.0
+
+    def is_full(self, input_shape: tuple[int, ...]) -> bool:
+        """True when the statistics are exactly those of the whole batch (= stock BatchNorm)."""
+        n = input_shape[0] - self.num_virtual
+        return (self.num_virtual == 0 and self.rows == (0, n) and self.patch is None and self.points is None)
+
+    def sample_count(self, input_shape: tuple[int, ...]) -> int:
+        """Values per channel the sampled statistics come from (s of Eq. 3)."""
+        if self.points is not None:
+            return int(self.points.numel())
+        spatial = input_shape[2:]
+        if self.patch is not None:
+            spatial = tuple(b - a for a, b in self.patch)
+        return (self.rows[1] - self.rows[0]) * math.prod(spatial)
+
+    def virtual_count(self, input_shape: tuple[int, ...]) -> int:
+        return self.num_virtual * math.prod(input_shape[2:])
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampled real values as a view ``(n_s, C, *patch)`` (FRS: a ``(C, s)`` copy)."""
+        start = self.num_virtual
+        sel = x[start + self.rows[0]:start + self.rows[1]]
+        if self.patch is not None:
+            sel = sel[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in self.patch)]
+        if self.points is not None:
+            flat = sel.transpose(0, 1).reshape(sel.shape[1], -1)
+            return flat.index_select(1, self.points.to(x.device))
+        return sel
+
+
+def _moments(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(values.dim()) if d != channel_dim]
+    var, mean = torch.var_mean(values, dim=dims, unbiased=False)
+    return mean, var
+
+
+def sampled_statistics(x: torch.Tensor, spec: SampleSpec, process_group: Any = None,
+                       sync: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and biased variance per channel from the sample (Eq. 3), mixed with the virtual
+    rows' statistics by Eq. 4; returns ``(mean, var, count)`` where ``count`` is the number of
+    values per channel they came from (used for the unbiased running variance).
+
+    With ``sync=True`` under ``torch.distributed`` the per-rank sums, sums of squares and counts
+    of the sample (and, separately, of the virtual rows) are all-reduced (§4.3), so every rank
+    gets the statistics of the union of the ranks' samples.
+    """
+    wv = spec.virtual_weight()
+    if sync:
+        from ..distributed import synced_moments
+
+        return synced_moments(x, spec, process_group)
+    parts = []
+    if wv > 0.0:
+        mean_v, var_v = _moments(x[:spec.num_virtual], 1)
+        parts.append((wv, mean_v, var_v, spec.virtual_count(tuple(x.shape))))
+    if wv < 1.0:
+        sel = spec.select(x)
+        mean_s, var_s = _moments(sel, 0 if spec.points is not None else 1)
+        parts.append((1.0 - wv, mean_s, var_s, spec.sample_count(tuple(x.shape))))
+    return mix_statistics(parts)
+
+
+def mix_statistics(parts) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Eq. 4: X = β·X_virtual + (1−β)·X_sampled, for X = mean and X = variance."""
+    if len(parts) == 1:
+        _, mean, var, count = parts[0]
+        return mean, var, count
+    mean = sum(w * m for w, m, _, _ in parts)
+    var = sum(w * v for w, _, v, _ in parts)
+    return mean, var, sum(c for *_, c in parts)
+
+
+def normalize_with(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Eq. 1 over the whole tensor with the estimated statistics."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    inv = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = (inv * weight).reshape(shape)
+        y = (x - mean.reshape(shape)) * scale
+        return y + bias.reshape(shape) if bias is not None else y
+    return (x - mean.reshape(shape)) * inv.reshape(shape)
+
+
+def sampled_batch_norm_reference(x: torch.Tensor, spec: SampleSpec, weight: torch.Tensor | None,
+                                 bias: torch.Tensor | None, eps: float):
+    """Plain-torch reference of sampled BatchNorm: ``(y, mean, var, count)``.
+
+    ``mean``/``var`` are the estimated statistics (Eq. 3, mixed by Eq. 4 when the spec has virtual
+    rows), ``y`` is the whole of ``x`` normalised with them (Eq. 1), ``count`` the number of values
+    per channel they came from. Autograd through the sampled slice is App. C Eq. 6.
+    """
+    mean, var, count = sampled_statistics(x, spec)
+    return normalize_with(x, mean, var, weight, bias, eps), mean, var, count
+
+
+# ====================================================================== seeded, static draws
+def draw_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from ``key`` (e.g. seed, layer stream, draw number) via numpy's
+    SeedSequence, so nearby keys give independent streams."""
+    words = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator()
+    gen.manual_seed(int(words[0]) << 32 | int(words[1]))
+    return gen
+
+
+def layer_stream(name: str) -> int:
+    """Stream id of a layer, from its qualified name: independent of which sites were selected."""
+    return zlib.crc32(name.encode())
+
+
+def patch_shape(spatial: tuple[int, ...], ratio: float) -> tuple[int, ...]:
+    """Patch sides with area ≈ ratio·prod(spatial) and the map's aspect ratio (§4.1, Alg. 2)."""
+    factor = ratio ** (1.0 / len(spatial))
+    return tuple(min(size, max(1, round(size * factor))) for size in spatial)
+
+
+def _offset(u: float, room: int) -> int:
+    # randint(0, room) of Alg. 1–2 from one uniform number, so a draw fits every batch size
+    return min(room, int(u * (room + 1)))
+
+
+class SampledBatchNorm(BatchNormState):
+    """BatchNorm whose training statistics come from a sample (bn-sampling §4.1–4.2, Alg. 1–3).
+
+    Args (besides BatchNorm's):
+        strategy: ``ns``, ``bs``, ``fs``, ``frs``, ``vdn`` (virtual rows only) or ``full``
+            (the real rows' full statistics: stock BatchNorm that ignores virtual rows).
+        n: examples per sample for ``ns``/``bs`` (None: from ``ratio``).
+        ratio: fraction sampled for ``fs``/``frs`` (and ``ns``/``bs`` when ``n`` is None).
+        every: re-draw every ``every`` training forward calls; 0 = only on :meth:`new_epoch`.
+        seed: the per-model seed of the draws; ``stream`` the per-layer stream id.
+        num_virtual, beta: VDN rows at the front of a training batch and their weight (Eq. 4).
+        sync: all-reduce the sampled statistics under ``torch.distributed`` (§4.3).
+
+    The schedule (seed, stream, draw number, step count) is the ``sample_schedule`` buffer: it is
+    written by ``state_dict`` and optional when loading, so a stock checkpoint loads strictly.
+    """
+
+    optional_state_keys = ("sample_schedule",)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 strategy: str = "fs", n: int | None = None, ratio: float | None = None, every: int = 0,
+                 seed: int = 0, stream: int = 0, num_virtual: int = 0, beta: float = 0.0,
+                 sync: bool = False, process_group: Any = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if strategy not in STRATEGIES:
+            raise InputError(f"SampledBatchNorm strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if n is not None and n < 1:
+            raise InputError(f"SampledBatchNorm n must be >= 1, got {n}")
+        if ratio is not None and not 0.0 < ratio <= 1.0:
+            raise InputError(f"SampledBatchNorm ratio must be in (0, 1], got {ratio}")
+        if strategy in ("ns", "bs") and n is None and ratio is None:
+            n = 4
+        if strategy in ("fs", "frs") and ratio is None:
+            ratio = 1.0 / 32
+        self.strategy = strategy
+        self.n = n
+        self.ratio = ratio
+        self.every = int(every)
+        self.num_virtual = int(num_virtual)
+        self.beta = float(beta)
+        self.sync = bool(sync)
+        self.process_group = process_group
+        self._seed = int(seed)
+        self._stream = int(stream)
+        self._draw = 0
+        self._steps = 0
+        self.register_buffer("sample_schedule", torch.zeros(4, dtype=torch.long))
+        self._cache: tuple[tuple, SampleSpec] | None = None
+        self.last_statistics: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    # ---------------------------------------------------------------- schedule
+    @property
+    def draw(self) -> int:
+        """How many times the indices have been re-drawn."""
+        return self._draw
+
+    def new_epoch(self) -> None:
+        """Re-draw the sample indices (the paper updates them once per epoch, §4.1)."""
+        self._draw += 1
+        self._cache = None
+
+    def reseed(self, seed: int, stream: int | None = None) -> None:
+        self._seed = int(seed)
+        if stream is not None:
+            self._stream = int(stream)
+        self._draw = 0
+        self._steps = 0
+        self._cache = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        with torch.no_grad():
+            self.sample_schedule.copy_(torch.tensor([self._seed, self._stream, self._draw, self._steps]))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "sample_schedule" in state_dict:
+            seed, stream, draw, steps = (int(v) for v in state_dict[prefix + "sample_schedule"].tolist())
+            self._seed, self._stream, self._draw, self._steps = seed, stream, draw, steps
+            self._cache = None
+
+    # ---------------------------------------------------------------- the sample
+    def virtual_rows(self) -> int:
+        """Virtual rows at the front of the current input: VDN adds them in training only."""
+        return self.num_virtual if self.training else 0
+
+    def sample_spec(self, input_shape: tuple[int, ...]) -> SampleSpec:
+        """The sample of the current step for an input of ``input_shape`` (incl. virtual rows)."""
+        input_shape = tuple(int(s) for s in input_shape)
+        nv = self.virtual_rows()
+        key = (self._draw, input_shape, nv)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        n_real = input_shape[0] - nv
+        if n_real < 1:
+            raise InputError(f"SampledBatchNorm({self.strategy}) got {input_shape[0]} rows of which {nv} are "
+                             "virtual: the batch holds no real example")
+        rows, patch, points = self._draw_sample(n_real, input_shape[2:])
+        beta = 1.0 if self.strategy == "vdn" else (self.beta if nv else 0.0)
+        spec = SampleSpec(rows=rows, patch=patch, points=points, num_virtual=nv, beta=beta)
+        self._cache = (key, spec)
+        return spec
+
+    def effective_strategy(self, input_shape: tuple[int, ...]) -> str:
+        """FS on a map with a single position (e.g. BatchNorm1d on (N, C)) falls back to BS."""
+        if self.strategy == "fs" and math.prod(input_shape[2:]) <= 1:
+            return "bs"
+        return self.strategy
+
+    def _rows_for(self, n_real: int) -> int:
+        if self.n is not None:
+            return min(self.n, n_real)
+        # from a ratio: at least 2 examples where there are 2, so a (N, C) sample has a variance
+        return min(n_real, max(min(2, n_real), math.ceil(self.ratio * n_real - 1e-9)))
+
+    def _draw_sample(self, n_real: int, spatial: tuple[int, ...]):
+        strategy = self.effective_strategy((n_real, self.num_features) + tuple(spatial))
+        u = torch.rand(4, generator=draw_generator(self._seed, self._stream, self._draw), dtype=torch.float64).tolist()
+        if strategy in ("vdn", "full"):
+            return (0, n_real), None, None
+        if strategy == "ns":
+            return (0, self._rows_for(n_real)), None, None
+        if strategy == "bs":
+            size = self._rows_for(n_real)
+            start = _offset(u[0], n_real - size)
+            return (start, start + size), None, None
+        if strategy == "fs":
+            sides = patch_shape(spatial, self.ratio)
+            if sides == tuple(spatial):
+                return (0, n_real), None, None
+            patch = []
+            for i, (size, side) in enumerate(zip(spatial, sides)):
+                start = _offset(u[1 + i % 3], size - side)
+                patch.append((start, start + side))
+            return (0, n_real), tuple(patch), None
+        # frs: fully random points over (example, position); the draw depends on the shape
+        total = n_real * math.prod(spatial)
+        count = min(total, max(2, round(self.ratio * total)))
+        if count >= total:
+            return (0, n_real), None, None
+        gen = draw_generator(self._seed, self._stream, self._draw, n_real, *spatial)
+        points = torch.randperm(total, generator=gen)[:count].sort().values
+        return (0, n_real), None, points
+
+    # ---------------------------------------------------------------- training forward
+    def sync_active(self) -> bool:
+        if not self.sync:
+            return False
+        from ..distributed import sync_available
+
+        return sync_available(self.process_group)
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self.every > 0 and self._steps > 0 and self._steps % self.every == 0:
+                self.new_epoch()
+            self._steps += 1
+        spec = self.sample_spec(tuple(x.shape))
+        sync = self.sync_active()
+        if not sync and spec.is_full(tuple(x.shape)):
+            self.last_statistics = None
+            return self.stock_forward(x)
+        if not sync and spec.uses_sample() and spec.sample_count(tuple(x.shape)) < 2:
+            raise InputError(
+                f"SampledBatchNorm({self.strategy}) on input {tuple(x.shape)}: the sample holds one value "
+                "per channel, which has no variance; use a larger n/ratio or batch")
+        mean, var, count = sampled_statistics(x, spec, self.process_group, sync=sync)
+        self.last_statistics = (mean.detach(), var.detach(), count)
+        if self.track_running_stats and count > 1:
+            self.update_running_stats(mean, var, count)
+        return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
+
+    # ---------------------------------------------------------------- reporting
+    def describe(self, input_shape: tuple[int, ...] | None = None) -> dict:
+        info: dict[str, Any] = {"variant": type(self).__name__, "strategy": self.strategy}
+        if self.strategy in ("ns", "bs"):
+            info["n"] = self.n if self.n is not None else f"ceil({self.ratio:g}*N)"
+        if self.strategy in ("fs", "frs"):
+            info["ratio"] = self.ratio
+        info["redraw"] = f"every {self.every} steps" if self.every else "on new_epoch()"
+        info["draw"] = self._draw
+        if self.num_virtual:
+            info["virtual_rows"] = self.num_virtual
+            info["beta"] = 1.0 if self.strategy == "vdn" else self.beta
+        if self.sync:
+            info["sync"] = True
+        if input_shape:
+            shape = tuple(input_shape)
+            was = self.training
+            self.training = False  # the recorded shape is the real batch: no virtual rows in it
+            try:
+                spec = self.sample_spec(shape)
+            finally:
+                self.training = was
+            effective = self.effective_strategy(shape)
+            total = shape[0] * math.prod(shape[2:])
+            count = spec.sample_count(shape)
+            if self.strategy == "vdn":
+                info["sample"] = f"{self.num_virtual} virtual row(s) x {'x'.join(map(str, shape[2:])) or '1'}"
+                info["sampling_ratio"] = round(self.num_virtual / shape[0], 6)
+            else:
+                if spec.patch is not None:
+                    side = "x".join(str(b - a) for a, b in spec.patch)
+                    info["sample"] = f"{shape[0]} x {side} patch of {'x'.join(map(str, shape[2:]))}"
+                elif spec.points is not None:
+                    info["sample"] = f"{count} random points of {total}"
+                else:
+                    info["sample"] = f"rows {spec.rows[0]}:{spec.rows[1]} of {shape[0]}"
+                info["sampling_ratio"] = round(count / total, 6)
+            if effective != self.strategy:
+                info["note"] = (f"fs falls back to bs: input {shape} has no spatial positions to sample, "
+                                "so whole examples are sampled")
+        return info
+
+    def extra_repr(self) -> str:
+        opts = [f"strategy={self.strategy}"]
+        if self.n is not None:
+            opts.append(f"n={self.n}")
+        if self.ratio is not None and self.strategy not in ("vdn", "full"):
+            opts.append(f"ratio={self.ratio:g}")
+        if self.every:
+            opts.append(f"every={self.every}")
+        if self.num_virtual:
+            opts.append(f"num_virtual={self.num_virtual}, beta={1.0 if self.strategy == 'vdn' else self.beta:g}")
+        if self.sync:
+            opts.append("sync=True")
+        return f"{super().extra_repr()}, " + ", ".join(opts)
+
+
+# ====================================================================== VDN: data statistics
+@dataclass(frozen=True)
+class DatasetStats:
+    """Per-input-channel mean and standard deviation of a dataset (VDN, Alg. 3 line 1)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int
+
+    @classmethod
+    def coerce(cls, value: Any) -> "DatasetStats":
+        if isinstance(value, DatasetStats):
+            return value
+        if isinstance(value, dict) and "mean" in value and "std" in value:
+            return cls(torch.as_tensor(value["mean"], dtype=torch.float64).flatten(),
+                       torch.as_tensor(value["std"], dtype=torch.float64).flatten(), int(value.get("count", 0)))
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return cls(torch.as_tensor(value[0], dtype=torch.float64).flatten(),
+                       torch.as_tensor(value[1], dtype=torch.float64).flatten(), 0)
+        raise InputError("data_stats must come from bnrewrite.dataset_stats(data) (or be a (mean, std) pair "
+                         f"of per-channel values), got {type(value).__name__}")
+
+
+def _batch_tensor(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(batch)
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "image", "images", "x"):
+            if key in batch:
+                return _batch_tensor(batch[key])
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_tensor(batch[0])
+    raise InputError(f"dataset_stats: cannot find the input tensor in a batch of type {type(batch).__name__}; "
+                     "give a tensor, or an iterable of tensors or of (input, target) pairs")
+
+
+def dataset_stats(data: Any) -> DatasetStats:
+    """Per-input-channel mean and (population) std of ``data`` for ``vdn`` (Alg. 3 line 1).
+
+    ``data``: a tensor ``(N, C, ...)`` or any iterable of batches — tensors, ``(input, target)``
+    pairs (a DataLoader) or dicts with an ``input``/``image`` key. Batches are streamed and
+    combined with Chan's parallel formula in float64, so the dataset never has to fit in memory.
+
+    Example::
+
+        stats = bnrewrite.dataset_stats(train_loader)
+        model = bnrewrite.transform(model, "fs+vdn", data_stats=stats)
+    """
+    batches: Iterable = [data] if isinstance(data, (torch.Tensor, np.ndarray)) else data
+    count = 0
+    mean = m2 = None
+    for batch in batches:
+        x = _batch_tensor(batch)
+        if x.dim() < 2:
+            raise InputError(f"dataset_stats expects batches shaped (N, C, ...), got shape {tuple(x.shape)}")
+        flat = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+        k = flat.shape[1]
+        if k == 0:
+            continue
+        b_mean = flat.mean(dim=1)
+        b_m2 = ((flat - b_mean[:, None]) ** 2).sum(dim=1)
+        if mean is None:
+            mean, m2, count = b_mean.cpu(), b_m2.cpu(), k
+            continue
+        if b_mean.shape != mean.shape:
+            raise InputError(f"dataset_stats: batches have {mean.numel()} and {b_mean.numel()} channels")
+        total = count + k
+        delta = b_mean.cpu() - mean
+        mean = mean + delta * (k / total)
+        m2 = m2 + b_m2.cpu() + delta ** 2 * (count * k / total)
+        count = total
+    if mean is None:
+        raise InputError("dataset_stats got no data (an empty tensor or iterable)")
+    return DatasetStats(mean=mean, std=(m2 / count).sqrt(), count=count)
+
+
+# ====================================================================== VDN: graph-side modules
+class VirtualRowsInput(nn.Module):
+    """Prepends ``num_virtual`` virtual samples ~ N(mean, std) per channel to the batch, in
+    training mode only (Alg. 3: "Create virtual samples V ... B = [V, B]"). Called from the
+    rewritten graph right after the input placeholder; eval mode returns the input unchanged.
+
+    ``mean``/``std`` are non-persistent buffers: they follow ``.to()`` but add no
+    ``state_dict`` keys (they come from ``transform(..., data_stats=...)``)."""
+
+    is_bnrewrite_leaf = True  # the capture tracer keeps it as one call: its forward reads self.training
+
+    def __init__(self, stats: DatasetStats, num_virtual: int):
+        super().__init__()
+        self.num_virtual = int(num_virtual)
+        self.register_buffer("mean", stats.mean.to(torch.float32).clone(), persistent=False)
+        self.register_buffer("std", stats.std.to(torch.float32).clone(), persistent=False)
+        self.last_rows: tuple[int, int] | None = None  # (virtual, total) of the current forward
+
+    def make_virtual(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.mean.numel():
+            raise InputError(f"vdn: data_stats has {self.mean.numel()} channels but the model input has shape "
+                             f"{tuple(x.shape)}; compute data_stats from the same inputs the model gets")
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        noise = torch.randn((self.num_virtual,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
+        return noise * self.std.to(x.dtype).reshape(shape) + self.mean.to(x.dtype).reshape(shape)
+
+    def forward(self, x):
+        if not self.training or not isinstance(x, torch.Tensor):
+            self.last_rows = None
+            return x
+        out = torch.cat([self.make_virtual(x).detach(), x], dim=0)
+        self.last_rows = (self.num_virtual, out.shape[0])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_virtual={self.num_virtual}, channels={self.mean.numel()}"
+
+
+class VirtualRowsOutput(nn.Module):
+    """Slices the virtual rows off a model output of any structure (tensor, tuple, list, dict,
+    namedtuple): every tensor whose first dim is the augmented batch size loses its first
+    ``num_virtual`` rows. Does nothing when the input module added no rows (eval mode)."""
+
+    is_bnrewrite_leaf = True
+
+    def __init__(self, source: VirtualRowsInput):
+        super().__init__()
+        object.__setattr__(self, "_source", source)  # a reference, not a child: no duplicate entries
+
+    def forward(self, out):
+        rows = self.__dict__["_source"].last_rows
+        if rows is None:
+            return out
+        return _strip(out, *rows)
+
+
+def _strip(value, num_virtual: int, total: int):
+    if isinstance(value, torch.Tensor):
+        return value[num_virtual:] if value.dim() >= 1 and value.shape[0] == total else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_strip(v, num_virtual, total) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_strip(v, num_virtual, total) for v in value)
+    if isinstance(value, dict):
+        out = value.copy()
+        for k, v in value.items():
+            out[k] = _strip(v, num_virtual, total)
+        return out
+    return value

@@ -1,0 +1,98 @@
+"""Synchronised sampled statistics (bn-sampling §4.3): 2 gloo processes on 127.0.0.1 give the
+same statistics, outputs, gradients and running statistics as one process on the whole batch."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bnrewrite.runtime.sampled import SampledBatchNorm
+
+WORLD = 2
+LOCAL = 3  # examples per rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _module(num_virtual=0, sync=True):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return SampledBatchNorm.from_batchnorm(bn, strategy="fs", ratio=1 / 4, seed=0, stream=5, sync=sync,
+                                           num_virtual=num_virtual, beta=0.5 if num_virtual else 0.0)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(WORLD * LOCAL, 4, 8, 8, generator=g, dtype=torch.float64) * 2 + 1
+    virtual = torch.randn(WORLD, 4, 8, 8, generator=g, dtype=torch.float64)
+    dy = torch.randn(WORLD * LOCAL + WORLD, 4, 8, 8, generator=g, dtype=torch.float64)
+    return x, virtual, dy
+
+
+def _step(module, x, dy):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(dy)
+    mean, var, count = module.last_statistics
+    return {"y": y.detach(), "dx": x.grad, "dw": module.weight.grad, "db": module.bias.grad, "mean": mean,
+            "var": var, "count": count, "rm": module.running_mean.clone(), "rv": module.running_var.clone()}
+
+
+def _worker(rank, port, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        x, virtual, dy = _data()
+        mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        results = {"fs": _step(_module(), x[mine], dy[WORLD:][mine])}
+        # fs+vdn: each rank holds one virtual row; their statistics are all-reduced separately
+        local = torch.cat([virtual[rank:rank + 1], x[mine]])
+        local_dy = torch.cat([dy[rank:rank + 1], dy[WORLD:][mine]])
+        results["fs+vdn"] = _step(_module(num_virtual=1), local, local_dy)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_sampled_statistics_equal_single_process_large_batch(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    x, virtual, dy = _data()
+
+    single = _step(_module(sync=False), x, dy[WORLD:])
+    for r, res in enumerate(ranks):
+        got = res["fs"]
+        torch.testing.assert_close(got["mean"], single["mean"])
+        torch.testing.assert_close(got["var"], single["var"])
+        assert got["count"] == single["count"] == WORLD * LOCAL * 16  # 4x4 patch (1/4 of 8x8) per example
+        torch.testing.assert_close(got["y"], single["y"][r * LOCAL:(r + 1) * LOCAL])
+        torch.testing.assert_close(got["dx"], single["dx"][r * LOCAL:(r + 1) * LOCAL])
+        torch.testing.assert_close(got["rm"], single["rm"])
+        torch.testing.assert_close(got["rv"], single["rv"])
+    # the loss is the sum of the ranks' losses: parameter gradients add up (DDP would average them)
+    torch.testing.assert_close(ranks[0]["fs"]["dw"] + ranks[1]["fs"]["dw"], single["dw"])
+    torch.testing.assert_close(ranks[0]["fs"]["db"] + ranks[1]["fs"]["db"], single["db"])
+
+    # one process with both virtual rows at the front of the whole batch
+    single = _step(_module(num_virtual=WORLD, sync=False), torch.cat([virtual, x]), dy)
+    for r, res in enumerate(ranks):
+        got = res["fs+vdn"]
+        torch.testing.assert_close(got["mean"], single["mean"])
+        torch.testing.assert_close(got["var"], single["var"])
+        torch.testing.assert_close(got["y"][1:], single["y"][WORLD + r * LOCAL:WORLD + (r + 1) * LOCAL])
+        torch.testing.assert_close(got["y"][:1], single["y"][r:r + 1])
+        torch.testing.assert_close(got["dx"][1:], single["dx"][WORLD + r * LOCAL:WORLD + (r + 1) * LOCAL])
+        torch.testing.assert_close(got["dx"][:1], single["dx"][r:r + 1])
+        torch.testing.assert_close(got["rv"], single["rv"])
