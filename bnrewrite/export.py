@@ -1,0 +1,338 @@
+"""ONNX export of a folded model, verified with onnxruntime.
+
+Exporter choice (``exporter="auto"``, the default): the TorchScript exporter
+(``torch.onnx.export(..., dynamo=False)``) first, then the dynamo exporter (torch.export +
+onnxscript) if that fails. Measured on torchvision models in torch 2.14 (1 CPU thread), the
+TorchScript exporter takes 0.5–1.5 s where dynamo takes 8–35 s (densenet121: 1.0 s vs 34 s),
+and it traces any eager Python (models whose top level torch.fx could not capture) without
+data-dependent guards. It is deprecated upstream, so when it is missing or fails, ``auto``
+falls back to dynamo; either way the file is then checked in onnxruntime on two batch sizes,
+so a wrong trace cannot pass silently. ``exporter="dynamo"`` / ``"torchscript"`` force one.
+The TorchScript exporter cannot take a ``torch.fx.GraphModule`` directly (it mistakes the fx
+``graph`` attribute for a TorchScript graph), so the model is wrapped in a plain module.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import ExportError, InputError
+from .runtime.base import is_batchnorm
+
+NORMALISATION_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                     "GroupNormalization", "MeanVarianceNormalization")
+DEFAULT_TOLERANCE = 1e-4
+
+
+# ============================================================================ reports
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` wrote and how well onnxruntime reproduces torch."""
+
+    path: str
+    node_counts: dict[str, int]
+    max_abs_error: float | None
+    max_rel_error: float | None      # max |ort - torch| / max |torch|, per output, worst output
+    providers: list[str]
+    batch_sizes: list[int] = field(default_factory=list)
+    exporter: str = "torchscript"
+    opset: int | None = None
+    folded: bool = False             # export_onnx folded the model first
+    fold_report: object | None = None
+
+    @property
+    def normalisation_nodes(self) -> dict[str, int]:
+        return {op: n for op, n in self.node_counts.items() if op in NORMALISATION_OPS}
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in vars(self).items() if k != "fold_report"}
+        out["normalisation_nodes"] = self.normalisation_nodes
+        if self.fold_report is not None:
+            out["fold"] = self.fold_report.as_dict()
+        return out
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op}×{n}" for op, n in sorted(self.node_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [f"wrote {self.path} (exporter: {self.exporter}, opset {self.opset})",
+                 f"nodes: {sum(self.node_counts.values())} — {ops}",
+                 f"normalisation left: {self.normalisation_nodes or 'none'}"]
+        if self.max_abs_error is not None:
+            lines.append(f"onnxruntime vs torch on batch sizes {self.batch_sizes}: max abs error "
+                         f"{self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g} "
+                         f"(providers: {', '.join(self.providers)})")
+        return "\n".join(lines)
+
+
+class OnnxSummary(dict):
+    """``inspect_onnx`` result: a plain dict (JSON-ready) that prints as a short table."""
+
+    def __str__(self) -> str:
+        lines = [f"{self['path']}: opset {self['opset']}, {self['num_nodes']} nodes, "
+                 f"{self['num_parameters']:,} parameters in {self['num_initializers']} initializers"]
+        for io_kind in ("inputs", "outputs"):
+            for item in self[io_kind]:
+                lines.append(f"  {io_kind[:-1]} {item['name']}: {item['dtype']}[{', '.join(map(str, item['shape']))}]")
+        lines.append("op counts:")
+        for op, n in sorted(self["node_counts"].items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {op:<28}{n}")
+        norm = self["normalisation_nodes"]
+        lines.append("normalisation left: " + (", ".join(f"{op}×{n}" for op, n in norm.items()) if norm else "none"))
+        return "\n".join(lines)
+
+
+def inspect_onnx(path: str | os.PathLike) -> OnnxSummary:
+    """Op counts, inputs/outputs and normalisation nodes of an ONNX file (subgraphs included)."""
+    import onnx
+
+    if not os.path.exists(path):
+        raise InputError(f"no such ONNX file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file for the user
+        raise InputError(f"{path} is not a readable ONNX model: {exc}") from None
+    counts = _count_ops(model.graph)
+    for fn in model.functions:  # the dynamo exporter may emit local functions
+        for op, n in _count_ops_nodes(fn.node).items():
+            counts[op] += n
+    counts = {op: n for op, n in counts.items() if not _is_function_call(model, op)}
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": shape})
+        return out
+
+    init_names = {i.name for i in model.graph.initializer}
+    n_params = sum(int(_numel(i.dims)) for i in model.graph.initializer)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return OnnxSummary(
+        path=str(path), opset=opset, num_nodes=sum(counts.values()), node_counts=dict(counts),
+        normalisation_nodes={op: counts[op] for op in NORMALISATION_OPS if counts.get(op)},
+        inputs=describe([i for i in model.graph.input if i.name not in init_names]),
+        outputs=describe(model.graph.output), num_initializers=len(init_names), num_parameters=n_params)
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _is_function_call(model, op: str) -> bool:
+    return any(fn.name == op for fn in model.functions)
+
+
+def _count_ops_nodes(nodes) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for node in nodes:
+        counts[node.op_type] += 1
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                counts.update(_count_ops(attr.g))
+            for g in attr.graphs:
+                counts.update(_count_ops(g))
+    return counts
+
+
+def _count_ops(graph) -> collections.Counter:
+    return _count_ops_nodes(graph.node)
+
+
+# ============================================================================ export
+def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dynamic_batch: bool = True,
+                opset: int | None = None, verify: bool = True, providers: list[str] | None = None,
+                example_weight: float = 0.0, tolerance: float = DEFAULT_TOLERANCE,
+                exporter: Literal["auto", "dynamo", "torchscript"] = "auto") -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` and check it with onnxruntime.
+
+    Args:
+        model: a folded model, or any model still holding normalisation (stock or rewritten),
+            which is folded first with ``fold_for_inference(model, example_weight=...)``.
+        example_inputs: a tensor or tuple of tensors; dim 0 is the batch.
+        dynamic_batch: export the batch dim as symbolic (checked on a second batch size).
+        opset: ONNX opset (default: the exporter's).
+        verify: run the file in onnxruntime and compare with torch; raise
+            :class:`~bnrewrite.errors.ExportError` when, on any output,
+            ``max|ort − torch| > tolerance · max(max|torch|, 0.01)`` (relative to the output's
+            magnitude, with an absolute floor for outputs near zero).
+        providers: onnxruntime providers (default: CUDA when available, else CPU).
+        example_weight: α of inference example weighing (four-things-bn §3.1), used when folding.
+        exporter: ``"torchscript"`` (fast tracer, deprecated upstream), ``"dynamo"``
+            (torch.export + onnxscript), or ``"auto"``: torchscript, then dynamo if it fails.
+
+    Returns an :class:`ExportReport` (path, node counts by op type, max abs/rel error,
+    providers).
+
+    Example::
+
+        >>> import torch, torchvision, bnrewrite
+        >>> m = torchvision.models.resnet18(weights=None)
+        >>> r = bnrewrite.export_onnx(m, torch.randn(1, 3, 64, 64), "/tmp/r18.onnx")
+        >>> r.normalisation_nodes, r.max_rel_error < 1e-4
+        ({}, True)
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise InputError("export_onnx needs example_inputs: a tensor or a tuple of tensors")
+    if dynamic_batch and any(t.dim() == 0 for t in inputs):
+        raise InputError("dynamic_batch=True needs every input to have a batch dim (dim 0); "
+                         "pass dynamic_batch=False for scalar inputs")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise InputError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    path = os.fspath(path)
+    folded = False
+    fold_report = None
+    if example_weight and not _has_normalisation(model):
+        raise InputError(f"example_weight={example_weight} needs the model's BatchNorm layers, but "
+                         f"{type(model).__name__} has none (already folded?): export the unfolded model")
+    if _has_normalisation(model):
+        from .passes.fold import fold_for_inference
+
+        model = fold_for_inference(model, example_weight=example_weight, example_inputs=inputs)
+        folded = True
+        fold_report = getattr(model, "bnrewrite_fold_report", None)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, providers, tolerance,
+                                  exporter, folded, fold_report)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, providers, tolerance, exporter,
+                       folded, fold_report) -> ExportReport:
+    trace_inputs = inputs
+    if dynamic_batch and any(t.shape[0] == 1 for t in inputs):
+        # torch.export specialises a size-1 dim to the constant 1; trace on batch 2 instead
+        trace_inputs = tuple(torch.cat([t, t]) for t in inputs)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    used = _export(model, trace_inputs, path, dynamic_batch, opset, exporter)
+    summary = inspect_onnx(path)
+    report = ExportReport(path=path, node_counts=summary["node_counts"], max_abs_error=None, max_rel_error=None,
+                          providers=[], exporter=used, opset=summary["opset"], folded=folded,
+                          fold_report=fold_report)
+    if verify:
+        _verify(model, inputs, path, dynamic_batch, providers, tolerance, report)
+    return report
+
+
+def _has_normalisation(model: nn.Module) -> bool:
+    return any(is_batchnorm(m) for m in model.modules())
+
+
+class _Wrapper(nn.Module):
+    """Hides a GraphModule's fx ``graph`` attribute from the TorchScript exporter."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+
+def _export(model, inputs, path, dynamic_batch, opset, exporter) -> str:
+    errors = []
+    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    for kind in order:
+        try:
+            with _quiet():
+                if kind == "dynamo":
+                    batch = torch.export.Dim("batch", min=1)
+                    shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
+                    program = torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=shapes,
+                                                opset_version=opset, verbose=False, optimize=True,
+                                                external_data=False)
+                    program.save(path)
+                else:
+                    names = [f"input_{i}" for i in range(len(inputs))]
+                    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+                    torch.onnx.export(_Wrapper(model).train(model.training), inputs, path, dynamo=False, input_names=names,
+                                      dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
+            return kind
+        except Exception as exc:  # noqa: BLE001 - report every exporter's failure together
+            errors.append(f"{kind}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+    raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: " + " | ".join(errors))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress lines and deprecation warnings; the report says what matters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def _providers(requested: list[str] | None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise InputError(f"onnxruntime providers {missing} are not available here (available: {available})")
+        return list(requested)
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _verify(model, inputs, path, dynamic_batch, providers, tolerance, report: ExportReport) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, sess_options=options, providers=_providers(providers))
+    report.providers = list(session.get_providers())
+    feeds_names = [i.name for i in session.get_inputs()]
+    batches = [inputs]
+    if dynamic_batch:
+        # a second batch size, from the same rows so the values stay in range
+        batches.append(tuple(torch.cat([t, t[:1]]) for t in inputs))
+    worst_abs, worst_rel = 0.0, 0.0
+    failed: list[str] = []
+    for batch in batches:
+        with torch.no_grad():
+            expected = [t.detach().cpu().float().numpy() for t in pytree.tree_leaves(model(*batch))
+                        if isinstance(t, torch.Tensor)]
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(feeds_names, batch)}
+        got = session.run(None, feeds)
+        if len(got) != len(expected):
+            raise ExportError(f"{path}: onnxruntime returned {len(got)} outputs, torch {len(expected)}")
+        for i, (e, g) in enumerate(zip(expected, got)):
+            if e.shape != g.shape:
+                raise ExportError(f"{path}: output {i} has shape {g.shape} in onnxruntime, {e.shape} in torch "
+                                  f"(batch size {batch[0].shape[0]})")
+            diff = float(np.abs(e - g.astype(np.float32)).max()) if e.size else 0.0
+            scale = float(np.abs(e).max()) if e.size else 0.0
+            worst_abs = max(worst_abs, diff)
+            worst_rel = max(worst_rel, diff / max(scale, 1e-12))
+            # relative to the output's magnitude, with an absolute floor for outputs near 0
+            if not diff <= tolerance * max(scale, 1e-2):
+                failed.append(f"output {i} at batch size {batch[0].shape[0]}: max abs {diff:.3g}, "
+                              f"max |torch| {scale:.3g}")
+        report.batch_sizes.append(int(batch[0].shape[0]))
+    report.max_abs_error, report.max_rel_error = worst_abs, worst_rel
+    if failed:
+        raise ExportError(f"{path}: onnxruntime differs from torch by more than tolerance {tolerance} × "
+                          f"max(max |torch|, 0.01): {'; '.join(failed)} (max abs {worst_abs:.3g}, max rel "
+                          f"{worst_rel:.3g}; providers {report.providers}); check the ops listed by "
+                          f"`bnrewrite inspect {path}`")

@@ -1,0 +1,187 @@
+"""export_onnx / inspect_onnx against real onnxruntime."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import bnrewrite
+from bnrewrite.errors import ExportError, InputError
+from bnrewrite.export import ExportReport, inspect_onnx
+
+
+def randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def small_net():
+    return randomise(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)))
+
+
+def ort_run(path, *arrays):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: a for i, a in zip(session.get_inputs(), arrays)})
+
+
+def test_export_folds_verifies_and_reports(tmp_path):
+    model = small_net()
+    x = torch.randn(2, 3, 12, 12)
+    path = tmp_path / "net.onnx"
+    report = bnrewrite.export_onnx(model, (x,), path)
+    assert isinstance(report, ExportReport)
+    assert report.folded and report.path == str(path)
+    assert report.node_counts["Conv"] == 2 and "BatchNormalization" not in report.node_counts
+    assert report.normalisation_nodes == {}
+    assert report.max_rel_error <= 1e-4 and report.max_abs_error is not None
+    assert report.batch_sizes == [2, 3]
+    assert report.providers[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert report.fold_report is not None and len(report.fold_report.records) == 3
+    assert model.training  # the caller's model keeps its mode and its BatchNorms
+    assert any(isinstance(m, _BatchNorm) for m in model.modules())
+    # independent check of the file: onnxruntime vs the unfolded model in eval mode
+    model.eval()
+    x5 = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        want = model(x5).numpy()
+    got = ort_run(path, x5.numpy())[0]
+    assert np.abs(want - got).max() / np.abs(want).max() <= 1e-4
+    assert json.dumps(report.as_dict(), default=str)
+    assert "normalisation left: none" in str(report)
+
+
+def test_batch_one_example_still_exports_a_dynamic_batch(tmp_path):
+    model = small_net()
+    report = bnrewrite.export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "b1.onnx")
+    assert report.batch_sizes == [1, 2]
+    summary = inspect_onnx(tmp_path / "b1.onnx")
+    assert isinstance(summary["inputs"][0]["shape"][0], str)  # symbolic batch dim
+
+
+def test_static_batch_export(tmp_path):
+    report = bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "s.onnx", dynamic_batch=False)
+    assert report.batch_sizes == [2]
+    assert inspect_onnx(tmp_path / "s.onnx")["inputs"][0]["shape"] == [2, 3, 8, 8]
+
+
+class TwoInTwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x, v):
+        h = self.a(x)
+        return h.mean(dim=(2, 3)) + self.b(v), h
+
+
+def test_several_inputs_and_outputs(tmp_path):
+    model = randomise(TwoInTwoOut())
+    inputs = (torch.randn(2, 3, 6, 6), torch.randn(2, 5))
+    report = bnrewrite.export_onnx(model, inputs, tmp_path / "io.onnx")
+    assert report.max_rel_error <= 1e-4
+    summary = inspect_onnx(tmp_path / "io.onnx")
+    assert len(summary["inputs"]) == 2 and len(summary["outputs"]) == 2
+
+
+def test_already_folded_model_is_exported_as_is(tmp_path):
+    folded = bnrewrite.fold_for_inference(small_net())
+    report = bnrewrite.export_onnx(folded, torch.randn(2, 3, 8, 8), tmp_path / "f.onnx")
+    assert not report.folded and report.fold_report is None
+
+
+class WithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = small_net()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.net(x))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_both_exporters_export_eval_mode(tmp_path, exporter):
+    # dropout in the graph: exporting in train mode would not match eval-mode torch
+    report = bnrewrite.export_onnx(WithDropout(), torch.randn(2, 3, 8, 8), tmp_path / "e.onnx", exporter=exporter)
+    assert report.exporter == exporter and report.max_rel_error <= 1e-4
+    assert "BatchNormalization" not in report.node_counts
+
+
+def test_mismatch_raises_export_error_with_the_error(tmp_path):
+    with pytest.raises(ExportError, match="max abs"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", tolerance=-1.0)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+def test_unexportable_model_raises_export_error(tmp_path):
+    with pytest.raises(ExportError, match="dynamo"):
+        bnrewrite.export_onnx(DataDependent(), torch.randn(2, 3), tmp_path / "d.onnx", exporter="dynamo")
+
+
+@pytest.mark.parametrize("bad", [None, (), ("text",)])
+def test_bad_example_inputs_are_input_errors(tmp_path, bad):
+    with pytest.raises(InputError, match="example_inputs"):
+        bnrewrite.export_onnx(small_net(), bad, tmp_path / "x.onnx")
+
+
+def test_unknown_provider_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="providers"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "p.onnx", providers=["NoSuchProvider"])
+
+
+def test_inspect_onnx_counts_ops_and_normalisation(tmp_path):
+    # a graph that still holds a BatchNormalization, written with onnx.helper
+    from onnx import TensorProto, helper
+
+    c = 2
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, [c], [1.0] * c) for n in ("s", "b", "m", "v")]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])
+    relu = helper.make_node("Relu", ["y"], ["z"])
+    graph = helper.make_graph([node, relu], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", c, 4, 4])], inits)
+    path = tmp_path / "bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    summary = inspect_onnx(path)
+    assert summary["node_counts"] == {"BatchNormalization": 1, "Relu": 1}
+    assert summary["normalisation_nodes"] == {"BatchNormalization": 1}
+    assert summary["opset"] == 17 and summary["num_parameters"] == 8
+    assert "BatchNormalization×1" in str(summary)
+    assert json.loads(json.dumps(summary))["num_nodes"] == 2
+
+
+def test_inspect_missing_or_broken_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no such"):
+        inspect_onnx(tmp_path / "nope.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(InputError, match="not a readable"):
+        inspect_onnx(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_exports_and_verifies(tmp_path):
+    model = small_net().cuda()
+    report = bnrewrite.export_onnx(model, torch.randn(2, 3, 8, 8, device="cuda"), tmp_path / "g.onnx")
+    assert report.max_rel_error <= 1e-4
