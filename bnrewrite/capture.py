@@ -269,3 +269,18 @@ def require_graph(module: nn.Module, what: str) -> fx.GraphModule:
         f"'{what}' rewrites the whole graph, but the top level of {type(module).__name__} did not "
         f"trace with torch.fx ({reason}). Make the top-level forward traceable (move data-dependent "
         f"control flow into a submodule), or use a recipe that works per site.")
+
+
+def keep_eval_graph(gm: nn.Module) -> bool:
+    """Before a pass changes the *training* graph of ``gm`` in a way eval mode must not see
+    (extra arguments to a norm, a second tower): keep the graph as it is now as the eval-mode
+    twin (see :class:`CapturedGraphModule`), so ``model.eval()`` and the fold pass see the
+    plain graph. A module that already holds a twin keeps it. Returns False when ``gm`` cannot
+    hold a twin (not a captured module, or captured in eval mode)."""
+    if not isinstance(gm, CapturedGraphModule) or not gm.primary_training:
+        return False
+    if gm.__dict__.get("mode_twin") is None:
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gm.graph, {}))
+        gm.__dict__["mode_twin"] = graph_module_keeping_state(gm, graph, training=False)
+    return True

@@ -31,3 +31,57 @@ def new_epoch(model: nn.Module) -> int:
 def reset_history(model: nn.Module) -> int:
     """Forget the cross-iteration history of every CBN module. Returns how many reset."""
     return _call_each(model, "reset_history")
+
+
+def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
+    """Fill the moving averages with forward passes only, no weight updates
+    (extreme-normalization.txt §5: "the moving averages are initialized by using the first 200
+    steps to only update the EMAs but not the weights").
+
+    Runs ``model`` in train mode under ``torch.no_grad()`` on up to ``steps`` batches, then
+    restores every module's train/eval mode. Works for any model (stock BatchNorm updates its
+    running statistics the same way); it matters most for ``two-tower`` and ``brn``, whose
+    forward pass *uses* the moving averages.
+
+    Args:
+        model: a (transformed) model.
+        batches: an iterable of batches; each is the input tensor, or a tuple/list whose first
+            item is the input (what a ``DataLoader`` of ``(x, y)`` yields; a tuple first item is
+            unpacked as several inputs). A re-iterable (list, DataLoader) is cycled until
+            ``steps`` batches have run.
+        steps: number of forward passes (paper: 200).
+
+    Returns the number of forward passes run. Example::
+
+        model = bnrewrite.transform(model, "brn:micro=2+rot")
+        bnrewrite.warm_up_statistics(model, loader, steps=200)
+    """
+    import torch
+
+    from .errors import InputError
+
+    if int(steps) < 0:
+        raise InputError(f"warm_up_statistics: steps must be >= 0, got {steps}")
+    modes = {m: m.training for m in model.modules()}
+    done = 0
+    try:
+        model.train()
+        with torch.no_grad():
+            while done < steps:
+                before = done
+                iterator = iter(batches)
+                for batch in iterator:
+                    if done >= steps:
+                        break
+                    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+                    model(*inputs)
+                    done += 1
+                if done == before or iterator is batches:
+                    break  # empty, or a one-shot iterator that is now exhausted
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if done == 0 and steps > 0:
+        raise InputError("warm_up_statistics got no batches: pass an iterable of input tensors or (x, y) pairs")
+    return done

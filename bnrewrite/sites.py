@@ -207,3 +207,15 @@ def _record_shapes(root: nn.Module, sites: list[Site], example_inputs: tuple) ->
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+
+
+def producer_input(site: Site) -> fx.Node | None:
+    """The graph node feeding the site's producer, when the producer is called with exactly
+    that one input (what a pass needs to also read the producer's input, e.g. to take a mean
+    before the conv); None for sites without a producer or with other call shapes."""
+    if site.producer is None or site.producer.node is None:
+        return None
+    node = site.producer.node
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0]
