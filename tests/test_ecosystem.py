@@ -1,0 +1,145 @@
+"""Issue 9: every recipe works with the rest of PyTorch — torch.compile, autocast, channels_last,
+checkpoints that resume identically, deepcopy / torch.save of the whole module, ``.to()``."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnrewrite
+from bnrewrite.demo import SmallResNet
+
+RECIPES = ["bn", "ns:n=2", "bs:n=2", "fs:ratio=1/4", "frs:ratio=1/4", "vdn", "fs+vdn", "ghost:size=2",
+           "bgn:groups=4", "cbn:k=2", "naive-cbn:k=2", "two-tower", "brn:micro=2", "brn:micro=1+rot",
+           "two-tower+rot"]
+
+
+def make(recipe, seed=0):
+    torch.manual_seed(seed)
+    model = SmallResNet(width=8)
+    options = {}
+    if "vdn" in recipe:
+        options["data_stats"] = ([0.3], [0.4])
+    return bnrewrite.transform(model, recipe, seed=seed, **options)
+
+
+def batches(n, batch=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(batch, 1, 16, 16, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+            for _ in range(n)]
+
+
+def train_steps(model, optimizer, data, seed):
+    torch.manual_seed(seed)  # VDN draws its virtual rows from the global generator
+    losses = []
+    model.train()
+    for x, y in data:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_checkpoint_resumes_identically(recipe):
+    data = batches(6)
+    model = make(recipe)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_steps(model, opt, data[:3], seed=5)
+    bnrewrite.new_epoch(model)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    expected = train_steps(model, opt, data[3:], seed=6)
+
+    resumed = make(recipe, seed=123)  # different init: everything must come from the checkpoint
+    # optional state (schedules, CBN history) appears after the first training step
+    train_steps(resumed, torch.optim.SGD(resumed.parameters(), lr=0.0), data[:1], seed=0)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    resumed.load_state_dict(state["model"])
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(state["opt"])
+    got = train_steps(resumed, opt2, data[3:], seed=6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_deepcopy_torch_save_and_to(recipe):
+    model = make(recipe)
+    x, y = batches(1)[0]
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.01), [(x, y)], seed=0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clones = [copy.deepcopy(model), loaded, copy.deepcopy(model).to(torch.float64).to(torch.float32)]
+    model.eval()
+    expected = model(x)
+    for clone in clones:
+        clone.eval()
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+        torch.manual_seed(0)
+        clone.train()
+        out = clone(x)
+        assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_channels_last_and_autocast(recipe):
+    model = make(recipe)
+    x, y = batches(1)[0]
+    reference = copy.deepcopy(model)
+    torch.manual_seed(0)
+    expected = reference(x)
+    cl = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    got = cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        out = make(recipe)(x)
+        loss = F.cross_entropy(out.float(), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for module in model.modules():  # statistics stay fp32 under autocast
+        if getattr(module, "is_bnrewrite_norm", False) and module.running_var is not None:
+            assert module.running_var.dtype == torch.float32
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_compile(recipe):
+    model = make(recipe)
+    reference = copy.deepcopy(model)
+    x, y = batches(1)[0]
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.manual_seed(0)
+    loss = F.cross_entropy(compiled(x), y)
+    loss.backward()
+    torch.manual_seed(0)
+    ref_loss = F.cross_entropy(reference(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    compiled.eval()
+    reference.eval()
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_moves_to_cuda_and_back(recipe):
+    model = make(recipe)
+    x, y = batches(1)[0]
+    model.eval()
+    expected = model(x)
+    back = model.to("cuda").to("cpu")
+    torch.testing.assert_close(back(x), expected)
+    cuda = copy.deepcopy(model).to("cuda").train()
+    loss = F.cross_entropy(cuda(x.cuda()), y.cuda())
+    loss.backward()
+    assert torch.isfinite(loss)

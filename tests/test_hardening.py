@@ -1,0 +1,178 @@
+"""Issue 9 hardening: random small conv nets × random valid recipes — a training step, then
+``fold_for_inference``; and bad inputs (NaN/Inf, batch of one, empty batch, wrong rank)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnrewrite
+from bnrewrite.errors import BnRewriteError
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SPATIAL = {1: (12,), 2: (6, 6), 3: (4, 4, 4)}
+
+
+class Block(nn.Module):
+    """conv with BN after it (post) or before it (pre-activation), optionally residual."""
+
+    def __init__(self, dims, channels, placement, residual, act):
+        super().__init__()
+        self.placement, self.residual = placement, residual
+        self.conv = CONV[dims](channels, channels, 3, padding=1, bias=placement == "none")
+        self.bn = BN[dims](channels) if placement != "none" else nn.Identity()
+        self.act = act()
+
+    def forward(self, x):
+        if self.placement == "pre":
+            y = self.conv(self.act(self.bn(x)))
+        else:
+            y = self.act(self.bn(self.conv(x)))
+        return x + y if self.residual else y
+
+
+class RandomNet(nn.Module):
+    def __init__(self, dims, channels, blocks, bn_after_add, head_bn1d):
+        super().__init__()
+        self.stem = nn.Sequential(CONV[dims](2, channels, 3, padding=1, bias=False), BN[dims](channels), nn.ReLU())
+        self.blocks = nn.Sequential(*[Block(dims, channels, *b) for b in blocks])
+        self.after_add = BN[dims](channels) if bn_after_add else None
+        self.fc = nn.Linear(channels, 8)
+        self.head_bn = nn.BatchNorm1d(8) if head_bn1d else None
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        if self.after_add is not None:
+            x = self.after_add(x + x.flip(1))
+        x = self.fc(x.flatten(2).mean(2))
+        if self.head_bn is not None:
+            x = self.head_bn(x)
+        return self.out(F.relu(x))
+
+
+RECIPES = st.one_of(
+    st.just("bn"),
+    st.builds("ns:n={}".format, st.integers(1, 4)),
+    st.builds("bs:n={}".format, st.integers(1, 4)),
+    st.builds("fs:ratio=1/{}".format, st.sampled_from([1, 2, 4, 8])),
+    st.builds("frs:ratio=1/{}".format, st.sampled_from([2, 4])),
+    st.builds("ghost:size={}".format, st.integers(2, 5)),
+    st.builds("bgn:groups={},examples={}".format, st.sampled_from([1, 2, 4]), st.integers(1, 3)),
+    st.builds("cbn:k={}".format, st.integers(1, 3)),
+    st.builds("naive-cbn:k={}".format, st.integers(1, 3)),
+    st.builds("vdn:n={}".format, st.integers(1, 2)),
+    st.builds("fs:ratio=1/{}+vdn".format, st.sampled_from([1, 4])),
+    st.just("two-tower"),
+    st.builds("brn:micro={}".format, st.integers(1, 3)),
+    st.builds("brn:micro={}+rot".format, st.integers(1, 2)),
+)
+BLOCKS = st.lists(st.tuples(st.sampled_from(["post", "pre", "none"]), st.booleans(),
+                            st.sampled_from([nn.ReLU, nn.SiLU, nn.GELU, nn.Hardswish])), min_size=1, max_size=3)
+
+
+def _randomise_stats(model):
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if getattr(m, "running_var", None) is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dims=st.sampled_from([1, 2, 3]), channels=st.sampled_from([4, 8]), blocks=BLOCKS,
+       bn_after_add=st.booleans(), head_bn1d=st.booleans(), recipe=RECIPES, batch=st.integers(2, 6),
+       seed=st.integers(0, 3))
+def test_random_nets_random_recipes(dims, channels, blocks, bn_after_add, head_bn1d, recipe, batch, seed):
+    torch.manual_seed(seed)
+    model = RandomNet(dims, channels, blocks, bn_after_add, head_bn1d)
+    x = torch.randn(batch, 2, *SPATIAL[dims])
+    options = {"data_stats": ([0.0, 0.0], [1.0, 1.0])} if "vdn" in recipe else {}
+    try:
+        transformed = bnrewrite.transform(model, recipe, seed=seed, **options)
+    except BnRewriteError:
+        return  # a documented, clear refusal is allowed
+    opt = torch.optim.SGD(transformed.parameters(), lr=0.01)
+    for _ in range(2):
+        try:
+            out = transformed(x)
+        except BnRewriteError:  # e.g. a sample of one value per channel: refused, clearly
+            return
+        assert out.shape == (batch, 3) and torch.isfinite(out).all(), recipe
+        loss = out.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    transformed.eval()
+    with torch.no_grad():
+        _randomise_stats(transformed)
+        expected = transformed(x)
+        assert torch.isfinite(expected).all()
+        try:
+            folded = bnrewrite.fold_for_inference(transformed)
+        except BnRewriteError:
+            return
+        got = folded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not any(getattr(m, "is_bnrewrite_norm", False) or isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for m in folded.modules())
+
+
+ALL_RECIPES = ["bn", "ns", "bs", "fs", "frs", "vdn", "fs+vdn", "ghost", "bgn", "cbn", "naive-cbn",
+               "two-tower", "brn", "brn+rot"]
+
+
+def _small(recipe):
+    torch.manual_seed(0)
+    model = RandomNet(2, 4, [("post", True, nn.ReLU)], True, False)
+    options = {"data_stats": ([0.0, 0.0], [1.0, 1.0])} if "vdn" in recipe else {}
+    return bnrewrite.transform(model, recipe, **options)
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_batch_of_one_is_defined_or_a_clear_error(recipe):
+    """Stock BN raises on a batch of one in training (one value per channel); a variant either
+    raises a clear error or returns finite values — never NaN."""
+    model = _small(recipe)
+    x = torch.randn(1, 2, 6, 6)
+    try:
+        out = model(x)
+    except BnRewriteError as exc:
+        assert "batch" in str(exc).lower()
+        return
+    except ValueError as exc:  # stock BatchNorm's own message, kept for 'bn'
+        assert recipe == "bn" and "more than 1 value per channel" in str(exc)
+        return
+    assert torch.isfinite(out).all(), f"{recipe}: NaN at batch 1"
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_wrong_rank_is_a_clear_error(recipe):
+    model = _small(recipe)
+    with pytest.raises((BnRewriteError, RuntimeError, ValueError)) as info:
+        model(torch.randn(2, 2, 6))  # 3-d input to a 2-d net
+    assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_nan_input_propagates_like_stock(recipe):
+    """Documented behaviour: NaN/Inf in the input propagate as in stock BN — no exception, the
+    output is not finite. (A NaN batch whose NaN reaches the statistics poisons the running
+    statistics, exactly as it does in stock BatchNorm.)"""
+    model = _small(recipe)
+    for bad in (math.nan, math.inf):
+        x = torch.randn(4, 2, 6, 6)
+        x[0, 0, 0, 0] = bad
+        assert not torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_empty_batch_in_eval(recipe):
+    model = _small(recipe).eval()
+    out = model(torch.randn(0, 2, 6, 6))
+    assert out.shape == (0, 3)
