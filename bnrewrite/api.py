@@ -157,7 +157,12 @@ def _materialise_lazy(model: nn.Module, example_inputs: tuple | None) -> None:
 
 
 def inspect_sites(model: nn.Module, example_inputs=None) -> list[Site]:
-    """Sites of ``model`` as it is now (stock or transformed), without changing it."""
+    """Sites of ``model`` as it is now (stock or transformed), without changing it. Example::
+
+        >>> sites = bnrewrite.inspect_sites(torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64))
+        >>> sites[0].name, sites[0].producer.kind, sites[0].consumer.kind, sites[0].input_shape
+        ('bn1', 'Conv2d', 'ReLU', (1, 64, 32, 32))
+    """
     captured = capture(copy.deepcopy(model))
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)

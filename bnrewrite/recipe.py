@@ -193,7 +193,14 @@ def parse_component(text: str, registry: dict[str, Variant]) -> Component:
 
 
 def parse_recipe(text: "str | Recipe", registry: dict[str, Variant] | None = None) -> Recipe:
-    """Parse and validate a recipe string; raises :class:`RecipeError` naming the bad part."""
+    """Parse and validate a recipe string; raises :class:`RecipeError` naming the bad part. Example::
+
+        >>> str(bnrewrite.parse_recipe("fs:ratio=1/64+vdn:n=2"))
+        'fs:ratio=1/64+vdn:n=2'
+        >>> bnrewrite.parse_recipe("fss")
+        Traceback (most recent call last):
+        RecipeError: unknown component 'fss' — did you mean 'fs'? ...
+    """
     if isinstance(text, Recipe):
         return text
     if not isinstance(text, str):

@@ -29,7 +29,13 @@ def new_epoch(model: nn.Module) -> int:
 
 
 def reset_history(model: nn.Module) -> int:
-    """Forget the cross-iteration history of every CBN module. Returns how many reset."""
+    """Forget the cross-iteration history of every CBN module (e.g. after loading other weights).
+    Returns how many modules reset. Example::
+
+        >>> model = bnrewrite.transform(torchvision.models.resnet18(weights=None), "cbn:k=4")
+        >>> bnrewrite.reset_history(model)
+        20
+    """
     return _call_each(model, "reset_history")
 
 

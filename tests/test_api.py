@@ -81,3 +81,15 @@ def test_state_dict_round_trip_strict_both_ways():
     fresh.load_state_dict(copy.deepcopy(transformed.state_dict()), strict=True)
     fresh.eval()
     assert torch.equal(fresh(x), stock(x))
+
+
+def test_stock_state_dict_loads_back_strictly_after_training():
+    """Variants that add optional state (sampling schedule, CBN history, Extreme-Norm means) still
+    give a checkpoint the stock model loads with strict=True through stock_state_dict."""
+    for recipe in ("fs", "cbn:k=2", "brn+rot"):
+        stock = torchvision.models.resnet18(weights=None)
+        transformed = bnrewrite.transform(stock, recipe)
+        transformed(torch.randn(4, 3, 32, 32)).sum().backward()
+        assert set(transformed.state_dict()) > set(stock.state_dict()), recipe
+        fresh = torchvision.models.resnet18(weights=None)
+        fresh.load_state_dict(bnrewrite.stock_state_dict(transformed), strict=True)
