@@ -58,7 +58,9 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
         include, exclude: module-name globs (``"layer1.*"``) that pick the sites to rewrite.
         inplace: rewrite ``model`` itself instead of a deep copy.
         **options: variant-specific arguments the recipe's passes take (e.g. ``data_stats``
-            for ``vdn``, ``seed`` for the sampling schedules).
+            for ``vdn``, ``seed`` for the sampling schedules), and ``lower``: ``"reference"``
+            (default: plain-torch ops), ``"auto"`` (fused Triton ops when the model is on a CUDA
+            device) or ``"fused"`` (always; CPU runs the ops' reference path).
 
     Returns a module with the same ``state_dict()`` keys as ``model``; a model without
     BatchNorm is returned unchanged with a warning.
@@ -92,6 +94,11 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     for component in _pipeline_order(parsed):
         variant = VARIANTS[component.name]
         result = variant.rewrite(result, selected, component.options, context)
+    lower = context.take("lower", DEFAULT_LOWER)
+    if lower != "reference":
+        from .passes.lower import lower_model
+
+        result = lower_model(result, selected, lower)
     unused = set(context.options) - context.consumed - _GENERAL_OPTIONS
     if unused:
         raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
@@ -119,6 +126,10 @@ class RewriteContext:
         self.consumed.add(key)
         return self.options.get(key, default)
 
+
+# Fused Triton kernels are opt-in (lower="auto": CUDA models; "fused": always) until they beat
+# cuDNN end to end; see benchmarks/RESULTS.md.
+DEFAULT_LOWER = "reference"
 
 # accepted by every recipe even when no component of it draws random numbers
 _GENERAL_OPTIONS = {"seed"}

@@ -144,6 +144,12 @@ def cmd_inspect(args) -> int:
         row["rewritten"] = row["name"] in selected and row["rewritten_to"] != row["kind"]
         if row["name"] not in selected:
             row["rewritten_to"] = "(excluded)"
+    lowering = {r.site: r for r in getattr(transformed, "bnrewrite_lowering", [])}
+    for row in rows:
+        record = lowering.get(row["name"])
+        if record is not None:
+            row["lowered"] = (f"fused (+{record.activation})" if record.activation else "fused") \
+                if record.lowered else f"no: {record.reason}"
     n_regions = len(info.regions) if info else 0
     summary = {"sites": len(rows), "rewritten": sum(r["rewritten"] for r in rows),
                "leaf_regions": n_regions, "recipe": info.recipe if info else args.recipe,
@@ -162,9 +168,12 @@ def cmd_inspect(args) -> int:
                                "kind": r["kind"],
                                "shape": "x".join(map(str, r["input_shape"])) if r["input_shape"] else "-",
                                "producer": r["producer"] or "-", "consumer": r["consumer"] or "-",
-                               "rewritten to": r["rewritten_to"], "details": details or "-"})
-        text = _format_table(table_rows, ["name", "kind", "shape", "producer", "consumer",
-                                          "rewritten to", "details"])
+                               "rewritten to": r["rewritten_to"], "lowered": r.get("lowered", "-"),
+                               "details": details or "-"})
+        columns = ["name", "kind", "shape", "producer", "consumer", "rewritten to", "details"]
+        if lowering:
+            columns.insert(6, "lowered")
+        text = _format_table(table_rows, columns)
         if info and info.regions:
             text += "\n\nleaf regions (captured separately because their caller did not trace):\n"
             text += "\n".join(f"  {r.name}: {'traced' if r.traced else 'eager'} — {r.reason}" for r in info.regions)
@@ -185,6 +194,8 @@ def _inspection_options(args, shape) -> dict:
     options = {}
     if args.seed is not None and names != ("bn",):
         options["seed"] = args.seed
+    if args.lower != "reference":
+        options["lower"] = args.lower
     if "vdn" in names:
         channels = shape[1] if shape and len(shape) > 1 else 3
         options["data_stats"] = ([0.0] * channels, [1.0] * channels)
@@ -231,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "dot"], default="table",
                    help="table (default), json, or dot (Graphviz of the rewritten graph, rewritten nodes filled)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling schedules (recipes that sample)")
+    p.add_argument("--lower", choices=["reference", "auto", "fused"], default="reference",
+                   help="lower sites to the fused Triton ops: reference (default, no), auto (CUDA models), "
+                        "fused (always); shows which sites were lowered and fused with an activation")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     p.set_defaults(func=cmd_inspect)
     _add_optional_commands(sub)

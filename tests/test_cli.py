@@ -69,3 +69,14 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("bnrewrite: error:") and message in err and "Traceback" not in err
+
+
+def test_inspect_shows_lowering(capsys):
+    pytest.importorskip("triton")
+    assert main(["inspect", "torchvision:resnet18", "--recipe", "fs", "--lower", "fused", "--input-shape", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "lowered" in out.splitlines()[0]
+    bn1 = next(line for line in out.splitlines() if line.startswith("bn1 "))
+    assert "fused (+relu)" in bn1
+    bn2 = next(line for line in out.splitlines() if line.startswith("layer1.0.bn2 "))
+    assert "fused " in bn2 and "+relu" not in bn2  # its output goes to the residual add
