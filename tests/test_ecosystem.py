@@ -113,17 +113,29 @@ def test_channels_last_and_autocast(recipe):
 def test_torch_compile(recipe):
     model = make(recipe)
     reference = copy.deepcopy(model)
-    x, y = batches(1)[0]
-    compiled = torch.compile(model, backend="aot_eager")
-    torch.manual_seed(0)
-    loss = F.cross_entropy(compiled(x), y)
-    loss.backward()
-    torch.manual_seed(0)
-    ref_loss = F.cross_entropy(reference(x), y)
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    data = batches(6)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend)
+    for step, (x, y) in enumerate(data):
+        torch.manual_seed(step)
+        loss = F.cross_entropy(compiled(x), y)
+        loss.backward()
+        torch.manual_seed(step)
+        ref_loss = F.cross_entropy(reference(x), y)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        if step == 2:  # histories and windows have filled: training steps must not recompile
+            settled = len(graphs)
+    assert len(graphs) == settled, f"{recipe}: recompiled during training ({settled} -> {len(graphs)} graphs)"
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    x = data[0][0]
     compiled.eval()
     reference.eval()
     torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)

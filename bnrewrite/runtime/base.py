@@ -13,6 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+@torch.library.custom_op("bnrewrite::buffer_snapshot", mutates_args=())
+def buffer_snapshot(buffer: torch.Tensor) -> torch.Tensor:
+    """A copy of ``buffer`` taken now, for use in a graph that later updates ``buffer`` in place.
+
+    Why not ``buffer.clone()``: torch.compile's partitioners (aot_eager and inductor, torch 2.14)
+    may recompute a clone in the backward pass from the buffer itself -- after the in-place
+    update -- which silently changes the gradients. An opaque custom op is saved, not recomputed.
+    """
+    return buffer.clone()
+
+
+@buffer_snapshot.register_fake
+def _buffer_snapshot_fake(buffer: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(buffer)
+
+
 # timm's BatchNormAct2d (and similar subclasses) apply these children after normalising.
 _POST_NORM_CHILDREN = ("drop", "act")
 

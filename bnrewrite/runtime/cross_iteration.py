@@ -414,7 +414,10 @@ class CrossIterationBatchNorm(BatchNormState):
             y = self.normalize(x, mean, var)
         if k > 1 and self._steps >= self.burnin - (k - 1):
             self._record(x, producer_input if compensating else None)
-        self._steps += 1
+        if self._steps < self.burnin:
+            # counted only up to the burn-in: a Python int that changed every step would make
+            # torch.compile recompile every step (it guards on module int attributes)
+            self._steps += 1
         return y
 
     def estimate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None, *,

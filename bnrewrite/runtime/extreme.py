@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UnsupportedPatternError
-from .base import BatchNormState
+from .base import BatchNormState, buffer_snapshot
 
 
 # ================================================================================ primitives
@@ -292,9 +292,10 @@ class ExtremeNorm(BatchNormState):
         return (y, *aggregated) if first_tower else y
 
     def _ema_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # copies: the EMA buffers are updated in place below, after being used in the graph
+        # snapshots: the EMA buffers are updated in place below, after being used in the graph
+        # (and the backward pass needs their values from before the update)
         mean = self.input_mean if self.mean_before_conv else self.running_mean
-        return mean.clone(), self.running_var + self.eps
+        return buffer_snapshot(mean), buffer_snapshot(self.running_var) + self.eps
 
     def _example_means(self, source: torch.Tensor) -> torch.Tensor:
         if source.dim() == 2:

@@ -349,11 +349,22 @@ class SampledBatchNorm(BatchNormState):
 
         return sync_available(self.process_group)
 
+    @torch.compiler.disable
+    def _count_step(self) -> None:
+        # outside compiled code: a Python int attribute that changes every step would make
+        # torch.compile recompile every step (it guards on module int attributes)
+        if self._steps > 0 and self._steps % self.every == 0:
+            self.new_epoch()
+        self._steps += 1
+
+    def advance_schedule(self) -> None:
+        """One training step of the ``every=N`` schedule; nothing to count when draws change only
+        on ``new_epoch()`` (the default), which keeps the step free of Python state."""
+        if self.training and self.every > 0:
+            self._count_step()
+
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            if self.every > 0 and self._steps > 0 and self._steps % self.every == 0:
-                self.new_epoch()
-            self._steps += 1
+        self.advance_schedule()
         spec = self.sample_spec(tuple(x.shape))
         sync = self.sync_active()
         if not sync and spec.is_full(tuple(x.shape)):
