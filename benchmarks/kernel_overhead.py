@@ -1,0 +1,96 @@
+"""Where the time of one lowered BatchNorm+ReLU step goes: host (Python, dispatch, launches)
+or device (kernels). Small ResNet shapes are host-bound when the host time per step exceeds the
+device time; that is what the layer benchmark measures there, not kernel speed.
+
+Usage: python benchmarks/kernel_overhead.py [--shape 128,256,14,14] [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def measure(name, mod, x, dy, params, iters=50):
+    def step():
+        y = mod(x)
+        return torch.autograd.grad(y, [x] + params, dy)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    host_issue = (time.perf_counter() - start) / iters * 1e3  # host time to issue one step
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / iters * 1e3
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    device_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
+    kernels = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0) / 10
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize()
+        graphed = (time.perf_counter() - start) / iters * 1e3
+    except Exception as exc:  # noqa: BLE001 - report, not fail
+        graphed = float("nan")
+        print(f"  ({name}: CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:80]})")
+    print(f"{name:10s} wall {wall:7.3f} ms  host issue {host_issue:7.3f} ms  device {device_ms:7.3f} ms "
+          f"({kernels:.0f} kernels)  cuda-graph replay {graphed:7.3f} ms")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", default="128,256,14,14")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("kernel_overhead needs a CUDA device")
+        return
+    from bnrewrite.runtime.kernels import FusedBatchNorm, lowered_class
+    from bnrewrite.runtime.sampled import SampledBatchNorm
+
+    n, c, h, w = map(int, args.shape.split(","))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    fmt = torch.channels_last if args.dtype == "bf16" else torch.contiguous_format
+    x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_(True)
+    dy = torch.randn_like(x)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} shape {args.shape} {args.dtype}")
+    bn = nn.BatchNorm2d(c).cuda()
+    measure("eager", nn.Sequential(bn, nn.ReLU()).train(), x, dy, [bn.weight, bn.bias])
+    fused = FusedBatchNorm.from_batchnorm(nn.BatchNorm2d(c).cuda())
+    fused.add_module("act", nn.ReLU())
+    fused._post_children = ("act",)
+    measure("ours:bn", fused.train(), x, dy, [fused.weight, fused.bias])
+    fs = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(c).cuda(), strategy="fs", ratio=1 / 32)
+    fs.__class__ = lowered_class(SampledBatchNorm)
+    fs.add_module("act", nn.ReLU())
+    fs._post_children = ("act",)
+    measure("ours:fs", fs.train(), x, dy, [fs.weight, fs.bias])
+
+
+if __name__ == "__main__":
+    main()

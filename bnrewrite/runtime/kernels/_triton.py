@@ -1,0 +1,613 @@
+"""Triton kernels of sampled BatchNorm (+ activation): forward and backward.
+
+Chen et al., "Batch Normalization Sampling" (bn-sampling.txt): statistics from a sample
+(§3.2 Eq. 3; FS patch / BS-NS rows §4.1; VDN virtual rows mixed by Eq. 4 §4.2), the whole
+tensor normalised with them (Eq. 1), and the backward of App. C Eq. 5–6 in which only the
+sampled points carry the statistics terms.
+
+A tensor ``x`` of shape ``(N, C, *S)`` (``S`` of 0–3 spatial dims) is seen as
+``(N, C, D, H, W)``. It must be dense in one of two layouts:
+
+* channels-first (NCHW): the matrix ``(N*C, D*H*W)`` is contiguous, the channel of a row is
+  ``row % C``;
+* channels-last (NHWC): the matrix ``(N*D*H*W, C)`` is contiguous, the channel is the column.
+
+A *region* is ``(nv, r0, r1, d0, d1, h0, h1, w0, w1)``: virtual rows ``[0, nv)`` (VDN,
+the whole map) and the sampled group ``rows [r0, r1) x box [d0,d1) x [h0,h1) x [w0,w1)``
+(absolute row indices). ``wv`` is the weight of the virtual group (Eq. 4's β, 0 without
+virtual rows); the sampled group has weight ``1 - wv``.
+
+Launches:
+
+forward   ``_stats_partial_kernel`` (one per group; grid = channel blocks x splits, each split
+          folds its tiles with Chan's parallel formula, so the variance never cancels)
+          -> ``_stats_finalize_kernel`` (combines splits, mixes the groups by Eq. 4)
+          -> ``_normalize_kernel`` (one read, one write: ``act((x - mean) * rstd * w + b)``);
+          ``_running_update_kernel`` (a separate, mutating op) updates the running statistics.
+backward  ``_grad_partial_kernel`` (Σ dy' and Σ dy'·x̂ per channel, dy' = dy·act'(z) with z
+          recomputed from the saved x) -> ``_grad_finalize_kernel`` (dγ, dβ and the per-group
+          coefficients of Eq. 6) -> ``_grad_input_kernel`` (one pass: dx = rstd·γ·(dy' − [i∈G]·
+          (a_G/n_G)·(Σdy' + Σdy'x̂·rstd·(x_i − mean_G)))).
+
+Only ``x`` (the input), the ``(4, C)`` float32 statistics ``[mean, var, mean_virtual,
+mean_sampled]`` and the parameters are saved for backward; no full-size intermediate.
+All arithmetic is float32 whatever the storage dtype (fp32, bf16, fp16).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import channels_last, like
+
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "leaky_relu": 4}
+
+# elements per program of the elementwise passes and of one reduction tile
+_ELEMENTWISE_TILE = 4096
+_REDUCE_TILE = 2048
+
+
+# ============================================================================ device helpers
+@triton.jit
+def _activation(z, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        z = tl.where(z < 0.0, 0.0, z)
+    elif ACT == 2:
+        z = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
+    elif ACT == 3:
+        z = z * tl.sigmoid(z)
+    elif ACT == 4:
+        z = tl.where(z > 0.0, z, z * slope)
+    return z
+
+
+@triton.jit
+def _activation_grad(dy, z, ACT: tl.constexpr, slope):
+    """dy · act'(z), with PyTorch's conventions at the kinks (relu: z > 0; relu6: 0 < z < 6)."""
+    if ACT == 1:
+        dy = tl.where(z > 0.0, dy, 0.0)
+    elif ACT == 2:
+        dy = tl.where((z > 0.0) & (z < 6.0), dy, 0.0)
+    elif ACT == 3:
+        s = tl.sigmoid(z)
+        dy = dy * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == 4:
+        dy = tl.where(z > 0.0, dy, dy * slope)
+    return dy
+
+
+@triton.jit
+def _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
+                  stride_n, stride_d, stride_h, stride_w,
+                  FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Offsets and mask of the positions of reduction tile ``t`` (channel offset excluded)."""
+    ps = tl.arange(0, BLOCK_P)
+    if FLAT:
+        # channels-last over the whole map: (row, position) pairs have one uniform stride
+        q = t * BLOCK_P + ps
+        pmask = q < nrows * P
+        if INT64:
+            q = q.to(tl.int64)
+        offs = (row0 * P + q) * stride_w
+    else:
+        n = row0 + t // tiles_per_row
+        p = (t % tiles_per_row) * BLOCK_P + ps
+        pmask = p < P
+        if INT64:
+            n = n.to(tl.int64)
+            p = p.to(tl.int64)
+        if FULL_BOX:
+            offs = n * stride_n + p * stride_w
+        else:
+            hw = bh * bw
+            dd = p // hw
+            rem = p - dd * hw
+            hh = rem // bw
+            ww = rem - hh * bw
+            offs = n * stride_n + (d0 + dd) * stride_d + (h0 + hh) * stride_h + (w0 + ww) * stride_w
+    return offs, pmask
+
+
+# ============================================================================ forward
+@triton.jit
+def _stats_partial_kernel(x_ptr, part_ptr, C, splits, tiles_per_split, total_tiles,
+                          row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
+                          stride_n, stride_c, stride_d, stride_h, stride_w,
+                          FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel and split: (mean, M2, count) of the split's tiles of one group (Eq. 3)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    coff = cs * stride_c
+    if INT64:
+        coff = coff.to(tl.int64)
+    cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
+    for t in range(t0, t1):
+        offs, pmask = _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
+                                    stride_n, stride_d, stride_h, stride_w, FLAT, FULL_BOX, INT64, BLOCK_P)
+        m = pmask[:, None] & cmask[None, :]
+        xv = tl.load(x_ptr + offs[:, None] + coff[None, :], mask=m, other=0.0).to(tl.float32)
+        tc = tl.sum(m.to(tl.float32), axis=0)
+        tmean = tl.sum(xv, axis=0) / tl.maximum(tc, 1.0)
+        dev = tl.where(m, xv - tmean[None, :], 0.0)
+        tm2 = tl.sum(dev * dev, axis=0)
+        # Chan et al.'s pairwise update: exact in exact arithmetic, no E[x²]−E[x]² cancellation
+        new = cnt + tc
+        delta = tmean - mean
+        frac = tc / tl.maximum(new, 1.0)
+        mean = mean + delta * frac
+        m2 = m2 + tm2 + delta * delta * cnt * frac
+        cnt = new
+    base = pid_s * C + cs
+    tl.store(part_ptr + base, mean, mask=cmask)
+    tl.store(part_ptr + splits * C + base, m2, mask=cmask)
+    tl.store(part_ptr + 2 * splits * C + base, cnt, mask=cmask)
+
+
+@triton.jit
+def _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean and biased variance from per-split (mean, M2, count)."""
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    weighted = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        m = (ss < splits)[:, None] & cmask[None, :]
+        idx = ss[:, None] * C + cs[None, :]
+        mu = tl.load(part_ptr + idx, mask=m, other=0.0)
+        n = tl.load(part_ptr + 2 * splits * C + idx, mask=m, other=0.0)
+        total += tl.sum(n, axis=0)
+        weighted += tl.sum(n * mu, axis=0)
+    mean = weighted / tl.maximum(total, 1.0)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        m = (ss < splits)[:, None] & cmask[None, :]
+        idx = ss[:, None] * C + cs[None, :]
+        mu = tl.load(part_ptr + idx, mask=m, other=0.0)
+        q = tl.load(part_ptr + splits * C + idx, mask=m, other=0.0)
+        n = tl.load(part_ptr + 2 * splits * C + idx, mask=m, other=0.0)
+        d = mu - mean[None, :]
+        m2 += tl.sum(q + n * d * d, axis=0)
+    var = tl.maximum(m2 / tl.maximum(total, 1.0), 0.0)
+    return mean, var
+
+
+@triton.jit
+def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr, C, wv,
+                           HAS_S: tl.constexpr, HAS_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Eq. 4 mixing of the groups into the saved statistics."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    var = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean_v = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_V:
+        mean_v, var_v = _combine_splits(part_v_ptr, splits_v, C, cs, cmask, BLOCK_S, BLOCK_C)
+        mean += wv * mean_v
+        var += wv * var_v
+    if HAS_S:
+        mean_s, var_s = _combine_splits(part_s_ptr, splits_s, C, cs, cmask, BLOCK_S, BLOCK_C)
+        mean += (1.0 - wv) * mean_s
+        var += (1.0 - wv) * var_s
+    tl.store(stats_ptr + cs, mean, mask=cmask)
+    tl.store(stats_ptr + C + cs, var, mask=cmask)
+    tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
+    tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
+
+
+@triton.jit
+def _running_update_kernel(stats_ptr, rm_ptr, rv_ptr, C, momentum, unbias, BLOCK_C: tl.constexpr):
+    """PyTorch's running-statistics EMA, with the unbiased variance of the sampled values."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    mean = tl.load(stats_ptr + cs, mask=cmask, other=0.0)
+    var = tl.load(stats_ptr + C + cs, mask=cmask, other=0.0)
+    rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+    rm = rm * (1.0 - momentum) + mean * momentum
+    rv = rv * (1.0 - momentum) + var * unbias * momentum
+    tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
+    tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, R, K, C, eps, slope,
+                      CHANNEL_ON_ROWS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = act((x − mean)·rstd·γ + β) over the whole tensor: one read, one write (Eq. 1)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if CHANNEL_ON_ROWS:
+        ch = rows % C
+        chmask = rows < R
+    else:
+        ch = cols
+        chmask = cols < K
+    mean = tl.load(stats_ptr + ch, mask=chmask, other=0.0)
+    var = tl.load(stats_ptr + C + ch, mask=chmask, other=1.0)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + ch, mask=chmask, other=1.0).to(tl.float32)
+    if HAS_B:
+        shift = tl.load(b_ptr + ch, mask=chmask, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros_like(scale)
+    if CHANNEL_ON_ROWS:
+        mean2 = mean[:, None]
+        scale2 = scale[:, None]
+        shift2 = shift[:, None]
+    else:
+        mean2 = mean[None, :]
+        scale2 = scale[None, :]
+        shift2 = shift[None, :]
+    r = rows
+    if INT64:
+        r = r.to(tl.int64)
+    offs = r[:, None] * K + cols[None, :]
+    m = (rows < R)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = _activation((x - mean2) * scale2 + shift2, ACT, slope)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+# ============================================================================ backward
+@triton.jit
+def _grad_partial_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, part_ptr, C, splits, tiles_per_split,
+                         total_tiles, nrows, P, tiles_per_row, stride_n, stride_c, stride_w, eps, slope,
+                         FLAT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                         INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel and split: Σ dy' and Σ dy'·x̂ over every point (App. C Eq. 5: the
+    reductions keep length m after sampling, since every point was normalised)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    coff = cs * stride_c
+    if INT64:
+        coff = coff.to(tl.int64)
+    mean = tl.load(stats_ptr + cs, mask=cmask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + C + cs, mask=cmask, other=1.0) + eps)
+    if HAS_W:
+        w = tl.load(w_ptr + cs, mask=cmask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dyx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
+    for t in range(t0, t1):
+        offs, pmask = _tile_offsets(t, 0, nrows, P, tiles_per_row, 1, 1, 0, 0, 0,
+                                    stride_n, 0, 0, stride_w, FLAT, True, INT64, BLOCK_P)
+        m = pmask[:, None] & cmask[None, :]
+        o = offs[:, None] + coff[None, :]
+        x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + o, mask=m, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        if ACT != 0:
+            g = _activation_grad(g, xhat * w[None, :] + b[None, :], ACT, slope)
+        g = tl.where(m, g, 0.0)
+        sum_dy += tl.sum(g, axis=0)
+        sum_dyx += tl.sum(g * xhat, axis=0)
+    base = pid_s * C + cs
+    tl.store(part_ptr + base, sum_dy, mask=cmask)
+    tl.store(part_ptr + splits * C + base, sum_dyx, mask=cmask)
+
+
+@triton.jit
+def _grad_finalize_kernel(part_ptr, splits, stats_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, C, eps,
+                          wv, n_v, n_s, HAS_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dγ = Σ dy'·x̂, dβ = Σ dy', and per group G (weight a_G, count n_G) the coefficients
+    A_G = a_G/n_G·Σdy', B_G = a_G/n_G·Σdy'x̂·rstd of Eq. 6 (a_G/n_G replaces 1/m)."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dyx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        m = (ss < splits)[:, None] & cmask[None, :]
+        idx = ss[:, None] * C + cs[None, :]
+        sum_dy += tl.sum(tl.load(part_ptr + idx, mask=m, other=0.0), axis=0)
+        sum_dyx += tl.sum(tl.load(part_ptr + splits * C + idx, mask=m, other=0.0), axis=0)
+    tl.store(dw_ptr + cs, sum_dyx, mask=cmask)
+    tl.store(db_ptr + cs, sum_dy, mask=cmask)
+    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + C + cs, mask=cmask, other=1.0) + eps)
+    if HAS_W:
+        w = tl.load(w_ptr + cs, mask=cmask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    a_s = (1.0 - wv) / n_s
+    a_v = wv / n_v
+    tl.store(coef_ptr + cs, rstd * w, mask=cmask)
+    tl.store(coef_ptr + C + cs, a_s * sum_dy, mask=cmask)
+    tl.store(coef_ptr + 2 * C + cs, a_s * sum_dyx * rstd, mask=cmask)
+    tl.store(coef_ptr + 3 * C + cs, a_v * sum_dy, mask=cmask)
+    tl.store(coef_ptr + 4 * C + cs, a_v * sum_dyx * rstd, mask=cmask)
+
+
+@triton.jit
+def _grad_input_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, coef_ptr, dx_ptr, R, K, C, S, H, W,
+                       nv, r0, r1, d0, d1, h0, h1, w0, w1, eps, slope,
+                       CHANNEL_ON_ROWS: tl.constexpr, ALL_SAMPLED: tl.constexpr, HAS_S: tl.constexpr,
+                       HAS_V: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                       INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """App. C Eq. 6 in one pass: every point gets dy'·rstd·γ; the points of a group G also
+    get −rstd·γ·(A_G + B_G·(x − mean_G))."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < R
+    kmask = cols < K
+    if CHANNEL_ON_ROWS:
+        ch = rows % C
+        chmask = rmask
+    else:
+        ch = cols
+        chmask = kmask
+    mean = tl.load(stats_ptr + ch, mask=chmask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + C + ch, mask=chmask, other=1.0) + eps)
+    k1 = tl.load(coef_ptr + ch, mask=chmask, other=0.0)
+    a_s = tl.load(coef_ptr + C + ch, mask=chmask, other=0.0)
+    b_s = tl.load(coef_ptr + 2 * C + ch, mask=chmask, other=0.0)
+    a_v = tl.load(coef_ptr + 3 * C + ch, mask=chmask, other=0.0)
+    b_v = tl.load(coef_ptr + 4 * C + ch, mask=chmask, other=0.0)
+    mean_v = tl.load(stats_ptr + 2 * C + ch, mask=chmask, other=0.0)
+    mean_s = tl.load(stats_ptr + 3 * C + ch, mask=chmask, other=0.0)
+    if HAS_W:
+        w = tl.load(w_ptr + ch, mask=chmask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full(mean.shape, 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + ch, mask=chmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros_like(mean)
+    # per-channel vectors as 2-D operands, and the group membership of each point
+    if CHANNEL_ON_ROWS:
+        mean, rstd, k1, w, b = mean[:, None], rstd[:, None], k1[:, None], w[:, None], b[:, None]
+        a_s, b_s, a_v, b_v = a_s[:, None], b_s[:, None], a_v[:, None], b_v[:, None]
+        mean_v, mean_s = mean_v[:, None], mean_s[:, None]
+        n = rows // C
+        s = cols
+    else:
+        mean, rstd, k1, w, b = mean[None, :], rstd[None, :], k1[None, :], w[None, :], b[None, :]
+        a_s, b_s, a_v, b_v = a_s[None, :], b_s[None, :], a_v[None, :], b_v[None, :]
+        mean_v, mean_s = mean_v[None, :], mean_s[None, :]
+        n = rows // S
+        s = rows - n * S
+    if not ALL_SAMPLED:
+        hw = H * W
+        dd = s // hw
+        rem = s - dd * hw
+        hh = rem // W
+        ww = rem - hh * W
+        in_box = (dd >= d0) & (dd < d1) & (hh >= h0) & (hh < h1) & (ww >= w0) & (ww < w1)
+        in_rows = (n >= r0) & (n < r1)
+        in_virtual = n < nv
+        if CHANNEL_ON_ROWS:
+            in_s = in_rows[:, None] & in_box[None, :]
+            in_v = in_virtual[:, None]
+        else:
+            in_s = (in_rows & in_box)[:, None]
+            in_v = in_virtual[:, None]
+    r = rows
+    if INT64:
+        r = r.to(tl.int64)
+    offs = r[:, None] * K + cols[None, :]
+    m = rmask[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if ACT != 0:
+        g = _activation_grad(g, (x - mean) * rstd * w + b, ACT, slope)
+    if ALL_SAMPLED:
+        g = g - (a_s + b_s * (x - mean_s))
+    else:
+        if HAS_S:
+            g = g - tl.where(in_s, a_s + b_s * (x - mean_s), 0.0)
+        if HAS_V:
+            g = g - tl.where(in_v, a_v + b_v * (x - mean_v), 0.0)
+    tl.store(dx_ptr + offs, (k1 * g).to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ============================================================================ host side
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        return 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return 4  # the CPU interpreter runs programs one after another: few, large splits
+
+
+class Geometry:
+    """How a dense ``(N, C, *S)`` tensor is laid out, seen as ``(N, C, D, H, W)``."""
+
+    def __init__(self, x: torch.Tensor):
+        self.N, self.C = int(x.shape[0]), int(x.shape[1])
+        spatial = [int(s) for s in x.shape[2:]]
+        if len(spatial) > 3:
+            raise ValueError(f"at most 3 spatial dims, got input shape {tuple(x.shape)}")
+        self.D, self.H, self.W = [1] * (3 - len(spatial)) + spatial
+        self.S = self.D * self.H * self.W
+        self.channels_last = channels_last(x)
+        if self.channels_last:
+            sw = self.C
+            self.stride_n, self.stride_c = self.S * self.C, 1
+        else:
+            sw = 1
+            self.stride_n, self.stride_c = self.C * self.S, self.S
+        self.stride_w, self.stride_h, self.stride_d = sw, sw * self.W, sw * self.W * self.H
+        self.int64 = x.numel() >= 2 ** 31 - 1
+        # the elementwise passes see a contiguous matrix (R, K)
+        if self.channels_last:
+            self.R, self.K = self.N * self.S, self.C
+        else:
+            self.R, self.K = self.N * self.C, self.S
+
+
+def _reduce_tiling(g: Geometry, full_box: bool, box_positions: int):
+    """(BLOCK_P, BLOCK_C, FLAT) of a reduction over positions with channels across."""
+    if g.channels_last:
+        block_c = min(_pow2(g.C), 128)
+        block_p = max(16, _REDUCE_TILE // block_c)
+        return block_p, block_c, full_box
+    block_p = min(_pow2(box_positions), 1024)
+    block_c = max(1, min(_pow2(g.C), _REDUCE_TILE // block_p))
+    return block_p, block_c, False
+
+
+def _elementwise_tiling(g: Geometry):
+    block_k = min(_pow2(g.K), 1024 if not g.channels_last else 256)
+    block_r = max(1, min(_pow2(g.R), _ELEMENTWISE_TILE // block_k))
+    return block_r, block_k
+
+
+def _splits(x: torch.Tensor, total_tiles: int, channel_blocks: int) -> tuple[int, int]:
+    want = max(1, -(-_target_programs(x) // channel_blocks))
+    splits = max(1, min(total_tiles, want))
+    per_split = max(1, -(-total_tiles // splits))
+    return -(-total_tiles // per_split), per_split
+
+
+def _group_partials(x: torch.Tensor, g: Geometry, row0: int, nrows: int, box) -> tuple[torch.Tensor, int]:
+    """Launch the partial-statistics kernel of one group; returns (partials, splits)."""
+    (d0, d1), (h0, h1), (w0, w1) = box
+    bd, bh, bw = d1 - d0, h1 - h0, w1 - w0
+    P = bd * bh * bw
+    full_box = P == g.S
+    block_p, block_c, flat = _reduce_tiling(g, full_box, P)
+    if flat:
+        tiles_per_row = 0
+        total_tiles = -(-(nrows * P) // block_p)
+    else:
+        tiles_per_row = -(-P // block_p)
+        total_tiles = nrows * tiles_per_row
+    cblocks = -(-g.C // block_c)
+    splits, per_split = _splits(x, total_tiles, cblocks)
+    part = torch.empty((3, splits, g.C), device=x.device, dtype=torch.float32)
+    _stats_partial_kernel[(cblocks, splits)](
+        x, part, g.C, splits, per_split, total_tiles, row0, nrows, P, max(tiles_per_row, 1), bh, bw, d0, h0, w0,
+        g.stride_n, g.stride_c, g.stride_d, g.stride_h, g.stride_w,
+        FLAT=flat, FULL_BOX=full_box, INT64=g.int64, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=4)
+    return part, splits
+
+
+def region_box(region, g: Geometry):
+    nv, r0, r1, d0, d1, h0, h1, w0, w1 = (int(v) for v in region)
+    return nv, r0, r1, ((d0, d1), (h0, h1), (w0, w1))
+
+
+def update_running_stats(running_mean, running_var, stats, momentum: float, unbias: float) -> None:
+    C = stats.shape[1]
+    block_c = min(_pow2(C), 256)
+    _running_update_kernel[(-(-C // block_c),)](stats, running_mean, running_var, C, float(momentum),
+                                                float(unbias), BLOCK_C=block_c, num_warps=4)
+
+
+def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: str,
+            slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled BN (+ activation) forward. ``x`` must be dense (see :func:`.layout.dense`).
+    Returns ``(y, stats)`` with ``stats = [mean, var, mean_virtual, mean_sampled]`` (4, C) fp32."""
+    g = Geometry(x)
+    nv, r0, r1, box = region_box(region, g)
+    has_v = wv > 0.0 and nv > 0
+    has_s = wv < 1.0
+    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
+    part_s, splits_s = _group_partials(x, g, r0, r1 - r0, box) if has_s else (dummy, 0)
+    full = ((0, g.D), (0, g.H), (0, g.W))
+    part_v, splits_v = _group_partials(x, g, 0, nv, full) if has_v else (dummy, 0)
+    stats = torch.empty((4, g.C), device=x.device, dtype=torch.float32)
+    block_c = min(_pow2(g.C), 64)
+    _stats_finalize_kernel[(-(-g.C // block_c),)](
+        part_s, splits_s, part_v, splits_v, stats, g.C, float(wv),
+        HAS_S=has_s, HAS_V=has_v, BLOCK_S=32, BLOCK_C=block_c, num_warps=4)
+    return normalize(x, stats, weight, bias, eps, act, slope, g), stats
+
+
+def normalize(x, stats, weight, bias, eps: float, act: str, slope: float, g: Geometry | None = None):
+    """The normalise(+affine+activation) pass alone (one read and one write of the tensor)."""
+    g = g or Geometry(x)
+    dummy = stats
+    y = torch.empty_like(x)
+    block_r, block_k = _elementwise_tiling(g)
+    _normalize_kernel[(-(-g.R // block_r), -(-g.K // block_k))](
+        x, y, stats, weight if weight is not None else dummy, bias if bias is not None else dummy,
+        g.R, g.K, g.C, float(eps), float(slope),
+        CHANNEL_ON_ROWS=not g.channels_last, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=ACTIVATIONS[act], INT64=g.int64, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=8 if block_r * block_k >= 4096 else 4)
+    return y
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tensor, region, wv: float,
+             eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of :func:`forward` (App. C Eq. 5–6); dweight/dbias in float32."""
+    g = Geometry(x)
+    dy = like(dy, x)
+    nv, r0, r1, box = region_box(region, g)
+    (d0, d1), (h0, h1), (w0, w1) = box
+    has_v = wv > 0.0 and nv > 0
+    has_s = wv < 1.0
+    n_s = (r1 - r0) * (d1 - d0) * (h1 - h0) * (w1 - w0)
+    n_v = nv * g.S
+    all_sampled = has_s and not has_v and n_s == g.N * g.S
+    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
+    w_arg = weight if weight is not None else dummy
+    b_arg = bias if bias is not None else dummy
+    block_p, block_c, flat = _reduce_tiling(g, True, g.S)
+    if flat:
+        tiles_per_row = 1
+        total_tiles = -(-(g.N * g.S) // block_p)
+    else:
+        tiles_per_row = -(-g.S // block_p)
+        total_tiles = g.N * tiles_per_row
+    cblocks = -(-g.C // block_c)
+    splits, per_split = _splits(x, total_tiles, cblocks)
+    part = torch.empty((2, splits, g.C), device=x.device, dtype=torch.float32)
+    act_id = ACTIVATIONS[act]
+    _grad_partial_kernel[(cblocks, splits)](
+        dy, x, stats, w_arg, b_arg, part, g.C, splits, per_split, total_tiles, g.N, g.S, tiles_per_row,
+        g.stride_n, g.stride_c, g.stride_w, float(eps), float(slope),
+        FLAT=flat, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, INT64=g.int64,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    coef = torch.empty((5, g.C), device=x.device, dtype=torch.float32)
+    dw = torch.empty(g.C, device=x.device, dtype=torch.float32)
+    db = torch.empty(g.C, device=x.device, dtype=torch.float32)
+    fc = min(_pow2(g.C), 64)
+    _grad_finalize_kernel[(-(-g.C // fc),)](
+        part, splits, stats, w_arg, coef, dw, db, g.C, float(eps),
+        float(wv if has_v else 0.0), float(max(n_v, 1)), float(max(n_s, 1)),
+        HAS_W=weight is not None, BLOCK_S=32, BLOCK_C=fc, num_warps=4)
+    dx = torch.empty_like(x)
+    block_r, block_k = _elementwise_tiling(g)
+    _grad_input_kernel[(-(-g.R // block_r), -(-g.K // block_k))](
+        dy, x, stats, w_arg, b_arg, coef, dx, g.R, g.K, g.C, g.S, g.H, g.W,
+        nv, r0, r1, d0, d1, h0, h1, w0, w1, float(eps), float(slope),
+        CHANNEL_ON_ROWS=not g.channels_last, ALL_SAMPLED=all_sampled, HAS_S=has_s, HAS_V=has_v,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, INT64=g.int64,
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=8 if block_r * block_k >= 4096 else 4)
+    return dx, dw, db
+
+
+def is_interpreted() -> bool:
+    return bool(getattr(triton.runtime.interpreter, "InterpretedFunction", None)) and isinstance(
+        _normalize_kernel, triton.runtime.interpreter.InterpretedFunction)
+

@@ -1,0 +1,196 @@
+"""Runtime modules whose training forward runs the fused op (Triton on CUDA).
+
+* :class:`FusedBatchNorm` — a stock ``nn.BatchNorm*d`` site lowered: full batch statistics and,
+  when the lowering pass fused one, the following activation, in one op.
+* :func:`lowered_class` — for a :class:`~bnrewrite.runtime.sampled.SampledBatchNorm` class, a
+  subclass ``Fused<Name>`` whose training forward runs the fused op on the same sample spec
+  (the lowering pass swaps the class of the module in place, so its state, schedule and
+  ``new_epoch`` stay as they are).
+
+A fused activation is the module's ``act`` child (as on timm's ``BatchNormAct2d``): eval mode
+and folding apply it through :meth:`~bnrewrite.runtime.base.BatchNormState.post_norm`, so
+``inference_affine`` keeps meaning "before the activation".
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from ...errors import InputError
+from ..base import BatchNormState
+from .functional import fused_batch_norm
+
+_ACTIVATION_TYPES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.LeakyReLU, "leaky_relu"))
+
+
+def activation_name(module: nn.Module | None) -> tuple[str, float] | None:
+    """``(name, negative_slope)`` of an activation module the kernels implement, else None."""
+    for cls, name in _ACTIVATION_TYPES:
+        if type(module) is cls:
+            return name, float(getattr(module, "negative_slope", 0.0))
+    # timm's activations subclass the torch ones (e.g. nn.ReLU with inplace)
+    for cls, name in _ACTIVATION_TYPES:
+        if isinstance(module, cls):
+            return name, float(getattr(module, "negative_slope", 0.0))
+    return None
+
+
+class _FusedForward:
+    """What the lowered modules share: which activation is fused, and the running-stat rule."""
+
+    lowered = "triton"
+
+    def fused_activation(self) -> tuple[str, float] | None:
+        """The activation the kernel applies: the ``act`` child when it is the only post-norm
+        child and a kind the kernels implement (``drop`` before it would change the order)."""
+        post = getattr(self, "_post_children", ())
+        if post == ():
+            return "none", 0.0
+        if post == ("act",):
+            return activation_name(getattr(self, "act"))
+        return None
+
+    def _running_update(self, count: int):
+        """(running_mean, running_var, momentum) to update, or (None, None, 0.0); PyTorch's rule."""
+        if not (self.training and self.track_running_stats) or count < 2:
+            return None, None, 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = float(self.momentum)
+        return self.running_mean, self.running_var, factor
+
+    def _run_fused(self, x: torch.Tensor, spec, act: tuple[str, float]):
+        shape = tuple(x.shape)
+        from .functional import region_of
+
+        _, _, count = region_of(spec, shape)
+        rm, rv, factor = self._running_update(count)
+        y, mean, var, count = fused_batch_norm(x, self.weight, self.bias, rm, rv, spec=spec, momentum=factor,
+                                               eps=self.eps, activation=act[0], negative_slope=act[1])
+        return y, mean, var, count
+
+    def _lowering_info(self) -> dict:
+        act = self.fused_activation()
+        return {"lowered": self.lowered,
+                "fused_activation": act[0] if act and act[0] != "none" else None}
+
+
+class FusedBatchNorm(_FusedForward, BatchNormState):
+    """Stock BatchNorm (full batch statistics) + optional activation as one fused op.
+
+    Training: ``act(F.batch_norm(x, ...))`` computed by ``bnrewrite::batch_norm_act`` (one
+    statistics pass, one normalise+activation pass; backward two passes). Eval: stock
+    ``F.batch_norm`` on the running statistics, then the activation.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, dims: int | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.dims = dims
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, **options):
+        from ...sites import _bn_dims
+
+        return super().from_batchnorm(bn, dims=_bn_dims(bn), **options)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        super().check_input(x)
+        if self.dims is not None and x.dim() != self.dims + 2 and not (self.dims == 1 and x.dim() == 2):
+            raise InputError(f"{self.source_kind} (lowered) expects a {self.dims + 2}-D input, got shape "
+                             f"{tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        act = self.fused_activation()
+        if not self.uses_batch_stats() or act is None or x.dim() > 5:
+            return super().forward(x)
+        if x.numel() // x.shape[1] < 2:
+            raise InputError(f"{self.source_kind}: expected more than 1 value per channel when training, "
+                             f"got input size {tuple(x.shape)}")
+        y, *_ = self._run_fused(x, None, act)
+        return y
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stock_forward(x)
+
+    def describe(self, input_shape=None) -> dict:
+        info = super().describe(input_shape)
+        info.update(self._lowering_info())
+        return info
+
+    def extra_repr(self) -> str:
+        act = self.fused_activation()
+        extra = f", activation={act[0]}" if act and act[0] != "none" else ""
+        return f"{super().extra_repr()}, lowered={self.lowered}{extra}"
+
+
+class FusedSampledMixin(_FusedForward):
+    """Training forward of a SampledBatchNorm through the fused op (same spec, same schedule)."""
+
+    def fused_ready(self, x: torch.Tensor) -> bool:
+        return (self.uses_batch_stats() and self.strategy != "frs" and 2 <= x.dim() <= 5
+                and self.fused_activation() is not None and not self.sync_active())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused_ready(x):
+            return super().forward(x)
+        self.check_input(x)
+        self.advance_schedule()  # the schedule bookkeeping of SampledBatchNorm.forward_train
+        shape = tuple(x.shape)
+        spec = self.sample_spec(shape)
+        full = spec.is_full(shape)
+        if not full and spec.uses_sample() and spec.sample_count(shape) < 2:
+            raise InputError(
+                f"SampledBatchNorm({self.strategy}) on input {shape}: the sample holds one value "
+                "per channel, which has no variance; use a larger n/ratio or batch")
+        if full and x.numel() // x.shape[1] < 2:
+            raise InputError(f"SampledBatchNorm({self.strategy}): expected more than 1 value per channel "
+                             f"when training, got input size {shape}")
+        y, mean, var, count = self._run_fused(x, None if full else spec, self.fused_activation())
+        self.last_statistics = None if full else (mean.detach(), var.detach(), count)
+        return y
+
+    def describe(self, input_shape=None) -> dict:
+        info = super().describe(input_shape)
+        info.update(self._lowering_info())
+        if self.strategy == "frs":
+            info["lowered"] = "reference (frs: random points have no fused kernel)"
+        return info
+
+    def extra_repr(self) -> str:
+        act = self.fused_activation()
+        extra = f", activation={act[0]}" if act and act[0] != "none" else ""
+        return f"{super().extra_repr()}, lowered={self.lowered}{extra}"
+
+
+_LOWERED: dict[type, type] = {}
+
+
+def lowered_class(cls: type) -> type:
+    """``Fused<cls.__name__>``: ``cls`` with :class:`FusedSampledMixin`'s training forward.
+    Registered in this module under that name, so pickled models load again."""
+    if issubclass(cls, FusedSampledMixin):
+        return cls
+    if cls not in _LOWERED:
+        name = f"Fused{cls.__name__}"
+        new = type(name, (FusedSampledMixin, cls), {"__module__": __name__, "__qualname__": name,
+                                                      "__doc__": f"{cls.__name__} lowered to the fused op."})
+        _LOWERED[cls] = new
+        setattr(sys.modules[__name__], name, new)
+    return _LOWERED[cls]
+
+
+def __getattr__(name: str):
+    # unpickling a lowered model in a fresh process: build Fused<X> from the runtime class X
+    if name.startswith("Fused"):
+        from .. import sampled
+
+        base = getattr(sampled, name[len("Fused"):], None)
+        if isinstance(base, type):
+            return lowered_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,113 @@
+"""``torch.library`` custom ops of sampled BatchNorm (+ activation), with autograd and fake
+(meta) implementations, so lowered models run under autograd, ``torch.compile(fullgraph=True)``
+and autocast.
+
+``bnrewrite::batch_norm_act(x, weight, bias, region, virtual_weight, eps, activation, slope)
+-> (y, stats)`` and ``bnrewrite::update_running_stats_(running_mean!, running_var!, stats, momentum,
+unbias)`` (a mutating op cannot carry an autograd formula, so the EMA is its own small launch).
+
+* ``region = [nv, r0, r1, d0, d1, h0, h1, w0, w1]``: virtual rows ``[0, nv)`` and the sampled
+  group rows ``[r0, r1)`` x box (spatial dims padded to ``(D, H, W)``), see :mod:`._triton`;
+* ``virtual_weight``: β of Eq. 4 (0 without virtual rows);
+* the running statistics are updated with ``r = (1 − momentum)·r + momentum·stat`` (the
+  variance times ``unbias = n/(n−1)``);
+* ``stats = [mean, var, mean_virtual, mean_sampled]``, ``(4, C)`` float32, non-differentiable.
+
+CUDA tensors run the Triton kernels; other devices run :mod:`.reference` (plain torch). With
+``BNREWRITE_TRITON_CPU=1`` (and ``TRITON_INTERPRET=1`` set before triton is imported) CPU
+tensors run the Triton kernels in triton's interpreter: that is how CI tests the kernels.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .layout import dense, output_like
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels_for(x: Tensor):
+    """The Triton module when the kernels run on ``x``'s device, else None (reference path)."""
+    if not triton_available():
+        return None
+    if x.is_cuda or (x.device.type == "cpu" and os.environ.get("BNREWRITE_TRITON_CPU") == "1"):
+        from . import _triton
+        return _triton
+    return None
+
+
+@torch.library.custom_op("bnrewrite::batch_norm_act", mutates_args=())
+def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
+                   virtual_weight: float, eps: float, activation: str, slope: float) -> tuple[Tensor, Tensor]:
+    """Sampled BatchNorm (bn-sampling.txt Eq. 1, 3, 4) + activation; see the module docstring."""
+    x = dense(x)
+    impl = _kernels_for(x) or reference
+    return impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope)
+
+
+@batch_norm_act.register_fake
+def _batch_norm_act_fake(x, weight, bias, region, virtual_weight, eps, activation, slope):
+    return output_like(x), x.new_empty((4, x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("bnrewrite::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            stats: Tensor, region: list[int], virtual_weight: float, eps: float,
+                            activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`batch_norm_act` (App. C Eq. 5–6); dweight/dbias fp32."""
+    x = dense(x)
+    impl = _kernels_for(x) or reference
+    return impl.backward(grad_out, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
+
+
+@batch_norm_act_backward.register_fake
+def _batch_norm_act_backward_fake(grad_out, x, weight, bias, stats, region, virtual_weight, eps, activation,
+                                  slope):
+    c = x.shape[1]
+    return (output_like(x), x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, region, virtual_weight, eps, activation, slope = inputs
+    _y, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.config = (list(region), virtual_weight, eps, activation, slope)
+
+
+def _backward(ctx, grad_y, _grad_stats):
+    x, weight, bias, stats = ctx.saved_tensors
+    region, virtual_weight, eps, activation, slope = ctx.config
+    dx, dw, db = batch_norm_act_backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps,
+                                         activation, slope)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (dx if need_x else None,
+            dw.to(weight.dtype) if need_w and weight is not None else None,
+            db.to(bias.dtype) if need_b and bias is not None else None,
+            None, None, None, None, None)
+
+
+batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bnrewrite::update_running_stats_", mutates_args=("running_mean", "running_var"))
+def update_running_stats_(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float,
+                          unbias: float) -> None:
+    """PyTorch's EMA of the running statistics from ``stats`` (variance times ``unbias``)."""
+    impl = _kernels_for(running_mean) or reference
+    impl.update_running_stats(running_mean, running_var, stats, momentum, unbias)
+
+
+@update_running_stats_.register_fake
+def _update_running_stats_fake(running_mean, running_var, stats, momentum, unbias) -> None:
+    return None
