@@ -66,6 +66,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="128,256,14,14")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--profile", action="store_true", help="also print where ours:fs spends host time (cProfile)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("kernel_overhead needs a CUDA device")
@@ -90,6 +91,16 @@ def main():
     fs.add_module("act", nn.ReLU())
     fs._post_children = ("act",)
     measure("ours:fs", fs.train(), x, dy, [fs.weight, fs.bias])
+    if args.profile:
+        import cProfile
+        import pstats
+
+        params = [x, fs.weight, fs.bias]
+        with cProfile.Profile() as prof:
+            for _ in range(100):
+                torch.autograd.grad(fs(x), params, dy)
+            torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ import warnings
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in triton's interpreter on CPU tensors. Triton reads the
+# switch when a kernel is decorated, so it is set here, before any test module imports bnrewrite.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 # CI has 2 cores and runs 2 xdist workers: one thread each avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("BNREWRITE_TEST_THREADS", "1")))
 warnings.filterwarnings("ignore", category=FutureWarning)

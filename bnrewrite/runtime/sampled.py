@@ -252,9 +252,16 @@ class SampledBatchNorm(BatchNormState):
         return self._draw
 
     def new_epoch(self) -> None:
-        """Re-draw the sample indices (the paper updates them once per epoch, §4.1)."""
+        """Re-draw the sample indices (the paper updates them once per epoch, §4.1).
+
+        The new sample for the last input shape is drawn here, outside any compiled region, so a
+        ``torch.compile(fullgraph=True)`` model finds it cached (dynamo cannot trace the draw)."""
+        previous = self._cache
         self._draw += 1
         self._cache = None
+        if previous is not None:
+            _draw, input_shape, _nv = previous[0]
+            self.sample_spec(input_shape)
 
     def reseed(self, seed: int, stream: int | None = None) -> None:
         self._seed = int(seed)

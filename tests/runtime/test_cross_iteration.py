@@ -228,6 +228,26 @@ def test_history_is_detached_and_holds_the_last_iterations():
     assert stored == pytest.approx(want, rel=1e-12)
 
 
+def test_state_dict_restores_burnin_progress():
+    producer, _ = _producer("conv3x3_stride_pad", True)
+    shape = PRODUCERS["conv3x3_stride_pad"][1]
+    cbn = CrossIterationBatchNorm(producer.weight.shape[0], window=2, burnin=4).to(D)
+    cbn.attach_producer(producer, "conv")
+    for _ in range(3):
+        u = torch.randn(shape, dtype=D)
+        cbn(producer(u).detach(), u)
+    fresh = CrossIterationBatchNorm(cbn.num_features, window=2, burnin=4).to(D)
+    fresh.attach_producer(producer, "conv")
+    fresh.load_state_dict(cbn.state_dict(), strict=True)
+    assert fresh._steps == 3
+    u = torch.randn(shape, dtype=D)
+    x = producer(u).detach()
+    # step 4 is the last burn-in step (stock BN), step 5 the first with the window, in both
+    for _ in range(2):
+        torch.testing.assert_close(fresh(x, u), cbn(x, u), rtol=0, atol=0)
+    assert fresh.last_statistics is not None and fresh._steps == cbn._steps == 4
+
+
 def test_eval_is_stock_batchnorm_on_running_statistics():
     producer, cbn, _, shape = _run_history(True, k=3, steps=4)
     stock = nn.BatchNorm2d(cbn.num_features).to(D)
@@ -247,7 +267,8 @@ def test_state_dict_roundtrip_restores_history_exactly():
     fresh = CrossIterationBatchNorm(cbn.num_features, window="auto").to(D)
     fresh.attach_producer(producer, "conv")
     fresh.load_state_dict(cbn.state_dict(), strict=True)
-    assert fresh.resolved_window == 4 and fresh._filled == 3 and fresh._steps == 5
+    # burnin=0: the step count stops at the burn-in (no Python int changing every step)
+    assert fresh.resolved_window == 4 and fresh._filled == 3 and fresh._steps == 0
     u = torch.randn(shape, dtype=D)
     x = producer(u).detach()
     torch.testing.assert_close(fresh(x, u), cbn(x, u), rtol=0, atol=0)

@@ -57,7 +57,7 @@ def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     from . import ops
 
     region, wv, count = region_of(spec, tuple(x.shape))
-    y, stats = ops.batch_norm_act(x, weight, bias, region, wv, float(eps), activation, float(negative_slope))
+    y, stats = ops.call_batch_norm_act(x, weight, bias, region, wv, float(eps), activation, float(negative_slope))
     if running_mean is not None and running_var is not None and count > 1:
-        ops.update_running_stats_(running_mean, running_var, stats, float(momentum), count / (count - 1))
+        ops.call_update_running_stats_(running_mean, running_var, stats, float(momentum), count / (count - 1))
     return y, stats[0], stats[1], count

@@ -111,3 +111,55 @@ def update_running_stats_(running_mean: Tensor, running_var: Tensor, stats: Tens
 @update_running_stats_.register_fake
 def _update_running_stats_fake(running_mean, running_var, stats, momentum, unbias) -> None:
     return None
+
+
+class _EagerBatchNormAct(torch.autograd.Function):
+    """The same computation as :func:`batch_norm_act` without the custom-op dispatcher.
+
+    Why: on an H100 host, dispatching a ``torch.library.custom_op`` from Python cost about
+    0.5 ms per call (``custom_ops.backend_impl``; benchmarks/kernel_overhead.py --profile),
+    3 calls per training step of a layer -- several times the kernels' own device time at
+    ResNet shapes. Eager mode therefore calls the implementations directly; under
+    ``torch.compile`` the custom ops (with their fake implementations) are what gets traced.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope):
+        x = dense(x)
+        impl = _kernels_for(x) or reference
+        y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope)
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.config = (list(region), virtual_weight, eps, activation, slope)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_stats):
+        x, weight, bias, stats = ctx.saved_tensors
+        region, virtual_weight, eps, activation, slope = ctx.config
+        impl = _kernels_for(x) or reference
+        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (dx if need_x else None,
+                dw.to(weight.dtype) if need_w and weight is not None else None,
+                db.to(bias.dtype) if need_b and bias is not None else None,
+                None, None, None, None, None)
+
+
+def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
+                        virtual_weight: float, eps: float, activation: str, slope: float) -> tuple[Tensor, Tensor]:
+    """:func:`batch_norm_act` as a custom op under ``torch.compile``, directly in eager mode."""
+    if torch.compiler.is_compiling():
+        return batch_norm_act(x, weight, bias, region, virtual_weight, eps, activation, slope)
+    return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope)
+
+
+def call_update_running_stats_(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float,
+                               unbias: float) -> None:
+    """:func:`update_running_stats_`, dispatched like :func:`call_batch_norm_act`."""
+    if torch.compiler.is_compiling():
+        update_running_stats_(running_mean, running_var, stats, momentum, unbias)
+        return
+    with torch.no_grad():
+        impl = _kernels_for(running_mean) or reference
+        impl.update_running_stats(running_mean, running_var, stats, momentum, unbias)

@@ -2,7 +2,7 @@
 Eq. 5–6): forward, backward and running statistics, over odd shapes, 1–3 spatial dims, all
 sampling strategies and their mixtures, fp32/bf16/fp16 storage, NCHW and channels-last.
 
-Without a GPU the kernels run in triton's interpreter (conftest.py) on small shapes; with one
+Without a GPU the kernels run in triton's interpreter (tests/conftest.py sets TRITON_INTERPRET) on small shapes; with one
 the same checks run on CUDA on larger odd shapes (``gpu`` marker)."""
 from __future__ import annotations
 

@@ -1,0 +1,190 @@
+"""passes/lower.py and the fused runtime modules, on CPU: the lowered model must train exactly
+like the reference rewrite (``lower="reference"``) and like stock BatchNorm for ``bn``. Without a
+GPU the fused op runs its plain-torch implementation, or -- with ``BNREWRITE_TRITON_CPU=1`` -- the
+Triton kernels in triton's interpreter; the kernels themselves are compared with PyTorch in
+tests/runtime/kernels/."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnrewrite
+from bnrewrite.passes.lower import LowerOptions
+from bnrewrite.runtime.kernels import FusedBatchNorm, FusedSampledMixin, ops
+
+
+class ConvNet(nn.Module):
+    """BN followed by ReLU (module), SiLU (function), LeakyReLU (module), an add (no activation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.b3, self.a3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.2)
+        self.b4 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.a1(self.b1(self.c1(x)))
+        x = F.silu(self.b2(self.c2(x)))
+        x = self.a3(self.b3(self.c3(x)))
+        x = self.b4(x + 1.0)
+        return self.head(x.mean((2, 3)))
+
+
+def _pair(recipe, **options):
+    torch.manual_seed(0)
+    base = ConvNet()
+    ref = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="reference", **options)
+    low = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="fused", **options)
+    return base, ref, low
+
+
+def _train(model, steps=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs = []
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(6, 3, 12, 10, generator=gen)
+        y = torch.randint(0, 5, (6,), generator=gen)
+        torch.manual_seed(seed)  # vdn draws virtual rows from the global generator
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        outs.append(loss.detach())
+    return torch.stack(outs)
+
+
+RECIPES = ["bn", "fs", "bs:n=4", "ns:n=3", "fs:ratio=1/4,every=2", "vdn:n=2", "fs+vdn:n=2"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_lowered_model_trains_like_reference(recipe):
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    _, ref, low = _pair(recipe, **options)
+    records = low.bnrewrite_lowering
+    assert [r.lowered for r in records] == [True] * 4, records
+    assert [r.activation for r in records] == ["relu", "silu", "leaky_relu", None]
+    torch.testing.assert_close(_train(low), _train(ref), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(low.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(low.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6, msg=name)
+    low.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 12, 10)
+    torch.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_lowered_bn_equals_stock_batchnorm_and_keeps_its_state_dict():
+    base, _, low = _pair("bn")
+    stock = copy.deepcopy(base)
+    assert set(low.state_dict()) == set(stock.state_dict())
+    assert isinstance(low.get_submodule("b1"), FusedBatchNorm)
+    torch.testing.assert_close(_train(low), _train(stock), rtol=1e-5, atol=1e-6)
+    for (name, b), c in zip(low.named_buffers(), stock.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+    # a stock checkpoint loads strictly into the lowered model and back
+    low.load_state_dict(stock.state_dict(), strict=True)
+    stock.load_state_dict(low.state_dict(), strict=True)
+
+
+def test_activation_is_fused_out_of_both_mode_graphs_and_folds():
+    _, _, low = _pair("fs")
+    names = [n.target for n in low.graph.nodes if n.op == "call_module"]
+    assert "a1" not in names and "a3" not in names
+    assert not any(n.target is F.silu for n in low.graph.nodes)
+    _train(low)
+    low.eval()
+    x = torch.randn(2, 3, 12, 10)
+    folded = bnrewrite.fold_for_inference(low)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, "is_bnrewrite_norm", False)
+                   for m in folded.modules())
+    torch.testing.assert_close(folded(x), low(x), rtol=1e-5, atol=1e-5)
+
+
+def test_modes_reference_and_auto_on_cpu_do_not_lower():
+    _, ref, _ = _pair("fs")
+    assert not any(isinstance(m, FusedSampledMixin) for m in ref.modules())
+    torch.manual_seed(0)
+    auto = bnrewrite.transform(ConvNet(), "fs", lower="auto")
+    assert not any(isinstance(m, FusedSampledMixin) for m in auto.modules())
+
+
+def test_variants_without_kernels_stay_on_the_reference_path():
+    torch.manual_seed(0)
+    model = bnrewrite.transform(ConvNet(), "frs:ratio=1/4", lower="fused")
+    assert not any(r.lowered for r in model.bnrewrite_lowering)
+    assert "frs" in model.bnrewrite_lowering[0].reason
+    torch.manual_seed(0)
+    ghost = bnrewrite.transform(ConvNet(), "ghost:size=3", lower="fused")
+    assert all(not r.lowered and "no fused kernel" in r.reason for r in ghost.bnrewrite_lowering)
+
+
+def test_bad_lower_mode_is_a_clear_error():
+    with pytest.raises(bnrewrite.errors.InputError, match="lower="):
+        LowerOptions(mode="fast")
+    with pytest.raises(bnrewrite.BnRewriteError, match="lower"):
+        bnrewrite.transform(ConvNet(), "fs", lower="fast")
+
+
+def test_torch_compile_fullgraph_matches_eager_across_epochs():
+    """fullgraph: the first step runs eagerly (it draws the sample); new_epoch draws eagerly too."""
+    _, ref, low = _pair("fs:ratio=1/4")
+    torch.testing.assert_close(_train(low, steps=1), _train(ref, steps=1), rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(low, backend="aot_eager", fullgraph=True)
+    for epoch in range(3):
+        bnrewrite.new_epoch(low)
+        bnrewrite.new_epoch(ref)
+        torch.testing.assert_close(_train(compiled, steps=2, seed=epoch), _train(ref, steps=2, seed=epoch),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])
+def test_eager_path_equals_the_custom_op(act):
+    """Eager mode bypasses the custom-op dispatcher (host overhead); both must compute the same."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 6, 7, generator=gen, dtype=torch.float64)
+    w = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    dy = torch.randn(4, 5, 6, 7, generator=gen, dtype=torch.float64)
+    region = [1, 1, 3, 0, 1, 2, 5, 1, 6]  # one virtual row, rows 1..3, a 3x5 patch
+    results = []
+    for fn in (ops.call_batch_norm_act, ops.batch_norm_act):
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        y, stats = fn(xs, ws, bs, region, 0.25, 1e-5, act, 0.1)
+        grads = torch.autograd.grad(y, (xs, ws, bs), dy)
+        results.append((y, stats, *grads))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementation and autograd registration, as torch.compile uses them."""
+    x = torch.randn(4, 5, 6, 7, requires_grad=True)
+    w = torch.rand(5, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    torch.library.opcheck(torch.ops.bnrewrite.batch_norm_act.default,
+                          (x, w, b, [0, 0, 4, 0, 1, 1, 5, 2, 6], 0.0, 1e-5, "relu", 0.0))
+    stats = torch.rand(4, 5)
+    torch.library.opcheck(torch.ops.bnrewrite.update_running_stats_.default,
+                          (torch.zeros(5), torch.ones(5), stats, 0.1, 1.1))
+
+
+@pytest.mark.parametrize("recipe", ["bn", "fs+vdn:n=2"])
+def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(recipe, monkeypatch):
+    pytest.importorskip("triton")
+    from bnrewrite.runtime.kernels import _triton
+
+    if not torch.cuda.is_available() and not _triton.is_interpreted():
+        pytest.fail("TRITON_INTERPRET must be set before triton is imported (tests/conftest.py)")
+    monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    _, ref, low = _pair(recipe, **options)
+    torch.testing.assert_close(_train(low, steps=2), _train(ref, steps=2), rtol=1e-4, atol=1e-5)
