@@ -96,6 +96,11 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
             set_submodule(gm, name, SampledBatchNorm.from_batchnorm(bn, strategy="full", num_virtual=options.n))
 
     injector = VirtualRowsInput(stats, options.n)
+    placed = next(iter(gm.parameters()), None)
+    if placed is None:
+        placed = next(iter(gm.buffers()), None)
+    if placed is not None:
+        injector.to(placed.device)  # data_stats arrive on the CPU; the model may already be on a GPU
     stripper = VirtualRowsOutput(injector)
     gm.add_module(INPUT_NAME, injector)
     gm.add_module(OUTPUT_NAME, stripper)

@@ -546,7 +546,8 @@ class VirtualRowsInput(nn.Module):
                              f"{tuple(x.shape)}; compute data_stats from the same inputs the model gets")
         shape = [1, -1] + [1] * (x.dim() - 2)
         noise = torch.randn((self.num_virtual,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
-        return noise * self.std.to(x.dtype).reshape(shape) + self.mean.to(x.dtype).reshape(shape)
+        std = self.std.to(device=x.device, dtype=x.dtype).reshape(shape)
+        return noise * std + self.mean.to(device=x.device, dtype=x.dtype).reshape(shape)
 
     def forward(self, x):
         if not self.training or not isinstance(x, torch.Tensor):

@@ -182,9 +182,46 @@ def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(rec
     pytest.importorskip("triton")
     from bnrewrite.runtime.kernels import _triton
 
-    if not torch.cuda.is_available() and not _triton.is_interpreted():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU triton compiles the kernels for CUDA tensors: see the gpu tests")
+    if not _triton.is_interpreted():
         pytest.fail("TRITON_INTERPRET must be set before triton is imported (tests/conftest.py)")
     monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
     options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
     _, ref, low = _pair(recipe, **options)
     torch.testing.assert_close(_train(low, steps=2), _train(ref, steps=2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["bn", "fs", "fs+vdn:n=2"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lowered_model_on_cuda_trains_like_reference(recipe, channels_last):
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    torch.manual_seed(0)
+    base = ConvNet().cuda()
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    ref = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="reference", **options)
+    low = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="auto", **options)
+    assert all(r.lowered for r in low.bnrewrite_lowering)
+
+    def train(model):
+        gen = torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(3):
+            x = torch.randn(6, 3, 12, 10, generator=gen).cuda()
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            y = torch.randint(0, 5, (6,), generator=gen).cuda()
+            torch.manual_seed(1)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    torch.testing.assert_close(train(low), train(ref), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(low.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
