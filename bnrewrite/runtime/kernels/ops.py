@@ -85,16 +85,20 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (list(region), virtual_weight, eps, activation, slope)
 
 
-def _backward(ctx, grad_y, _grad_stats):
+def _gradients(ctx, grad_y, backward_fn):
+    """The autograd formula both entry points share: ``backward_fn`` computes (dx, dw, db)."""
     x, weight, bias, stats = ctx.saved_tensors
     region, virtual_weight, eps, activation, slope = ctx.config
-    dx, dw, db = batch_norm_act_backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps,
-                                         activation, slope)
+    dx, dw, db = backward_fn(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     return (dx if need_x else None,
             dw.to(weight.dtype) if need_w and weight is not None else None,
             db.to(bias.dtype) if need_b and bias is not None else None,
             None, None, None, None, None)
+
+
+def _backward(ctx, grad_y, _grad_stats):
+    return _gradients(ctx, grad_y, batch_norm_act_backward)
 
 
 batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
@@ -125,25 +129,16 @@ class _EagerBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope):
-        x = dense(x)
-        impl = _kernels_for(x) or reference
-        y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope)
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(x, weight, bias, stats)
-        ctx.config = (list(region), virtual_weight, eps, activation, slope)
-        return y, stats
+        inputs = (dense(x), weight, bias, region, virtual_weight, eps, activation, slope)
+        impl = _kernels_for(inputs[0]) or reference
+        output = impl.forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
-        x, weight, bias, stats = ctx.saved_tensors
-        region, virtual_weight, eps, activation, slope = ctx.config
-        impl = _kernels_for(x) or reference
-        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None,
-                dw.to(weight.dtype) if need_w and weight is not None else None,
-                db.to(bias.dtype) if need_b and bias is not None else None,
-                None, None, None, None, None)
+        impl = _kernels_for(ctx.saved_tensors[0]) or reference
+        return _gradients(ctx, grad_y, impl.backward)
 
 
 def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
