@@ -18,6 +18,8 @@ Needs ``transform(..., data_stats=bnrewrite.dataset_stats(train_data))``.
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass
 
@@ -85,8 +87,16 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
             bn.num_virtual = options.n
             bn.beta = options.beta
         elif is_stock_batchnorm(bn):
-            set_submodule(gm, site.name, SampledBatchNorm.from_batchnorm(
-                bn, strategy="vdn", num_virtual=options.n, beta=1.0, seed=seed, stream=layer_stream(site.name)))
+            shape = site.input_shape
+            if shape is not None and options.n * math.prod(shape[2:]) < 2:
+                # statistics from the virtual rows alone: one value per channel has no variance
+                raise InputError(f"vdn: site '{site.name}' sees input {tuple(shape)}, so {options.n} virtual "
+                                 "row(s) give one value per channel, which has no variance; use vdn:n=2 or "
+                                 f"more, or leave '{site.name}' out of the rewrite (exclude=)")
+            new = SampledBatchNorm.from_batchnorm(
+                bn, strategy="vdn", num_virtual=options.n, beta=1.0, seed=seed, stream=layer_stream(site.name))
+            new.site_name = site.name
+            set_submodule(gm, site.name, new)
         else:
             raise InputError(f"vdn: site '{site.name}' is a {type(bn).__name__}, which cannot take virtual "
                              "statistics; combine vdn only with ns, bs, fs or frs")

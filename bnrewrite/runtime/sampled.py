@@ -381,6 +381,13 @@ class SampledBatchNorm(BatchNormState):
             raise InputError(
                 f"SampledBatchNorm({self.strategy}) on input {tuple(x.shape)}: the sample holds one value "
                 "per channel, which has no variance; use a larger n/ratio or batch")
+        if not sync and not spec.uses_sample() and spec.virtual_count(tuple(x.shape)) < 2:
+            # e.g. vdn:n=1 on a BatchNorm1d over (N, C): one virtual value per channel, variance 0
+            raise InputError(
+                f"SampledBatchNorm({self.strategy}) {getattr(self, 'site_name', '')} on input {tuple(x.shape)}: "
+                "the statistics come from "
+                f"{self.num_virtual} virtual row(s) only, one value per channel, which has no variance; "
+                "use vdn:n=2 or more, or exclude this layer from the recipe")
         mean, var, count = sampled_statistics(x, spec, self.process_group, sync=sync)
         self.last_statistics = (mean.detach(), var.detach(), count)
         if self.track_running_stats and count > 1:

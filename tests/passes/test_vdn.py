@@ -76,23 +76,29 @@ def test_vdn_on_torchvision_models(name):
     model = _no_dropout(factory()).double()  # one virtual row's statistics amplify fp32 rounding
     x = torch.randn(batch, 3, size, size, dtype=torch.float64)
     stats = bnrewrite.dataset_stats(torch.randn(4, 3, 8, 8) * 2 + 1)
-    vdn = bnrewrite.transform(model, "vdn:n=1", data_stats=stats)
+    nv = 1
+    if name == "inception_v3":
+        # the aux head has a BN over a 1x1 map: one virtual row is one value per channel there
+        with pytest.raises(InputError, match="AuxLogits.*vdn:n=2"), torch.no_grad():
+            bnrewrite.transform(model, "vdn:n=1", data_stats=stats)(x)
+        nv = 2
+    vdn = bnrewrite.transform(model, f"vdn:n={nv}", data_stats=stats)
     assert all(isinstance(m, SampledBatchNorm) for m in vdn.modules() if hasattr(m, "running_var"))
     assert vdn.state_dict().keys() - model.state_dict().keys() == {
         n + ".sample_schedule" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    reference = _swap_bns(copy.deepcopy(model), 1)
+    reference = _swap_bns(copy.deepcopy(model), nv)
 
     virtual, rows = [], []
 
     def record(mod, inp, out):
-        virtual.append(out[:1].clone())
+        virtual.append(out[:nv].clone())
         rows.append(out.shape[0])
 
     vdn.bnrewrite_vdn_input.register_forward_hook(record)
     with torch.no_grad():
         got = vdn(x)
         # the original forward code, every BN written out as Alg. 3, on [V, x]
-        expected = _strip(reference(torch.cat([virtual[0], x])), 1)
+        expected = _strip(reference(torch.cat([virtual[0], x])), nv)
     assert type(got) is type(expected)
     assert [t.shape for t in _flat(got)] == [t.shape for t in _flat(expected)]
     assert all(t.shape[0] == batch for t in _flat(got))
@@ -104,9 +110,9 @@ def test_vdn_on_torchvision_models(name):
     vdn.eval()
     with torch.no_grad():
         assert torch.equal(vdn(x), model(x))
-    # one virtual row in training, none in eval (inception's eval graph has no aux head and
+    # nv virtual rows in training, none in eval (inception's eval graph has no aux head and
     # is a separate twin graph without the injector at all)
-    assert rows[0] == batch + 1 and all(r == batch for r in rows[1:])
+    assert rows[0] == batch + nv and all(r == batch for r in rows[1:])
 
 
 class DictAndTupleOut(nn.Module):
@@ -204,3 +210,22 @@ def test_channel_mismatch_is_an_input_error():
 def test_untraceable_top_level_is_a_capture_error_with_the_reason():
     with pytest.raises(CaptureError, match="vdn.*did not trace"):
         bnrewrite.transform(UntraceableRoot(), "vdn", data_stats=(torch.zeros(3), torch.ones(3)))
+
+
+def test_one_virtual_row_on_a_bn1d_over_features_is_a_clear_error_not_an_explosion():
+    """Found by the hypothesis hardening test: vdn:n=1 on BatchNorm1d over (N, C) took its
+    statistics from one value per channel (variance 0), so training diverged to inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    one = bnrewrite.transform(model, "vdn:n=1", data_stats=([0.0] * 5, [1.0] * 5))
+    with pytest.raises(InputError, match="virtual row.*vdn:n=2"):
+        one(torch.randn(4, 5))
+    two = bnrewrite.transform(model, "vdn:n=2", data_stats=([0.0] * 5, [1.0] * 5))
+    out = two(torch.randn(4, 5))
+    assert out.shape == (4, 3) and torch.isfinite(out).all()
+
+
+def test_one_virtual_row_is_refused_at_transform_time_when_shapes_are_known():
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(InputError, match="site '1'.*vdn:n=2"):
+        bnrewrite.transform(model, "vdn:n=1", data_stats=([0.0] * 5, [1.0] * 5), example_inputs=(torch.randn(4, 5),))
