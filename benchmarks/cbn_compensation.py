@@ -15,7 +15,7 @@ window, no Taylor terms) — against the truth: the last k batches recomputed un
 Reported: mean relative error ‖est − true‖/‖true‖ of μ and σ², and ratio cbn/naive
 (< 1: compensation helps). Both estimates come from the same trajectory and history.
 
-    OMP_NUM_THREADS=1 python benchmarks/cbn_compensation.py [--steps 150] [--no-bias] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/cbn_compensation.py [--steps 150] [--no-bias] [--grad-stride 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -54,12 +54,13 @@ def _stats(x):
     return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
 
 
-def run(lr: float, k: int, steps: int, warmup: int, batch: int = 4, seed: int = 0, bias: bool = True) -> dict:
+def run(lr: float, k: int, steps: int, warmup: int, batch: int = 4, seed: int = 0, bias: bool = True,
+        grad_stride: int = 1) -> dict:
     torch.manual_seed(seed)
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(data.target)
-    model = bnrewrite.transform(TwoLayer(bias=bias), f"cbn:k={k}")
+    model = bnrewrite.transform(TwoLayer(bias=bias), f"cbn:k={k},grad_stride={grad_stride}")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     captured: dict = {}
 
@@ -112,10 +113,13 @@ def main(argv=None):
     parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1")
     parser.add_argument("--ks", default="2,4,8")
     parser.add_argument("--no-bias", action="store_true", help="convolutions without bias (ResNet style)")
+    parser.add_argument("--grad-stride", type=int, default=1,
+                        help="cbn's grad_stride option (1 = exact App. B; s > 1 estimates ∂ν/∂θ from every s-th position)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [run(float(lr), int(k), args.steps, args.warmup, bias=not args.no_bias) for lr in args.lrs.split(",") for k in args.ks.split(",")]
+    rows = [run(float(lr), int(k), args.steps, args.warmup, bias=not args.no_bias, grad_stride=args.grad_stride)
+            for lr in args.lrs.split(",") for k in args.ks.split(",")]
     head = (f"{'lr':>6} {'k':>2} | {'BN1 μ err cbn/naive':>21} {'ratio':>6} | {'BN1 σ² err cbn/naive':>21} {'ratio':>6}"
             f" | {'BN2 μ err cbn/naive':>21} {'ratio':>6} | {'BN2 σ² err cbn/naive':>21} {'ratio':>6}")
     print(head)

@@ -1,7 +1,8 @@
 """Step time and memory of ``cbn`` / ``naive-cbn`` relative to stock BatchNorm (paper §4.4, Table 8).
 
 One training step = forward + cross-entropy + backward + SGD(momentum) step, timed on the
-device given (CPU by default) after warm-up; the median of ``--steps`` steps is reported.
+device given (CPU by default) after warm-up; the median of ``--steps`` steps is reported. The
+recipes of a case take their steps in turn (interleaved), so the ratios are side by side.
 
 Memory is counted, not sampled: parameters + gradients + optimizer state + the tensors
 autograd saves for backward (via ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by
@@ -51,11 +52,27 @@ def history_bytes(model) -> int:
                for m in model.modules() if getattr(m, "is_bnrewrite_norm", False))
 
 
-def measure(build, recipe, shape, steps, device, classes=10) -> dict:
+def add_weight_gradient_hooks(model: nn.Module) -> None:
+    """Stock BN plus the one computation exact CBN cannot skip: the weight-gradient convolution
+    of App. B for ∂ν/∂θ, once per conv per step. Its step time is the floor of exact ``cbn``."""
+    def hook(conv, args, out):
+        with torch.no_grad():
+            weight = conv.weight
+            torch.ops.aten.convolution_backward(
+                out, args[0], weight, None, conv.stride, conv.padding, conv.dilation, False,
+                (0,) * (out.dim() - 2), conv.groups, (False, True, False))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(hook)
+
+
+def build_runner(build, recipe, shape, device, classes=10, **options) -> dict:
     torch.manual_seed(0)
     model = build()
-    if recipe != "bn":
-        model = bnrewrite.transform(model, recipe, example_inputs=(torch.randn(*shape),))
+    if recipe == FLOOR:
+        add_weight_gradient_hooks(model)
+    elif recipe != "bn":
+        model = bnrewrite.transform(model, recipe, example_inputs=(torch.randn(*shape),), **options)
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(*shape, device=device)
@@ -66,23 +83,40 @@ def measure(build, recipe, shape, steps, device, classes=10) -> dict:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    for _ in range(max(10, steps // 5)):  # fills the CBN window too
-        step()
-    times = []
-    for _ in range(steps):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    params = list(model.parameters())
-    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    memory = {"params_grads_optimizer": 2 * _bytes(params) + _bytes(state),
-              "saved_activations": saved_bytes(model, x, y), "history": history_bytes(model)}
-    memory["total"] = sum(memory.values())
-    return {"step_ms": 1e3 * statistics.median(times), "memory": memory}
+    return {"model": model, "opt": opt, "x": x, "y": y, "step": step, "times": []}
+
+
+def measure_case(build, recipes, shape, steps, device) -> dict:
+    """Step times of every recipe, interleaved: step i of each recipe runs back to back, so a
+    slow phase of a shared machine hits every recipe alike and the ratios stay comparable."""
+    runners = {r: build_runner(build, r, shape, device) for r in recipes}
+    for _ in range(max(10, steps // 5)):  # warm-up; fills the CBN window too
+        for runner in runners.values():
+            runner["step"]()
+    for i in range(steps):
+        order = list(runners.values())
+        for runner in order[i % len(order):] + order[:i % len(order)]:
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner["step"]()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            runner["times"].append(time.perf_counter() - t0)
+    results = {}
+    for recipe, runner in runners.items():
+        model, opt = runner["model"], runner["opt"]
+        params = list(model.parameters())
+        state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        memory = {"params_grads_optimizer": 2 * _bytes(params) + _bytes(state),
+                  "saved_activations": saved_bytes(model, runner["x"], runner["y"]),
+                  "history": history_bytes(model)}
+        memory["total"] = sum(memory.values())
+        results[recipe] = {"step_ms": 1e3 * statistics.median(runner["times"]), "memory": memory}
+    return results
+
+
+FLOOR = "bn+wgrad"  # stock BN + App. B's weight-gradient convolution: the floor of exact cbn
 
 
 def digits_cnn():
@@ -105,22 +139,24 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--recipes", default="bn,naive-cbn,cbn")
+    parser.add_argument("--recipes", default=f"bn,{FLOOR},naive-cbn,cbn,cbn:grad_stride=2",
+                        help=f"comma-separated; '{FLOOR}' = stock BN + one weight-gradient conv per conv")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     print(f"device={args.device} threads={args.threads}; k = auto = 4 at batch 4")
-    print(f"{'case':22} {'recipe':10} {'step ms':>8} {'x BN':>6} {'memory MB':>10} {'x BN':>6} {'history MB':>11}")
+    print(f"{'case':22} {'recipe':17} {'step ms':>8} {'x BN':>6} {'memory MB':>10} {'x BN':>6} {'history MB':>11}")
+    recipes = args.recipes.split(",")
     for case, (build, shape) in CASES.items():
-        base = None
-        for recipe in args.recipes.split(","):
-            r = measure(build, recipe, shape, args.steps, args.device)
-            base = base or r
+        results = measure_case(build, recipes, shape, args.steps, args.device)
+        base = results[recipes[0]]
+        for recipe in recipes:
+            r = results[recipe]
             row = {"case": case, "recipe": recipe, **r, "time_ratio": r["step_ms"] / base["step_ms"],
                    "memory_ratio": r["memory"]["total"] / base["memory"]["total"]}
             rows.append(row)
-            print(f"{case:22} {recipe:10} {r['step_ms']:8.2f} {row['time_ratio']:6.2f} "
+            print(f"{case:22} {recipe:17} {r['step_ms']:8.2f} {row['time_ratio']:6.2f} "
                   f"{r['memory']['total'] / 2**20:10.2f} {row['memory_ratio']:6.2f} "
                   f"{r['memory']['history'] / 2**20:11.2f}")
     if args.json:

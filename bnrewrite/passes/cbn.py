@@ -46,15 +46,23 @@ class CbnOptions:
     order: Taylor order; only 1 (the paper found order 2 no better, Table 9).
     momentum: EMA factor of the running statistics (fed with the window statistics);
         ``keep`` = each BatchNorm's own momentum.
+    grad_stride: 1 (default) computes ∂ν/∂θ exactly (App. B: one extra weight-gradient
+        convolution per site and step, the bulk of CBN's cost). s > 1 is an approximation that
+        is not in the paper: ∂ν/∂θ is averaged over every s-th output position per spatial dim
+        (every s-th row for a Linear), dividing that convolution's cost by s² for 2-d maps. It
+        only touches the first-order Taylor term, so an iteration's own ν stays exact.
     """
 
     k: int | Literal["auto"] = "auto"
     burnin: int = 0
     order: int = 1
     momentum: float | Literal["keep"] = "keep"
+    grad_stride: int = 1
 
     def __post_init__(self):
         _check_common(self.k, self.burnin, self.momentum)
+        if self.grad_stride < 1:
+            raise ValueError(f"grad_stride must be an int >= 1, got {self.grad_stride}")
         if self.order != 1:
             raise ValueError(f"order={self.order} is not supported: only first-order compensation "
                              "(order=1) is implemented (the paper's default; order 2 was no better, Table 9)")
@@ -122,7 +130,8 @@ def _rewrite(module: nn.Module, sites, options, compensate: bool) -> nn.Module:
             note = _why_not_compensated(module, site)
             producer_site = site if note is None else None
         new = CrossIterationBatchNorm.from_batchnorm(
-            bn, window=window, burnin=options.burnin, compensate=compensate, note=note)
+            bn, window=window, burnin=options.burnin, compensate=compensate, note=note,
+            grad_stride=getattr(options, "grad_stride", 1))
         if options.momentum != "keep":
             new.momentum = options.momentum
         if producer_site is not None:

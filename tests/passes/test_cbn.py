@@ -150,7 +150,8 @@ def test_shared_batchnorm_keeps_k1():
 
 @pytest.mark.parametrize("bad, match", [("cbn:order=2", "only first-order"), ("cbn:k=0", "positive"),
                                         ("cbn:burnin=-1", "burnin"), ("naive-cbn:order=1", "unknown option"),
-                                        ("cbn:momentum=2", "momentum"), ("cbn:k=many", "auto")])
+                                        ("cbn:momentum=2", "momentum"), ("cbn:k=many", "auto"),
+                                        ("cbn:grad_stride=0", "grad_stride")])
 def test_bad_options_are_recipe_errors(bad, match):
     with pytest.raises(RecipeError, match=match):
         bnrewrite.parse_recipe(bad)
@@ -161,7 +162,9 @@ def test_options_parse():
     opts = recipe.components[0].options
     assert (opts.k, opts.burnin, opts.order, opts.momentum) == (4, 500, 1, 0.01)
     model = bnrewrite.transform(ConvNet(), recipe)
-    assert model.bn1.momentum == 0.01 and model.bn1.burnin == 500
+    assert model.bn1.momentum == 0.01 and model.bn1.burnin == 500 and model.bn1.grad_stride == 1
+    model = bnrewrite.transform(ConvNet(), "cbn:grad_stride=2")
+    assert model.bn1.grad_stride == 2 and model.bn3.grad_stride == 2
 
 
 def test_checkpoints_strict_both_ways_and_whole_model_save():
@@ -202,14 +205,15 @@ def _true_stats(conv, inputs):
     return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
 
 
-def test_compensation_beats_naive_against_statistics_recomputed_under_current_weights():
+@pytest.mark.parametrize("recipe", ["cbn:k=4", "cbn:k=4,grad_stride=2"])
+def test_compensation_beats_naive_against_statistics_recomputed_under_current_weights(recipe):
     """§3.2 / Fig. 3 claim on real SGD steps: the compensated window statistics are closer to
     the statistics of the last k batches recomputed under the current weights than naive's.
     The first layer's μ is linear in θ, so Eq. 7 is exact there; ν keeps a second-order error,
     small while the weight change over the window is small (benchmarks/cbn_compensation.py
     shows where it stops being small)."""
     torch.manual_seed(0)
-    model = bnrewrite.transform(ConvNet(), "cbn:k=4")
+    model = bnrewrite.transform(ConvNet(), recipe)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     err = {(comp, stat): 0.0 for comp in (True, False) for stat in ("mean", "var")}
     history = []

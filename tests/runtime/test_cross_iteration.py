@@ -18,6 +18,8 @@ D = torch.float64
 PRODUCERS = {
     "conv1x1": (lambda b: nn.Conv2d(4, 6, 1, bias=b), (3, 4, 5, 5)),
     "conv3x3_stride_pad": (lambda b: nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=b), (3, 4, 7, 6)),
+    # 4 output positions, patch 144: takes the im2col + matmul branch of the weight gradient
+    "conv_small_map_long_patch": (lambda b: nn.Conv2d(16, 6, 3, stride=2, padding=1, bias=b), (1, 16, 3, 4)),
     "conv3x3_dilation": (lambda b: nn.Conv2d(4, 6, 3, dilation=2, padding=2, bias=b), (2, 4, 7, 7)),
     "conv3x3_groups": (lambda b: nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=b), (2, 4, 5, 5)),
     "conv_depthwise": (lambda b: nn.Conv2d(4, 4, 3, groups=4, bias=b), (2, 4, 5, 5)),
@@ -70,6 +72,66 @@ def test_closed_forms_equal_autograd_jacobians(name, bias):
     assert jac_mean[~eye].abs().max() == 0 and jac_sq_mean[~eye].abs().max() == 0
     torch.testing.assert_close(expand_mean_gradient(g_mean, c_out), jac_mean[eye], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_sq_mean, jac_sq_mean[eye], rtol=1e-10, atol=1e-12)
+
+
+def _every(x, stride):
+    """Every ``stride``-th output position per spatial dim (every stride-th row for (N, C))."""
+    if x.dim() == 2:
+        return x[::stride]
+    return x[(slice(None), slice(None)) + (slice(None, None, stride),) * (x.dim() - 2)]
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("name", ["conv1x1", "conv3x3_stride_pad", "conv_small_map_long_patch", "conv3x3_groups",
+                                  "conv_same_even", "conv_reflect", "conv1d", "conv3d", "linear"])
+def test_grad_stride_is_the_jacobian_of_nu_over_the_strided_positions(name, stride):
+    """grad_stride=s (an approximation beyond App. B): ∂ν/∂θ of ν measured on every s-th output
+    position only, i.e. autograd's Jacobian of mean(x[..., ::s, ::s]²)."""
+    producer, u = _producer(name, True)
+    x = producer(u).detach()
+    b = producer.bias.detach()
+
+    def strided_sq_mean(w_):
+        sub = _every(functional_call(producer, {"weight": w_, "bias": b}, (u,)), stride)
+        return sub.square().mean([d for d in range(sub.dim()) if d != 1])
+
+    jac = torch.autograd.functional.jacobian(strided_sq_mean, producer.weight.detach())
+    eye = torch.eye(x.shape[1], dtype=torch.bool)
+    got = sq_mean_gradient(producer, u, x, stride)
+    torch.testing.assert_close(got, jac[eye], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got, sq_mean_gradient(producer, u, x), rtol=1e-3)  # it is an estimate
+
+
+def test_grad_stride_keeps_the_stored_statistics_exact_and_compensates_close_to_exact():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1).to(D)
+    models = {}
+    for stride in (1, 2):
+        bn = CrossIterationBatchNorm(8, window=3, grad_stride=stride).to(D)
+        bn.attach_producer(conv, "conv")
+        models[stride] = bn
+    for _ in range(2):
+        u = torch.randn(2, 3, 12, 12, dtype=D)
+        for bn in models.values():
+            bn(conv(u), u)
+    exact, strided = models[1], models[2]
+    torch.testing.assert_close(strided.cbn_mean, exact.cbn_mean)
+    torch.testing.assert_close(strided.cbn_sq_mean, exact.cbn_sq_mean)
+    # at the recorded weights the compensation term vanishes: both give the stored ν exactly
+    torch.testing.assert_close(strided.past_statistics()[1], exact.past_statistics()[1])
+    with torch.no_grad():
+        conv.weight.add_(0.01 * torch.randn_like(conv.weight))
+    moved_exact, moved_strided = exact.past_statistics()[1], strided.past_statistics()[1]
+    term_exact = moved_exact - exact.cbn_sq_mean[:2]
+    term_strided = moved_strided - strided.cbn_sq_mean[:2]
+    # a noisy estimate of the Taylor term, but closer to exact cbn's ν than naive's (no term)
+    assert 0 < (term_strided - term_exact).norm() < 0.75 * term_exact.norm()
+    assert "grad_stride=2" in repr(strided) and strided.describe()["grad_stride"] == 2
+
+
+def test_grad_stride_must_be_a_positive_int():
+    with pytest.raises(InputError, match="grad_stride"):
+        CrossIterationBatchNorm(4, grad_stride=0)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
