@@ -100,6 +100,7 @@ def _rewrite(module: nn.Module, sites, strategy: str, options, context) -> nn.Mo
                                                   stream=layer_stream(site.name), sync=options.sync, **kwargs)
         if options.momentum is not None:
             sampled.momentum = float(options.momentum)
+        sampled.site_name = site.name
         set_submodule(module, site.name, sampled)
     return module
 

@@ -19,7 +19,6 @@ Needs ``transform(..., data_stats=bnrewrite.dataset_stats(train_data))``.
 from __future__ import annotations
 
 import math
-
 import warnings
 from dataclasses import dataclass
 

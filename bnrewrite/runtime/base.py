@@ -46,6 +46,7 @@ class BatchNormState(nn.Module):
     optional_state_keys: tuple[str, ...] = ()
     # passes and the fold pass look at this instead of isinstance checks per variant
     is_bnrewrite_norm = True
+    site_name = ""  # qualified name of the site; passes set it, error messages use it
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):

@@ -183,7 +183,6 @@ class ExtremeNorm(BatchNormState):
         self.r_v = float(r_v)
         self.f_max = float(f_max)
         self.u_max = float(u_max)
-        self.site_name = ""
         self.producer_name = ""
         self.__dict__["producer"] = None  # not a child: the producer stays where the model has it
         self.input_mean_known = True

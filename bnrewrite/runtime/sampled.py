@@ -370,6 +370,20 @@ class SampledBatchNorm(BatchNormState):
         if self.training and self.every > 0:
             self._count_step()
 
+    def _check_values_per_channel(self, spec: SampleSpec, shape: tuple[int, ...]) -> None:
+        """The statistics need ≥ 2 values per channel: one has no variance (stock BatchNorm refuses
+        it too). Pure VDN takes them from the virtual rows alone (vdn:n=1 on a BatchNorm1d over
+        (N, C) or a 1×1 map gives one value)."""
+        if spec.uses_sample():
+            values, source, fix = spec.sample_count(shape), "the sample", "use a larger n/ratio or batch"
+        else:
+            values, source, fix = (spec.virtual_count(shape), f"{self.num_virtual} virtual row(s)",
+                                   "use vdn:n=2 or more, or exclude this layer from the recipe")
+        if values < 2:
+            where = f" '{self.site_name}'" if self.site_name else ""
+            raise InputError(f"SampledBatchNorm({self.strategy}){where} on input {shape}: {source} holds one "
+                             f"value per channel, which has no variance; {fix}")
+
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
         self.advance_schedule()
         spec = self.sample_spec(tuple(x.shape))
@@ -377,17 +391,8 @@ class SampledBatchNorm(BatchNormState):
         if not sync and spec.is_full(tuple(x.shape)):
             self.last_statistics = None
             return self.stock_forward(x)
-        if not sync and spec.uses_sample() and spec.sample_count(tuple(x.shape)) < 2:
-            raise InputError(
-                f"SampledBatchNorm({self.strategy}) on input {tuple(x.shape)}: the sample holds one value "
-                "per channel, which has no variance; use a larger n/ratio or batch")
-        if not sync and not spec.uses_sample() and spec.virtual_count(tuple(x.shape)) < 2:
-            # e.g. vdn:n=1 on a BatchNorm1d over (N, C): one virtual value per channel, variance 0
-            raise InputError(
-                f"SampledBatchNorm({self.strategy}) {getattr(self, 'site_name', '')} on input {tuple(x.shape)}: "
-                "the statistics come from "
-                f"{self.num_virtual} virtual row(s) only, one value per channel, which has no variance; "
-                "use vdn:n=2 or more, or exclude this layer from the recipe")
+        if not sync:
+            self._check_values_per_channel(spec, tuple(x.shape))
         mean, var, count = sampled_statistics(x, spec, self.process_group, sync=sync)
         self.last_statistics = (mean.detach(), var.detach(), count)
         if self.track_running_stats and count > 1:
