@@ -23,6 +23,7 @@ import torchvision
 from torch import nn
 
 import bnrewrite
+from bnrewrite.runtime.cross_iteration import sq_mean_gradient
 
 
 def _bytes(tensors) -> int:
@@ -53,14 +54,11 @@ def history_bytes(model) -> int:
 
 
 def add_weight_gradient_hooks(model: nn.Module) -> None:
-    """Stock BN plus the one computation exact CBN cannot skip: the weight-gradient convolution
-    of App. B for ∂ν/∂θ, once per conv per step. Its step time is the floor of exact ``cbn``."""
+    """Stock BN plus the one computation exact CBN cannot skip: ∂ν/∂θ of App. B (one
+    weight-gradient convolution, ``sq_mean_gradient`` as ``cbn`` runs it) once per conv per step.
+    Its step time is the floor of exact ``cbn``."""
     def hook(conv, args, out):
-        with torch.no_grad():
-            weight = conv.weight
-            torch.ops.aten.convolution_backward(
-                out, args[0], weight, None, conv.stride, conv.padding, conv.dilation, False,
-                (0,) * (out.dim() - 2), conv.groups, (False, True, False))
+        sq_mean_gradient(conv, args[0].detach(), out.detach())
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             module.register_forward_hook(hook)
