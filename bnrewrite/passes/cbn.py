@@ -50,7 +50,14 @@ class CbnOptions:
         convolution per site and step, the bulk of CBN's cost). s > 1 is an approximation that
         is not in the paper: ∂ν/∂θ is averaged over every s-th output position per spatial dim
         (every s-th row for a Linear), dividing that convolution's cost by s² for 2-d maps. It
-        only touches the first-order Taylor term, so an iteration's own ν stays exact.
+        only touches the first-order Taylor term, so an iteration's own ν stays exact. Applies
+        to sites that store gradients.
+    store: what each site's history keeps for Eqs. 7–8. ``gradients``: App. B's ∂μ/∂θ, ∂ν/∂θ
+        (|θ| numbers per iteration, one weight-gradient convolution per step). ``inputs``: the
+        producer's input and output (|u| + |x| per iteration); the Taylor terms are then the
+        same directional derivatives evaluated with one producer call over the stored inputs
+        per step (not how the paper computes them; same values). ``auto`` (default): per site,
+        whichever a cost model says is cheaper, decided at the first training step.
     """
 
     k: int | Literal["auto"] = "auto"
@@ -58,6 +65,7 @@ class CbnOptions:
     order: int = 1
     momentum: float | Literal["keep"] = "keep"
     grad_stride: int = 1
+    store: Literal["auto", "gradients", "inputs"] = "auto"
 
     def __post_init__(self):
         _check_common(self.k, self.burnin, self.momentum)
@@ -131,7 +139,7 @@ def _rewrite(module: nn.Module, sites, options, compensate: bool) -> nn.Module:
             producer_site = site if note is None else None
         new = CrossIterationBatchNorm.from_batchnorm(
             bn, window=window, burnin=options.burnin, compensate=compensate, note=note,
-            grad_stride=getattr(options, "grad_stride", 1))
+            grad_stride=getattr(options, "grad_stride", 1), store=getattr(options, "store", "auto"))
         if options.momentum != "keep":
             new.momentum = options.momentum
         if producer_site is not None:

@@ -22,6 +22,19 @@ BatchNorm input. Each training step the module
    (:func:`taylor_offsets`): same values, half the memory of keeping θ_{t−τ}, and one pass
    over the history per step.
 
+Two ways to store what Eqs. 7–8 need (``store``), with the same values up to rounding:
+
+* ``gradients`` — the paper's: ∂μ/∂θ, ∂ν/∂θ of App. B, |θ| numbers per iteration; each step
+  costs one weight-gradient convolution plus reading the k−1 stored gradients.
+* ``inputs`` — the producer's input u_{t−τ} and output x_{t−τ}. The Taylor terms are
+  directional derivatives, and by App. B's closed forms
+  ⟨∂ν_j/∂θ_j, Δθ_j⟩ + ∂ν_j/∂b_j Δb_j = (2/M) Σ_m x_{j,m} Δx_{j,m} and
+  ⟨∂μ_j/∂θ_j, Δθ_j⟩ + Δb_j = (1/M) Σ_m Δx_{j,m}, where Δx = producer(u_{t−τ}; θ_t) − x_{t−τ}
+  (:func:`compensate_from_inputs`): one producer call over the k−1 stored inputs per step,
+  (|u| + |x|) numbers per iteration. Cheaper where activations are small next to the weights
+  — the small batches and small deep maps CBN is for.
+* ``auto`` picks per site at the first training step with :func:`choose_store`.
+
 Gradients flow into the current activations x (hence θ_t through the producer) only; the
 history and the Taylor terms are constants (§3.3: "Those of the previous iterations are
 fixed and do not receive gradients"; the authors' code reads ``weight.data``).
@@ -62,8 +75,15 @@ COMPENSABLE_TYPES = CONV_TYPES + (nn.Linear,)
 
 # state_dict keys beyond BatchNorm's; absent until the first training step (so a freshly
 # rewritten model has exactly the original keys) and optional when loading.
-HISTORY_KEYS = ("cbn_steps", "cbn_filled", "cbn_next", "cbn_mean", "cbn_sq_mean", "cbn_grad_mean",
-                "cbn_grad_sq_mean", "cbn_mean_offset", "cbn_sq_mean_offset")
+GRADIENT_KEYS = ("cbn_grad_mean", "cbn_grad_sq_mean", "cbn_mean_offset", "cbn_sq_mean_offset")
+INPUT_KEYS = ("cbn_input", "cbn_output", "cbn_rows")
+HISTORY_KEYS = ("cbn_steps", "cbn_filled", "cbn_next", "cbn_mean", "cbn_sq_mean") + GRADIENT_KEYS + INPUT_KEYS
+STORES = ("auto", "gradients", "inputs")
+
+# Cost of moving one number through memory, in multiply-adds, for choose_store: a single CPU
+# core streams ~2.5 G floats/s and does ~20 G multiply-adds/s at these shapes; a GPU's ratio of
+# arithmetic to bandwidth is about ten times that.
+MOVE_COST = {"cpu": 8.0, "cuda": 64.0}
 
 
 def auto_window(batch_size: int) -> int:
@@ -225,6 +245,67 @@ def compensate_statistics(weight: torch.Tensor, bias: torch.Tensor | None, mean:
     return mean_now, sq_mean_now
 
 
+def choose_store(weight_numel: int, input_numel: int, output_numel: int, positions: int, history: int,
+                 device_type: str = "cpu", grad_stride_positions: int | None = None) -> str:
+    """``"inputs"`` or ``"gradients"``, whichever a cost model says is cheaper per training step.
+
+    Costs in multiply-adds, with moving a number counted as ``MOVE_COST[device]`` of them
+    (W = |θ|, M = output positions per channel, U = |u|, X = |x|, h = k − 1 stored iterations):
+
+    * gradients: the weight-gradient convolution of App. B (M·W; fewer positions with
+      ``grad_stride``) + writing, storing and reading the h gradients and their offsets ≈ (h+4)·W
+      numbers + reading u and x;
+    * inputs: the producer over the h stored inputs (h·M·W) + copying u, x into the ring and
+      reading them back ≈ (h+1)·(U+X) + h·X numbers + reading θ.
+
+    A heuristic, measured in ``benchmarks/cbn_overhead.py``; ``store=`` overrides it.
+    """
+    move = MOVE_COST.get(device_type, MOVE_COST["cuda"])
+    wgrad_positions = positions if grad_stride_positions is None else grad_stride_positions
+    gradients = wgrad_positions * weight_numel + move * ((history + 4) * weight_numel + input_numel + output_numel)
+    inputs = history * positions * weight_numel + move * ((history + 1) * (input_numel + output_numel)
+                                                          + history * output_numel + weight_numel)
+    return "inputs" if inputs < gradients else "gradients"
+
+
+def run_producer(producer: nn.Module, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """producer(u) with the given weights (its own padding mode, stride, groups…), no autocast."""
+    with torch.autocast(u.device.type, enabled=False):
+        if isinstance(producer, nn.Linear):
+            return nn.functional.linear(u, weight, bias)
+        return producer._conv_forward(u, weight, bias)
+
+
+def compensate_from_inputs(producer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                           mean: torch.Tensor, sq_mean: torch.Tensor, inputs: torch.Tensor,
+                           outputs: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 7–8 from stored producer inputs and outputs instead of stored gradients.
+
+    With Δx = producer(u_τ; θ_t) − x_τ (x_τ = producer(u_τ; θ_τ)), App. B's closed forms give the
+    first-order terms as directional derivatives (j a channel, m one of its M output values)::
+
+        ⟨∂μ_j/∂θ, θ_t − θ_τ⟩ = (1/M) Σ_m Δx_{j,m}          (Eq. 15: the mean patch · Δθ_j)
+        ⟨∂ν_j/∂θ, θ_t − θ_τ⟩ = (2/M) Σ_m x_{τ,j,m} Δx_{j,m}  ((2/M) Σ x·patch · Δθ_j)
+
+    bias included (∂μ_j/∂b_j = 1, ∂ν_j/∂b_j = 2μ_j). This is still first order: the term
+    (1/M) Σ Δx², which an exact recomputation would add, is left out as in the paper.
+
+    ``inputs`` (h, N, *u) and ``outputs`` (h, N, C, *spatial) hold h iterations of up to N rows;
+    ``rows`` (h,) says how many rows of each are real (a smaller last batch is zero-padded).
+    Returns the compensated (μ, ν), (h, C) each.
+    """
+    h, n, c = outputs.shape[:3]
+    with torch.no_grad():
+        x_hat = run_producer(producer, inputs.flatten(0, 1), weight, bias).reshape(h, n, c, -1)
+        x_old = outputs.reshape(h, n, c, -1)
+        delta = x_hat - x_old
+        valid = (torch.arange(n, device=rows.device) < rows[:, None]).to(delta.dtype)       # (h, N)
+        count = (rows * x_old.shape[-1]).to(delta.dtype)[:, None]                             # (h, 1)
+        mean_term = torch.einsum("hn,hnc->hc", valid, delta.sum(-1)) / count
+        sq_mean_term = 2.0 * torch.einsum("hn,hnc->hc", valid, torch.linalg.vecdot(delta, x_old)) / count
+    return mean + mean_term, sq_mean + sq_mean_term
+
+
 class _BatchMoments(torch.autograd.Function):
     """(biased var, mean) per channel; backward saves only x, which the normalisation keeps anyway
     (autograd through the two passes would also keep x − μ, one more activation-sized tensor)."""
@@ -283,6 +364,78 @@ def window_statistics(x: torch.Tensor, past_mean: torch.Tensor, past_sq_mean: to
     return mean, var
 
 
+class _WindowBatchNorm(torch.autograd.Function):
+    """Eqs. 9–12 as one op with a closed-form backward: the window statistics (μ̄, σ̄²) from the
+    current batch and h constant past iterations, then y = γ(x − μ̄)/√(σ̄² + ε) + β.
+
+    Autograd through :func:`window_statistics` and the normalisation records ~25 small ops per
+    site and step; here backward is two reductions (Σg, Σg·x) and one pass for dx. The gradient
+    reaches x through the normalised value and through the current batch's (μ_t, var_t) only
+    (the history is constant, §3.3). With M values per channel, k = h + 1 and r = 1/√(σ̄² + ε)::
+
+        ∂L/∂μ̄ = −γ r Σg            ∂L/∂σ̄² = −½ γ r² Σg x̂
+        ∂L/∂μ_t = ∂L/∂μ̄ / k + ∂L/∂σ̄² · 2(μ_t − μ̄)/k      ∂L/∂var_t = ∂L/∂σ̄² / k
+        ∂L/∂x = γ r g + ∂L/∂var_t · 2(x − μ_t)/M + ∂L/∂μ_t / M
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, past_mean, past_var, eps):
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        mean_now = x.mean(dims, dtype=stat_dtype)
+        var_now = (x - mean_now.reshape(shape)).square().mean(dims)
+        k = past_mean.shape[0] + 1
+        means = torch.cat([mean_now.unsqueeze(0), past_mean.to(stat_dtype)], 0)
+        mean = means.mean(0)                                                                    # Eq. 9
+        var = (var_now + past_var.to(stat_dtype).sum(0)) / k + (means - mean).square().mean(0)  # Eqs. 10-11
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))  # Eq. 12
+        ctx.save_for_backward(x, weight, mean_now, mean, rstd)
+        ctx.k = k
+        ctx.mark_non_differentiable(mean, var, mean_now, var_now)
+        return y, mean, var, mean_now, var_now
+
+    @staticmethod
+    def backward(ctx, grad_y, *_statistics):
+        x, weight, mean_now, mean, rstd = ctx.saved_tensors
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        stat_dtype = mean.dtype
+        count = x.numel() // x.shape[1]
+        k = ctx.k
+        sum_g = grad_y.sum(dims, dtype=stat_dtype)
+        sum_gx = (grad_y * x).sum(dims, dtype=stat_dtype)
+        sum_g_xhat = rstd * (sum_gx - mean * sum_g)                        # Σ g·x̂ = ∂L/∂γ
+        gamma = torch.ones_like(rstd) if weight is None else weight.to(stat_dtype)
+        d_mean = -gamma * rstd * sum_g                                      # ∂L/∂μ̄
+        d_var = -0.5 * gamma * rstd.square() * sum_g_xhat                   # ∂L/∂σ̄²
+        d_mean_now = d_mean / k + d_var * (2.0 / k) * (mean_now - mean)
+        d_var_now = d_var / k
+        c_x = 2.0 * d_var_now / count
+        c_0 = d_mean_now / count - c_x * mean_now
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.addcmul(c_0.reshape(shape), x, c_x.reshape(shape))
+            grad_x = torch.addcmul(dx, grad_y, (gamma * rstd).reshape(shape)).to(x.dtype)
+        grad_w = sum_g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_g.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def window_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      past_mean: torch.Tensor, past_sq_mean: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, ...]:
+    """Eqs. 9–12 fused: returns (y, μ̄, σ̄², μ_t, var_t), the last two the current batch's own
+    (biased) moments; equal to :func:`window_statistics` followed by the normalisation, with a
+    closed-form backward (:class:`_WindowBatchNorm`). ``past_*`` are the (h, C) compensated
+    statistics, constants; only y carries gradients."""
+    past_var = (past_sq_mean - past_mean.square()).clamp_min(0)                               # Eq. 10
+    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_var, eps)
+
+
 # ------------------------------------------------------------------------ runtime module
 class CrossIterationBatchNorm(BatchNormState):
     """BatchNorm whose training statistics span the last k iterations (CBN, §3.3, Alg. 1).
@@ -298,6 +451,10 @@ class CrossIterationBatchNorm(BatchNormState):
         note: why this site is not compensated (shown by :meth:`describe`).
         grad_stride: 1 = the exact ∂ν/∂θ of App. B; s > 1 estimates it from every s-th output
             position per spatial dim (not in the paper; cost of that convolution / s^dims).
+            Used where the site stores gradients; the ``inputs`` store is always exact.
+        store: what the history keeps for Eqs. 7–8: ``"gradients"`` (App. B's ∂μ/∂θ, ∂ν/∂θ),
+            ``"inputs"`` (the producer's input and output, :func:`compensate_from_inputs`) or
+            ``"auto"`` (:func:`choose_store` at the first training step).
 
     The history (``cbn_*`` buffers) is module state: written to ``state_dict`` once the first
     training step allocates it, optional when loading, moved by ``.to()``, cleared by
@@ -310,7 +467,7 @@ class CrossIterationBatchNorm(BatchNormState):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  window: int | Literal["auto"] = "auto", burnin: int = 0, compensate: bool = True,
-                 note: str | None = None, grad_stride: int = 1):
+                 note: str | None = None, grad_stride: int = 1, store: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if window != "auto" and (not isinstance(window, int) or window < 1):
             raise InputError(f"CrossIterationBatchNorm window must be a positive int or 'auto', got {window!r}")
@@ -318,9 +475,13 @@ class CrossIterationBatchNorm(BatchNormState):
             raise InputError(f"CrossIterationBatchNorm burnin must be an int >= 0, got {burnin!r}")
         if not isinstance(grad_stride, int) or grad_stride < 1:
             raise InputError(f"CrossIterationBatchNorm grad_stride must be an int >= 1, got {grad_stride!r}")
+        if store not in STORES:
+            raise InputError(f"CrossIterationBatchNorm store must be one of {STORES}, got {store!r}")
         self.window = window
         self.burnin = burnin
         self.grad_stride = grad_stride
+        self.store = store
+        self._resolved_store: str | None = None  # "gradients" / "inputs" once the history exists
         self.compensate = compensate
         self.note = note
         self.producer_name: str | None = None
@@ -357,7 +518,22 @@ class CrossIterationBatchNorm(BatchNormState):
     def resolved_window(self) -> int | None:
         return self._resolved_window
 
-    def _allocate(self, x: torch.Tensor) -> None:
+    @property
+    def resolved_store(self) -> str | None:
+        """``"gradients"`` or ``"inputs"`` once the first training step allocated the history."""
+        return self._resolved_store
+
+    def _pick_store(self, x: torch.Tensor, producer_input: torch.Tensor) -> str:
+        if self.store != "auto":
+            return self.store
+        positions = x.numel() // x.shape[1]
+        strided = positions
+        if self.grad_stride > 1:
+            strided = x.shape[0] * math.prod(math.ceil(s / self.grad_stride) for s in x.shape[2:])
+        return choose_store(self.producer.weight.numel(), producer_input.numel(), x.numel(), positions,
+                            self._resolved_window - 1, x.device.type, strided)
+
+    def _allocate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> None:
         if self._resolved_window is None:
             self._resolved_window = auto_window(x.shape[0])
         h = self._resolved_window - 1
@@ -369,13 +545,38 @@ class CrossIterationBatchNorm(BatchNormState):
         self.cbn_next = torch.zeros((), **long)
         self.cbn_mean = torch.zeros(h, self.num_features, **factory)
         self.cbn_sq_mean = torch.zeros(h, self.num_features, **factory)
+        for key in GRADIENT_KEYS + INPUT_KEYS:
+            setattr(self, key, None)
+        self._resolved_store = None
         producer = self.producer
-        if self.compensate and producer is not None:
+        if self.compensate and producer is not None and producer_input is not None:
+            self._resolved_store = self._pick_store(x, producer_input)
+            if self._resolved_store == "inputs":
+                self.cbn_input = torch.zeros(h, *producer_input.shape, **factory)
+                self.cbn_output = torch.zeros(h, *x.shape, **factory)
+                self.cbn_rows = torch.zeros(h, **long)
+                return
             w = producer.weight
             self.cbn_grad_mean = torch.zeros(h, producer_groups(producer), *w.shape[1:], **factory)
             self.cbn_grad_sq_mean = torch.zeros(h, *w.shape, **factory)
             self.cbn_mean_offset = torch.zeros(h, self.num_features, **factory)
             self.cbn_sq_mean_offset = torch.zeros(h, self.num_features, **factory)
+
+    def _fits_input_store(self, x: torch.Tensor, producer_input: torch.Tensor) -> bool:
+        """A batch the ``inputs`` ring can hold: same shapes, at most as many rows."""
+        stored_u, stored_x = self.cbn_input.shape[1:], self.cbn_output.shape[1:]
+        return (x.shape[1:] == stored_x[1:] and producer_input.shape[1:] == stored_u[1:]
+                and x.shape[0] <= stored_x[0] and producer_input.shape[0] == x.shape[0])
+
+    def _switch_to_gradient_store(self, x: torch.Tensor, producer_input: torch.Tensor) -> None:
+        warnings.warn(
+            f"cbn site {self.site_name or '?'}: the input shape changed from "
+            f"{tuple(self.cbn_output.shape[1:])} to {tuple(x.shape)}, which the 'inputs' history cannot hold; "
+            "switching this site to store='gradients' and starting its window afresh", stacklevel=3)
+        self.store = "gradients"
+        self._filled = 0
+        self._next = 0
+        self._allocate(x, producer_input)
 
     def reset_history(self) -> None:
         """Forget the stored iterations (``bnrewrite.reset_history(model)`` calls this)."""
@@ -419,7 +620,20 @@ class CrossIterationBatchNorm(BatchNormState):
             mean, sq_mean = mean.to(dtype), (var + mean.square()).to(dtype)
             self.cbn_mean[slot] = mean
             self.cbn_sq_mean[slot] = sq_mean
-            if self.cbn_grad_sq_mean is not None:
+            if self.cbn_input is not None:
+                rows = x.shape[0]
+                self.cbn_rows[slot] = rows
+                self.cbn_input[slot, :rows] = producer_input.detach()
+                if x.dtype == dtype:
+                    self.cbn_output[slot, :rows] = x.detach()
+                else:  # x came from a reduced-precision producer (autocast): keep Δx free of its rounding
+                    weight, bias = self._producer_params(dtype)
+                    self.cbn_output[slot, :rows] = run_producer(self.producer, self.cbn_input[slot, :rows],
+                                                                weight, bias)
+                if rows < self.cbn_input.shape[1]:
+                    self.cbn_input[slot, rows:] = 0
+                    self.cbn_output[slot, rows:] = 0
+            elif self.cbn_grad_sq_mean is not None:
                 producer = self.producer
                 xs = x.detach().to(dtype)
                 u = producer_input.detach().to(dtype)
@@ -442,6 +656,10 @@ class CrossIterationBatchNorm(BatchNormState):
         mean = self.cbn_mean[:h]
         sq_mean = self.cbn_sq_mean[:h]
         compensate = self.compensate if compensate is None else compensate
+        if compensate and self.cbn_input is not None and h > 0:
+            weight, bias = self._producer_params(mean.dtype)
+            return compensate_from_inputs(self.producer, weight, bias, mean, sq_mean, self.cbn_input[:h],
+                                          self.cbn_output[:h], self.cbn_rows[:h])
         if compensate and self.cbn_grad_sq_mean is not None and h > 0:
             with torch.no_grad():
                 weight, bias = self._producer_params(mean.dtype)
@@ -481,7 +699,9 @@ class CrossIterationBatchNorm(BatchNormState):
                 "input: call it as module(x, producer_input), as the cbn pass wires it, or rewrite the "
                 "site with naive-cbn")
         if self.cbn_mean is None:
-            self._allocate(x)
+            self._allocate(x, producer_input if compensating else None)
+        elif self.cbn_input is not None and not self._fits_input_store(x, producer_input):
+            self._switch_to_gradient_store(x, producer_input)
         k = self._resolved_window
         in_burnin = self._steps < self.burnin
         moments = None
@@ -490,15 +710,14 @@ class CrossIterationBatchNorm(BatchNormState):
             self.last_statistics = None
         else:
             past_mean, past_sq_mean = self.past_statistics()
-            moments = batch_moments(x)
-            mean, var = window_statistics(x, past_mean, past_sq_mean, moments)
+            y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean, past_sq_mean,
+                                                                self.eps)
+            moments = (var_now, mean_now)
             count = x.numel() // x.shape[1]
             self.update_running_stats(mean, var, count * (past_mean.shape[0] + 1))
-            self.last_statistics = (mean.detach(), var.detach(), past_mean.shape[0] + 1)
-            y = self.normalize(x, mean, var)
+            self.last_statistics = (mean, var, past_mean.shape[0] + 1)
         if k > 1 and self._steps >= self.burnin - (k - 1):
-            self._record(x, producer_input if compensating else None,
-                         None if moments is None else (moments[0].detach(), moments[1].detach()))
+            self._record(x, producer_input if compensating else None, moments)
         if self._steps < self.burnin:
             # counted only up to the burn-in: a Python int that changed every step would make
             # torch.compile recompile every step (it guards on module int attributes)
@@ -527,25 +746,63 @@ class CrossIterationBatchNorm(BatchNormState):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if prefix + "cbn_mean" in state_dict:
+            # the checkpoint's store wins: drop the other store's buffers
+            has = {key for key in GRADIENT_KEYS + INPUT_KEYS if prefix + key in state_dict}
+            for key in GRADIENT_KEYS + INPUT_KEYS:
+                if key not in has:
+                    setattr(self, key, None)
+            self._resolved_store = ("inputs" if "cbn_input" in has else "gradients" if "cbn_grad_sq_mean" in has
+                                    else None)
             self._resolved_window = int(self.cbn_mean.shape[0]) + 1
             self._steps = int(self.cbn_steps)
             self._filled = int(self.cbn_filled)
             self._next = int(self.cbn_next)
 
-    def history_bytes(self, batch_size: int | None = None) -> int | None:
-        """Bytes of history this site keeps (k−1 iterations), or None while k is unknown."""
+    def _estimated_store(self, input_shape: tuple[int, ...] | None) -> tuple[str, int | None, int | None]:
+        """(store, |u|, |x|) a first training batch of BN-input shape ``input_shape`` would give;
+        |u| estimated from the producer's strides (exact up to its padding and kernel overhang)."""
+        store = self._resolved_store or self.store
+        if not input_shape or not (self.compensate and self.producer is not None):
+            return store, None, None
+        producer = self.producer
+        x_numel = math.prod(input_shape)
+        if isinstance(producer, nn.Linear):
+            u_numel = input_shape[0] * producer.in_features
+        else:
+            u_numel = (input_shape[0] * producer.in_channels
+                       * math.prod(s * st for s, st in zip(input_shape[2:], producer.stride)))
+        if store == "auto":
+            k = self._resolved_window or auto_window(input_shape[0])
+            positions = x_numel // input_shape[1]
+            strided = input_shape[0] * math.prod(math.ceil(s / self.grad_stride) for s in input_shape[2:])
+            store = choose_store(producer.weight.numel(), u_numel, x_numel, positions, k - 1,
+                                 producer.weight.device.type, strided)
+        return store, u_numel, x_numel
+
+    def history_bytes(self, batch_size: int | None = None, input_shape: tuple[int, ...] | None = None) -> int | None:
+        """Bytes of history this site keeps (k−1 iterations), or None while k is unknown.
+
+        Counted from the buffers once the first training step allocated them; before that
+        estimated for a batch of ``batch_size`` (or the BN-input ``input_shape``)."""
+        if self.cbn_mean is not None:
+            return sum(buf.numel() * buf.element_size() for key in HISTORY_KEYS[3:]
+                       if (buf := getattr(self, key)) is not None)
+        batch_size = input_shape[0] if input_shape else batch_size
         k = self._resolved_window or (auto_window(batch_size) if batch_size else None)
         if k is None:
             return None
+        size = torch.finfo(torch.promote_types(self.running_mean.dtype if self.running_mean is not None
+                                               else torch.float32, torch.float32)).bits // 8
         per_iteration = 2 * self.num_features  # μ, ν
         producer = self.producer
+        store, u_numel, x_numel = self._estimated_store(input_shape)
         if self.compensate and producer is not None:
+            if store == "inputs" and u_numel is not None:
+                return (k - 1) * ((per_iteration + u_numel + x_numel) * size + 8)  # + the row count
             w = producer.weight
             per_iteration += w.numel()  # ∂ν/∂θ
             per_iteration += producer_groups(producer) * w[0].numel()  # ∂μ/∂θ (compact)
             per_iteration += 2 * self.num_features  # the offsets of Eqs. 7-8
-        size = torch.finfo(torch.promote_types(self.running_mean.dtype if self.running_mean is not None
-                                               else torch.float32, torch.float32)).bits // 8
         return (k - 1) * per_iteration * size
 
     def describe(self, input_shape: tuple[int, ...] | None = None) -> dict:
@@ -559,7 +816,8 @@ class CrossIterationBatchNorm(BatchNormState):
             "burnin": self.burnin,
             "grad_stride": self.grad_stride,
             "producer": self.producer_name if compensated else None,
-            "history_bytes": self.history_bytes(batch),
+            "store": (self._resolved_store or self._estimated_store(input_shape)[0]) if compensated else None,
+            "history_bytes": self.history_bytes(batch, input_shape),
             "history_filled": self._filled,
         }
         if input_shape and info["history_bytes"] is not None:
@@ -572,6 +830,7 @@ class CrossIterationBatchNorm(BatchNormState):
     def extra_repr(self) -> str:
         mode = "compensated" if self.compensate and self.producer is not None else "naive"
         return (f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, {mode}"
+                + (f", store={self._resolved_store or self.store}" if mode == "compensated" else "")
                 + (f", grad_stride={self.grad_stride}" if self.grad_stride != 1 else "")
                 + (f", producer={self.producer_name}" if self.producer_name and mode == "compensated" else ""))
 

@@ -9,9 +9,12 @@ from torch import nn
 from torch.func import functional_call
 
 from bnrewrite.errors import InputError
-from bnrewrite.runtime.cross_iteration import (CrossIterationBatchNorm, auto_window, compensate_statistics,
+from bnrewrite.runtime.cross_iteration import (CrossIterationBatchNorm, auto_window, choose_store,
+                                               compensate_from_inputs, compensate_statistics,
                                                expand_mean_gradient, mean_gradient, sq_mean_gradient,
                                                taylor_offsets, window_statistics)
+
+STORES = ["gradients", "inputs"]
 
 D = torch.float64
 
@@ -107,7 +110,7 @@ def test_grad_stride_keeps_the_stored_statistics_exact_and_compensates_close_to_
     conv = nn.Conv2d(3, 8, 3, padding=1).to(D)
     models = {}
     for stride in (1, 2):
-        bn = CrossIterationBatchNorm(8, window=3, grad_stride=stride).to(D)
+        bn = CrossIterationBatchNorm(8, window=3, grad_stride=stride, store="gradients").to(D)
         bn.attach_producer(conv, "conv")
         models[stride] = bn
     for _ in range(2):
@@ -135,8 +138,11 @@ def test_grad_stride_must_be_a_positive_int():
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("name", ["conv3x3_groups", "conv1d", "linear"])
+@pytest.mark.parametrize("name", ["conv3x3_groups", "conv3x3_dilation", "conv_reflect", "conv_same_even", "conv1d",
+                                  "conv3d", "linear"])
 def test_compensation_is_eqs_7_8_with_autograd_jacobians(name, bias):
+    """Both stores give Eqs. 7-8 with autograd's Jacobians: the stored gradients (App. B) and the
+    stored producer input/output (directional derivatives through one producer call)."""
     producer, u = _producer(name, bias)
     x = producer(u).detach()
     (jac_mean, jac_sq_mean), jac_b = _jacobians(producer, u)
@@ -159,6 +165,13 @@ def test_compensation_is_eqs_7_8_with_autograd_jacobians(name, bias):
     got_mean, got_sq_mean = compensate_statistics(new_w, new_b, mean[None], *grads, *offsets, groups)
     torch.testing.assert_close(got_mean[0], want_mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_sq_mean[0], want_sq_mean, rtol=1e-10, atol=1e-12)
+    rows = torch.tensor([u.shape[0]])
+    from_inputs = compensate_from_inputs(producer, new_w, new_b, mean[None], sq_mean[None], u[None], x[None], rows)
+    torch.testing.assert_close(from_inputs[0][0], want_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(from_inputs[1][0], want_sq_mean, rtol=1e-10, atol=1e-12)
+    # the first-order term only: an exact recomputation under new_w would differ (by E[Δx²] > 0)
+    exact_sq_mean = _stats(producer, u, new_w, new_b)[1]
+    assert (exact_sq_mean - from_inputs[1][0]).min() > 0
     # unchanged weights: the Taylor term vanishes and the stored statistics come back
     same = compensate_statistics(old_w, old_b, mean[None], *grads, *offsets, groups)
     torch.testing.assert_close(same[0][0], mean, rtol=1e-12, atol=1e-12)
@@ -195,11 +208,12 @@ def test_window_statistics_gradcheck():
     assert torch.autograd.gradcheck(lambda x_: window_statistics(x_, past_mean, past_sq_mean), (x,))
 
 
-def _run_history(compensate=True, k=4, steps=5, bias=True, lr=0.05, name="conv3x3_stride_pad"):
+def _run_history(compensate=True, k=4, steps=5, bias=True, lr=0.05, name="conv3x3_stride_pad", store="gradients"):
     """Train-mode steps with the producer's weights moved between them; returns what Alg. 1 needs."""
     producer, _ = _producer(name, bias)
     shape = PRODUCERS[name][1]
-    cbn = CrossIterationBatchNorm(producer.weight.shape[0], momentum=0.1, window=k, compensate=compensate).to(D)
+    cbn = CrossIterationBatchNorm(producer.weight.shape[0], momentum=0.1, window=k, compensate=compensate,
+                                  store=store).to(D)
     if compensate:
         cbn.attach_producer(producer, "conv")
     with torch.no_grad():
@@ -220,11 +234,13 @@ def _run_history(compensate=True, k=4, steps=5, bias=True, lr=0.05, name="conv3x
     return producer, cbn, record, shape
 
 
+@pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_module_equals_algorithm_1_with_autograd_jacobians(compensate, bias):
+def test_module_equals_algorithm_1_with_autograd_jacobians(compensate, bias, store):
     k = 4
-    producer, cbn, record, shape = _run_history(compensate, k=k, bias=bias)
+    producer, cbn, record, shape = _run_history(compensate, k=k, bias=bias, store=store)
+    assert cbn.resolved_store == (store if compensate else None)
     torch.manual_seed(7)
     u = torch.randn(shape, dtype=D) + 0.3
     x = producer(u).detach().requires_grad_(True)
@@ -264,8 +280,9 @@ def test_module_equals_algorithm_1_with_autograd_jacobians(compensate, bias):
     torch.testing.assert_close(cbn.running_var, 0.9 * running_var + 0.1 * want_var.detach() * count / (count - 1))
 
 
-def test_module_gradcheck_with_history():
-    producer, cbn, _, shape = _run_history(True, k=3, steps=4)
+@pytest.mark.parametrize("store", STORES)
+def test_module_gradcheck_with_history(store):
+    producer, cbn, _, shape = _run_history(True, k=3, steps=4, store=store)
     torch.manual_seed(9)
     u = torch.randn(shape, dtype=D)
     x = producer(u).detach().requires_grad_(True)
@@ -323,12 +340,21 @@ def test_eval_is_stock_batchnorm_on_running_statistics():
     torch.testing.assert_close(cbn(x), x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
 
 
-def test_state_dict_roundtrip_restores_history_exactly():
-    producer, cbn, _, shape = _run_history(True, k=4, steps=5)
-    assert set(CrossIterationBatchNorm.optional_state_keys) <= set(cbn.state_dict())
-    fresh = CrossIterationBatchNorm(cbn.num_features, window="auto").to(D)
+@pytest.mark.parametrize("store", STORES)
+def test_state_dict_roundtrip_restores_history_exactly(store):
+    producer, cbn, _, shape = _run_history(True, k=4, steps=5, store=store)
+    other = {"gradients": "inputs", "inputs": "gradients"}[store]
+    saved = set(cbn.state_dict())
+    assert {"cbn_mean", "cbn_sq_mean", "cbn_steps"} <= saved
+    assert ("cbn_input" in saved) == (store == "inputs") and ("cbn_grad_sq_mean" in saved) == (store == "gradients")
+    # a module whose own history is the other store takes the checkpoint's store
+    fresh = CrossIterationBatchNorm(cbn.num_features, window="auto", store=other).to(D)
     fresh.attach_producer(producer, "conv")
+    u0 = torch.randn(shape, dtype=D)
+    fresh(producer(u0).detach(), u0)
+    assert fresh.resolved_store == other
     fresh.load_state_dict(cbn.state_dict(), strict=True)
+    assert fresh.resolved_store == store and set(fresh.state_dict()) == set(cbn.state_dict())
     # burnin=0: the step count stops at the burn-in (no Python int changing every step)
     assert fresh.resolved_window == 4 and fresh._filled == 3 and fresh._steps == 0
     u = torch.randn(shape, dtype=D)
@@ -399,3 +425,159 @@ def test_describe_reports_history_memory():
     assert info["variant"] == "cbn" and info["history_bytes"] == 3 * per_iter * 8
     naive = CrossIterationBatchNorm(6, window=4, compensate=False)
     assert naive.describe((3, 6, 4, 3))["history_bytes"] == 3 * 2 * 6 * 4
+
+
+def test_inputs_store_holds_a_smaller_last_batch_and_matches_the_gradient_store():
+    """A batch with fewer rows (the last one of an epoch) is zero-padded in the ``inputs`` ring and
+    only its real rows count; every step equals the ``gradients`` store."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).to(D)
+    pair = {}
+    for store in STORES:
+        producer = copy.deepcopy(conv)
+        bn = CrossIterationBatchNorm(6, window=4, store=store).to(D)
+        bn.attach_producer(producer, "conv")
+        pair[store] = (producer, bn)
+    torch.manual_seed(1)
+    for step in range(7):
+        u = torch.randn(2 if step in (2, 5) else 3, 4, 7, 6, dtype=D) + 0.3
+        outputs = {}
+        for store, (producer, bn) in pair.items():
+            y = bn(producer(u), u)
+            y.square().sum().backward()
+            outputs[store] = y.detach()
+            with torch.no_grad():
+                for p in producer.parameters():
+                    p -= 0.05 * p.grad
+                    p.grad = None
+        torch.testing.assert_close(outputs["inputs"], outputs["gradients"], rtol=1e-10, atol=1e-10)
+    assert pair["inputs"][1].cbn_rows.tolist() == [3, 3, 2]  # the ring's slots hold steps 6, 4 and 5
+    torch.testing.assert_close(pair["inputs"][1].running_var, pair["gradients"][1].running_var, rtol=1e-10, atol=0)
+
+
+def test_inputs_store_switches_to_gradients_when_the_input_shape_changes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(D)
+    bn = CrossIterationBatchNorm(4, window=3, store="inputs").to(D)
+    bn.attach_producer(conv, "conv")
+    bn.site_name = "layer.bn"
+    for _ in range(2):
+        u = torch.randn(2, 3, 6, 6, dtype=D)
+        bn(conv(u), u)
+    u = torch.randn(2, 3, 8, 8, dtype=D)  # a new resolution
+    with pytest.warns(UserWarning, match="layer.bn.*store='gradients'"):
+        y = bn(conv(u), u)
+    assert bn.resolved_store == "gradients" and bn.cbn_input is None and bn._filled == 1
+    x = conv(u).detach()
+    dims = [0, 2, 3]
+    want = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + bn.eps)
+    torch.testing.assert_close(y.detach(), want * bn.weight.detach().reshape(1, -1, 1, 1)
+                               + bn.bias.detach().reshape(1, -1, 1, 1))  # the window restarted: stock BN
+    u = torch.randn(2, 3, 8, 8, dtype=D)
+    bn(conv(u), u)
+    assert bn._filled == 2
+
+
+def test_inputs_store_under_autocast_keeps_the_taylor_term_free_of_bf16_rounding():
+    """With a bf16 producer output the ring keeps an fp32 recomputation of x, so at unchanged
+    weights the compensated statistics are the stored ones (no bf16 rounding in Δx)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    bn = CrossIterationBatchNorm(16, window=3, store="inputs")
+    bn.attach_producer(conv, "conv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            u = torch.randn(2, 8, 6, 6)
+            x = conv(u)
+            assert x.dtype == torch.bfloat16
+            bn(x, u)
+    assert bn.cbn_output.dtype == torch.float32
+    mean, sq_mean = bn.past_statistics()
+    torch.testing.assert_close(mean, bn.cbn_mean[:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sq_mean, bn.cbn_sq_mean[:2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, weight, u, x, positions, want", [
+    # ResNet-18 at 32x32, batch 4: layer4's 3x3 conv sees 1x1 maps (weights dominate)
+    ("layer4 1x1 map", 512 * 512 * 9, 4 * 512, 4 * 512, 4, "inputs"),
+    # the stem at 224x224: 3 input channels, 112x112 outputs (activations dominate)
+    ("stem 112x112", 64 * 3 * 49, 4 * 3 * 224 * 224, 4 * 64 * 112 * 112, 4 * 112 * 112, "gradients"),
+    ("layer1 56x56", 64 * 64 * 9, 4 * 64 * 56 * 56, 4 * 64 * 56 * 56, 4 * 56 * 56, "gradients"),
+])
+def test_choose_store_prefers_the_smaller_history_at_the_extremes(name, weight, u, x, positions, want):
+    assert choose_store(weight, u, x, positions, 3, "cpu") == want
+    assert choose_store(weight, u, x, positions, 3, "cuda") == want
+
+
+def test_auto_store_is_decided_per_site_and_reported():
+    torch.manual_seed(0)
+    small_map = nn.Conv2d(64, 64, 3, padding=1).to(D)
+    big_map = nn.Conv2d(3, 4, 3, padding=1).to(D)
+    sites = {}
+    for name, conv, shape in [("deep", small_map, (2, 64, 1, 1)), ("stem", big_map, (2, 3, 32, 32))]:
+        bn = CrossIterationBatchNorm(conv.out_channels, window=3).to(D)
+        bn.attach_producer(conv, name)
+        before = bn.describe((shape[0], conv.out_channels, *shape[2:]))
+        u = torch.randn(shape, dtype=D)
+        bn(conv(u), u)
+        info = bn.describe()
+        assert info["store"] == bn.resolved_store == before["store"]
+        sites[name] = (bn, info, before)
+    assert sites["deep"][0].resolved_store == "inputs" and sites["stem"][0].resolved_store == "gradients"
+    for bn, info, before in sites.values():  # bytes: counted from the buffers, estimated before
+        assert info["history_bytes"] == before["history_bytes"] == sum(
+            b.numel() * b.element_size() for n, b in bn.named_buffers() if n.startswith("cbn_")
+            and n not in ("cbn_steps", "cbn_filled", "cbn_next"))
+    assert "store=inputs" in repr(sites["deep"][0])
+    with pytest.raises(InputError, match="store"):
+        CrossIterationBatchNorm(4, store="weights")
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (6, 4), (2, 4, 3, 2, 2)], ids=["2d", "1d", "3d"])
+def test_fused_window_norm_equals_eqs_9_12_through_autograd(shape, affine):
+    """The fused op (closed-form backward) against Eqs. 9-12 written out and differentiated by autograd."""
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+    torch.manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape, dtype=D) * 2 + 1).requires_grad_(True)
+    gamma = (torch.rand(c, dtype=D) + 0.5).requires_grad_(True) if affine else None
+    beta = torch.randn(c, dtype=D).requires_grad_(True) if affine else None
+    past_mean = torch.randn(3, c, dtype=D)
+    past_sq_mean = past_mean.square() + torch.rand(3, c, dtype=D)
+    past_sq_mean[1, 0] = past_mean[1, 0].square() - 0.3  # Eq. 10's max at work
+    y, mean, var, mean_now, var_now = window_batch_norm(x, gamma, beta, past_mean, past_sq_mean, 1e-5)
+    want_mean, want_var = _paper_window(x, past_mean, past_sq_mean)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    want = (x - want_mean.reshape(view)) / torch.sqrt(want_var.reshape(view) + 1e-5)
+    if affine:
+        want = want * gamma.reshape(view) + beta.reshape(view)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, want_mean.detach())
+    torch.testing.assert_close(var, want_var.detach())
+    dims = [d for d in range(x.dim()) if d != 1]
+    torch.testing.assert_close(mean_now, x.detach().mean(dims))
+    torch.testing.assert_close(var_now, x.detach().var(dims, unbiased=False))
+    inputs = [x] + ([gamma, beta] if affine else [])
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, g)
+    want_grads = torch.autograd.grad(want, inputs, g)
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *t: window_batch_norm(t[0], *(t[1:] if affine else (None, None)), past_mean, past_sq_mean, 1e-5)[0],
+        tuple(inputs))
+
+
+def test_fused_window_norm_bf16_input_keeps_fp32_statistics():
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    past_mean = torch.randn(2, 3)
+    past_sq_mean = past_mean.square() + 1
+    y16, mean16, var16, _, _ = window_batch_norm(x.bfloat16().requires_grad_(), None, None, past_mean, past_sq_mean, 1e-5)
+    y32, mean32, var32, _, _ = window_batch_norm(x.bfloat16().float(), None, None, past_mean, past_sq_mean, 1e-5)
+    assert y16.dtype == torch.bfloat16 and mean16.dtype == var16.dtype == torch.float32
+    torch.testing.assert_close(mean16, mean32)
+    torch.testing.assert_close(var16, var32)
+    torch.testing.assert_close(y16.float(), y32, rtol=1e-2, atol=1e-2)
