@@ -107,7 +107,7 @@ def _conv_input_and_padding(conv: nn.Module, producer_input: torch.Tensor):
 
 
 def _conv_weight_gradient(conv: nn.Module, producer_input: torch.Tensor, grad_output: torch.Tensor,
-                          weight_shape, groups: int, every: int = 1) -> torch.Tensor:
+                          weight_shape, groups: int, every: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """∂/∂W of Σ grad_output·conv(input, W): one weight-gradient convolution.
 
     ``every`` > 1: ``grad_output`` holds only every ``every``-th output position of each spatial
@@ -122,11 +122,18 @@ def _conv_weight_gradient(conv: nn.Module, producer_input: torch.Tensor, grad_ou
         # weight-gradient kernel is up to 4x slower there than im2col and one matrix product
         cols = nn.functional.unfold(u, conv.kernel_size, conv.dilation, padding, stride)  # (N, patch, L)
         g = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)
-        return torch.einsum("ncl,npl->cp", g, cols).reshape(weight_shape)
+        # Σ_n g_n cols_nᵀ as one matrix product, written straight into ``out`` (the history slot)
+        lhs = g.transpose(0, 1).reshape(g.shape[1], -1)                       # (C, N·L)
+        rhs = cols.transpose(1, 2).reshape(-1, cols.shape[1])                 # (N·L, patch)
+        if out is None:
+            return lhs.matmul(rhs).reshape(weight_shape)
+        torch.matmul(lhs, rhs, out=out.view(lhs.shape[0], rhs.shape[1]))
+        return out
     weight = grad_output.new_empty(1).expand(weight_shape)
-    return torch.ops.aten.convolution_backward(
+    result = torch.ops.aten.convolution_backward(
         grad_output, u, weight, None, stride, padding, tuple(conv.dilation), False,
         (0,) * dims, groups, (False, True, False))[1]
+    return result if out is None else out.copy_(result)
 
 
 def producer_groups(producer: nn.Module) -> int:
@@ -164,7 +171,7 @@ def expand_mean_gradient(compact: torch.Tensor, out_channels: int) -> torch.Tens
 
 
 def sq_mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: torch.Tensor,
-                     stride: int = 1) -> torch.Tensor:
+                     stride: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """∂ν/∂θ (App. B): ∂ν_j/∂θ_{j,p,η} = (2/M) Σ_positions x_j · patch_{p,η}.
 
     This is the producer's weight gradient for the output gradient 2x/M, computed with one
@@ -176,20 +183,23 @@ def sq_mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: 
     ``stride``-th output position along each spatial dim (every ``stride``-th row for a Linear),
     which divides the cost of this convolution by stride^dims. Only the Taylor term of Eq. 8
     uses it, so the stored iteration's own ν stays exact (see ``CbnOptions.grad_stride``).
+    ``out``: a contiguous tensor of the weight's shape to write the result into.
     """
     with torch.no_grad():
         if isinstance(producer, nn.Linear):
             rows = output[::stride]
-            return (2.0 / rows.shape[0]) * rows.transpose(0, 1).matmul(producer_input[::stride])
+            lhs = (2.0 / rows.shape[0]) * rows.transpose(0, 1)
+            return lhs.matmul(producer_input[::stride]) if out is None else torch.matmul(
+                lhs, producer_input[::stride], out=out)
         if stride > 1:
             output = output[(slice(None), slice(None)) + (slice(None, None, stride),) * (output.dim() - 2)]
         scale = 2.0 / (output.numel() // output.shape[1])
         weight = producer.weight
         if output.numel() <= weight.numel():  # scale whichever of the two tensors is smaller
             return _conv_weight_gradient(producer, producer_input, output * scale, weight.shape,
-                                         producer_groups(producer), stride)
+                                         producer_groups(producer), stride, out)
         return _conv_weight_gradient(producer, producer_input, output, weight.shape,
-                                     producer_groups(producer), stride).mul_(scale)
+                                     producer_groups(producer), stride, out).mul_(scale)
 
 
 def _row_dot(compact_grad_mean: torch.Tensor, grad_sq_mean: torch.Tensor, weight: torch.Tensor,
@@ -253,8 +263,8 @@ def choose_store(weight_numel: int, input_numel: int, output_numel: int, positio
     (W = |θ|, M = output positions per channel, U = |u|, X = |x|, h = k − 1 stored iterations):
 
     * gradients: the weight-gradient convolution of App. B (M·W; fewer positions with
-      ``grad_stride``) + writing, storing and reading the h gradients and their offsets ≈ (h+4)·W
-      numbers + reading u and x;
+      ``grad_stride``) + writing this step's gradient into the ring and reading the h stored
+      ones and θ ≈ (h+2)·W numbers + reading u and x;
     * inputs: the producer over the h stored inputs (h·M·W) + copying u, x into the ring and
       reading them back ≈ (h+1)·(U+X) + h·X numbers + reading θ.
 
@@ -262,7 +272,7 @@ def choose_store(weight_numel: int, input_numel: int, output_numel: int, positio
     """
     move = MOVE_COST.get(device_type, MOVE_COST["cuda"])
     wgrad_positions = positions if grad_stride_positions is None else grad_stride_positions
-    gradients = wgrad_positions * weight_numel + move * ((history + 4) * weight_numel + input_numel + output_numel)
+    gradients = wgrad_positions * weight_numel + move * ((history + 2) * weight_numel + input_numel + output_numel)
     inputs = history * positions * weight_numel + move * ((history + 1) * (input_numel + output_numel)
                                                           + history * output_numel + weight_numel)
     return "inputs" if inputs < gradients else "gradients"
@@ -640,12 +650,18 @@ class CrossIterationBatchNorm(BatchNormState):
                 grad_mean = self.cbn_grad_mean[slot]
                 grad_mean.copy_(mean_gradient(producer, u, xs))
                 grad_sq_mean = self.cbn_grad_sq_mean[slot]
-                grad_sq_mean.copy_(sq_mean_gradient(producer, u, xs, self.grad_stride))
+                sq_mean_gradient(producer, u, xs, self.grad_stride, out=grad_sq_mean)
                 weight, bias = self._producer_params(dtype)
-                offsets = taylor_offsets(weight, bias, mean[None], sq_mean[None], grad_mean[None],
-                                         grad_sq_mean[None], producer_groups(producer))
-                self.cbn_mean_offset[slot] = offsets[0][0]
-                self.cbn_sq_mean_offset[slot] = offsets[1][0]
+                if x.dtype == dtype and self.grad_stride == 1:
+                    # x = θ·patch + b exactly as computed, so ⟨∂μ/∂θ, θ⟩ = μ − b and
+                    # ⟨∂ν/∂θ, θ⟩ = 2(ν − μb): taylor_offsets' values without reading ∂ν/∂θ again
+                    self.cbn_mean_offset[slot] = 0.0
+                    self.cbn_sq_mean_offset[slot] = -sq_mean
+                else:  # x rounded below the history's precision, or ∂ν/∂θ from strided positions
+                    offsets = taylor_offsets(weight, bias, mean[None], sq_mean[None], grad_mean[None],
+                                             grad_sq_mean[None], producer_groups(producer))
+                    self.cbn_mean_offset[slot] = offsets[0][0]
+                    self.cbn_sq_mean_offset[slot] = offsets[1][0]
             self._next = (slot + 1) % capacity
             self._filled = min(self._filled + 1, capacity)
 
