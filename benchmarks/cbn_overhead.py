@@ -10,6 +10,10 @@ storage) + the CBN history buffers. Peak allocator memory is not portable across
 this count is.
 
     OMP_NUM_THREADS=1 python benchmarks/cbn_overhead.py [--device cpu] [--threads 1] [--json out.json]
+        [--recipes bn,cbn,cbn:store=inputs,...] [--cases "resnet18 b4 224x224"]
+
+``cbn`` chooses its history store per site (``store=auto``); ``cbn:store=gradients`` and
+``cbn:store=inputs`` force one for every site.
 """
 from __future__ import annotations
 
@@ -129,7 +133,10 @@ CASES = {
     "digits_cnn b4 8x8": (digits_cnn, (4, 1, 8, 8)),
     "resnet18 b4 32x32": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (4, 3, 32, 32)),
     "resnet18 b4 112x112": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (4, 3, 112, 112)),
+    # the paper's Table 3 setting (ImageNet-sized images, batch 4); not run by default (slow on a CPU)
+    "resnet18 b4 224x224": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (4, 3, 224, 224)),
 }
+DEFAULT_CASES = ["digits_cnn b4 8x8", "resnet18 b4 32x32", "resnet18 b4 112x112"]
 
 
 def main(argv=None):
@@ -137,8 +144,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--recipes", default=f"bn,{FLOOR},naive-cbn,cbn,cbn:grad_stride=2",
+    parser.add_argument("--recipes",
+                        default=f"bn,{FLOOR},naive-cbn,cbn:store=gradients,cbn:store=inputs,cbn,cbn:grad_stride=2",
                         help=f"comma-separated; '{FLOOR}' = stock BN + one weight-gradient conv per conv")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"comma-separated, from: {', '.join(CASES)}")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,7 +156,8 @@ def main(argv=None):
     print(f"device={args.device} threads={args.threads}; k = auto = 4 at batch 4")
     print(f"{'case':22} {'recipe':17} {'step ms':>8} {'x BN':>6} {'memory MB':>10} {'x BN':>6} {'history MB':>11}")
     recipes = args.recipes.split(",")
-    for case, (build, shape) in CASES.items():
+    for case in args.cases.split(","):
+        build, shape = CASES[case]
         results = measure_case(build, recipes, shape, args.steps, args.device)
         base = results[recipes[0]]
         for recipe in recipes:

@@ -6,7 +6,7 @@ scaled linearly with the batch (paper §4.1: lr ∝ batch), SGD momentum 0.9, we
 CBN uses the paper's window k = min(ceil(16/batch), 8) and a one-epoch burn-in (§3.3).
 Reports held-out accuracy (eval mode: running statistics), mean ± std over seeds.
 
-    OMP_NUM_THREADS=1 python examples/cbn_digits.py [--epochs 4] [--seeds 3] [--json out.json]
+    OMP_NUM_THREADS=1 python examples/cbn_digits.py [--model cnn|mlp] [--epochs 4] [--seeds 3] [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import bnrewrite
+
+
+def make_mlp() -> nn.Module:
+    """BatchNorm1d over (N, C): one value per channel per example, so a batch of 2 gives each
+    feature two values to normalise with — the regime where small-batch BN breaks down."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(128, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def make_model() -> nn.Module:
@@ -42,10 +50,11 @@ def data(seed: int = 0):
     return (x[tr], y[tr]), (x[te], y[te])
 
 
-def train_eval(recipe: str, batch: int, epochs: int, seed: int, base_lr: float = 0.1) -> float:
+def train_eval(recipe: str, batch: int, epochs: int, seed: int, base_lr: float = 0.1,
+               model_name: str = "cnn") -> float:
     (xtr, ytr), (xte, yte) = data()
     torch.manual_seed(seed)
-    model = make_model()
+    model = MODELS[model_name]()
     steps_per_epoch = math.ceil(len(ytr) / batch)
     if recipe == "cbn" or recipe == "naive-cbn":
         recipe = f"{recipe}:burnin={steps_per_epoch}"  # one epoch of stock BN first (§3.3)
@@ -69,19 +78,25 @@ def train_eval(recipe: str, batch: int, epochs: int, seed: int, base_lr: float =
         return (model(xte).argmax(1) == yte).float().mean().item()
 
 
+MODELS = {"cnn": make_model, "mlp": make_mlp}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--model", choices=sorted(MODELS), default="cnn",
+                        help="cnn: 3 conv + BatchNorm2d; mlp: 2 Linear + BatchNorm1d (one value per channel)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = [("bn", 2), ("naive-cbn", 2), ("cbn", 2), ("bn", 4), ("naive-cbn", 4), ("cbn", 4), ("bn", 16)]
     rows = []
-    print(f"digits 8x8, {args.epochs} epochs, {args.seeds} seeds, lr = 0.1*batch/16, cosine; test accuracy")
+    print(f"digits 8x8, {args.model}, {args.epochs} epochs, {args.seeds} seeds, lr = 0.1*batch/16, cosine; "
+          "test accuracy")
     for recipe, batch in runs:
         t0 = time.time()
-        accs = [train_eval(recipe, batch, args.epochs, seed) for seed in range(args.seeds)]
+        accs = [train_eval(recipe, batch, args.epochs, seed, model_name=args.model) for seed in range(args.seeds)]
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         rows.append({"recipe": recipe, "batch": batch, "accuracies": accs, "mean": mean, "std": std})

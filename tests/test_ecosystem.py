@@ -11,7 +11,8 @@ import bnrewrite
 from bnrewrite.demo import SmallResNet
 
 RECIPES = ["bn", "ns:n=2", "bs:n=2", "fs:ratio=1/4", "frs:ratio=1/4", "vdn", "fs+vdn", "ghost:size=2",
-           "bgn:groups=4", "cbn:k=2", "naive-cbn:k=2", "two-tower", "brn:micro=2", "brn:micro=1+rot",
+           "bgn:groups=4", "cbn:k=2", "cbn:k=2,store=inputs", "naive-cbn:k=2", "two-tower", "brn:micro=2",
+           "brn:micro=1+rot",
            "two-tower+rot"]
 
 

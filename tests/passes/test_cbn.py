@@ -151,7 +151,7 @@ def test_shared_batchnorm_keeps_k1():
 @pytest.mark.parametrize("bad, match", [("cbn:order=2", "only first-order"), ("cbn:k=0", "positive"),
                                         ("cbn:burnin=-1", "burnin"), ("naive-cbn:order=1", "unknown option"),
                                         ("cbn:momentum=2", "momentum"), ("cbn:k=many", "auto"),
-                                        ("cbn:grad_stride=0", "grad_stride")])
+                                        ("cbn:grad_stride=0", "grad_stride"), ("cbn:store=weights", "inputs")])
 def test_bad_options_are_recipe_errors(bad, match):
     with pytest.raises(RecipeError, match=match):
         bnrewrite.parse_recipe(bad)
@@ -165,6 +165,9 @@ def test_options_parse():
     assert model.bn1.momentum == 0.01 and model.bn1.burnin == 500 and model.bn1.grad_stride == 1
     model = bnrewrite.transform(ConvNet(), "cbn:grad_stride=2")
     assert model.bn1.grad_stride == 2 and model.bn3.grad_stride == 2
+    assert model.bn1.store == "auto"
+    model = bnrewrite.transform(ConvNet(), "cbn:store=inputs")
+    assert model.bn1.store == model.bn3.store == "inputs"
 
 
 def test_checkpoints_strict_both_ways_and_whole_model_save():
@@ -205,7 +208,8 @@ def _true_stats(conv, inputs):
     return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
 
 
-@pytest.mark.parametrize("recipe", ["cbn:k=4", "cbn:k=4,grad_stride=2"])
+@pytest.mark.parametrize("recipe", ["cbn:k=4,store=gradients", "cbn:k=4,grad_stride=2,store=gradients",
+                                    "cbn:k=4,store=inputs"])
 def test_compensation_beats_naive_against_statistics_recomputed_under_current_weights(recipe):
     """§3.2 / Fig. 3 claim on real SGD steps: the compensated window statistics are closer to
     the statistics of the last k batches recomputed under the current weights than naive's.
