@@ -37,8 +37,8 @@ def add_commands(sub) -> None:
     p.add_argument("--small-batch-epochs", type=int, default=3,
                    help="epochs for runs at batch < 8, which take many more steps (default 3)")
     p.add_argument("--runs", default=None,
-                   help="comma-separated runs: labels of the default set (bn, fs+vdn, fs/8+vdn, bs, ghost, cbn@4, bn@4, "
-                        "bgn@2, bn@2, two-tower) or RECIPE@BATCH, e.g. 'bn,fs:ratio=1/16@32'")
+                   help="comma-separated runs: labels of the default set (bn, fs+vdn, fs/8+vdn, bs, ghost, cbn@4, cbn/rn@4, "
+                        "bn@4, bgn@2, bn@2, two-tower) or RECIPE@BATCH, e.g. 'bn,fs:ratio=1/16@32'")
     p.add_argument("--out", default="demo-out", help="output folder for the plot, ONNX file and results.json")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0)

@@ -56,8 +56,10 @@ def train_eval(recipe: str, batch: int, epochs: int, seed: int, base_lr: float =
     torch.manual_seed(seed)
     model = MODELS[model_name]()
     steps_per_epoch = math.ceil(len(ytr) / batch)
-    if recipe == "cbn" or recipe == "naive-cbn":
-        recipe = f"{recipe}:burnin={steps_per_epoch}"  # one epoch of stock BN first (§3.3)
+    name, _, options = recipe.partition(":")
+    if name in ("cbn", "naive-cbn") and "burnin=" not in options:
+        # one epoch of stock BN first (§3.3)
+        recipe = f"{name}:{options + ',' if options else ''}burnin={steps_per_epoch}"
     model = bnrewrite.transform(model, recipe, example_inputs=(xtr[:batch],))
     lr = base_lr * batch / 16
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -90,7 +92,8 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runs = [("bn", 2), ("naive-cbn", 2), ("cbn", 2), ("bn", 4), ("naive-cbn", 4), ("cbn", 4), ("bn", 16)]
+    runs = [(recipe, batch) for batch in (2, 4)
+            for recipe in ("bn", "naive-cbn", "cbn", "cbn:backward=renorm")] + [("bn", 16)]
     rows = []
     print(f"digits 8x8, {args.model}, {args.epochs} epochs, {args.seeds} seeds, lr = 0.1*batch/16, cosine; "
           "test accuracy")
@@ -100,7 +103,7 @@ def main(argv=None):
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         rows.append({"recipe": recipe, "batch": batch, "accuracies": accs, "mean": mean, "std": std})
-        print(f"  {recipe:10} batch {batch:2d}: {100 * mean:5.2f} ± {100 * std:4.2f} %  "
+        print(f"  {recipe:19} batch {batch:2d}: {100 * mean:5.2f} ± {100 * std:4.2f} %  "
               f"({', '.join(f'{100 * a:.1f}' for a in accs)})  [{time.time() - t0:.0f}s]", flush=True)
     if args.json:
         with open(args.json, "w") as f:

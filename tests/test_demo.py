@@ -27,3 +27,14 @@ def test_demo_short_run(tmp_path, capsys):
     assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
     if (out / "training_curves.png").exists():
         assert (out / "training_curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("recipe, want", [("cbn", "cbn:burnin=360"), ("cbn:k=2", "cbn:k=2,burnin=360"),
+                                          ("naive-cbn", "naive-cbn:burnin=360"), ("cbn:burnin=5", "cbn:burnin=5"),
+                                          ("bn", "bn"), ("fs+vdn", "fs+vdn")])
+def test_cbn_runs_get_the_papers_burnin(recipe, want):
+    import bnrewrite
+    from bnrewrite.demo import with_cbn_burnin
+    got = with_cbn_burnin(recipe, 360)
+    assert got == want
+    bnrewrite.parse_recipe(got)

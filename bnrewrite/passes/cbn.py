@@ -58,6 +58,12 @@ class CbnOptions:
         same directional derivatives evaluated with one producer call over the stored inputs
         per step (not how the paper computes them; same values). ``auto`` (default): per site,
         whichever a cost model says is cheaper, decided at the first training step.
+    backward: ``window`` (default, §3.3): the gradient flows through the current batch's 1/k
+        share of the window statistics; the stored iterations get none. ``renorm`` is *not* in
+        the CBN paper: Batch Renormalization's backward (extreme-normalization.txt §2, Ioffe
+        2017) — same forward, but the current batch's own statistics carry the gradient in
+        full, as in stock BN. At small batches and k ≥ 4 the paper's 1/k share removes only
+        1/k of the per-channel shift and scale from the gradient, which slows training.
     """
 
     k: int | Literal["auto"] = "auto"
@@ -66,6 +72,7 @@ class CbnOptions:
     momentum: float | Literal["keep"] = "keep"
     grad_stride: int = 1
     store: Literal["auto", "gradients", "inputs"] = "auto"
+    backward: Literal["window", "renorm"] = "window"
 
     def __post_init__(self):
         _check_common(self.k, self.burnin, self.momentum)
@@ -78,11 +85,13 @@ class CbnOptions:
 
 @dataclass(frozen=True)
 class NaiveCbnOptions:
-    """Options of ``naive-cbn``: the CBN window without compensation (the paper's baseline, §4.3)."""
+    """Options of ``naive-cbn``: the CBN window without compensation (the paper's baseline, §4.3).
+    ``k``, ``burnin``, ``momentum`` and ``backward`` as for :class:`CbnOptions`."""
 
     k: int | Literal["auto"] = "auto"
     burnin: int = 0
     momentum: float | Literal["keep"] = "keep"
+    backward: Literal["window", "renorm"] = "window"
 
     def __post_init__(self):
         _check_common(self.k, self.burnin, self.momentum)
@@ -139,7 +148,8 @@ def _rewrite(module: nn.Module, sites, options, compensate: bool) -> nn.Module:
             producer_site = site if note is None else None
         new = CrossIterationBatchNorm.from_batchnorm(
             bn, window=window, burnin=options.burnin, compensate=compensate, note=note,
-            grad_stride=getattr(options, "grad_stride", 1), store=getattr(options, "store", "auto"))
+            grad_stride=getattr(options, "grad_stride", 1), store=getattr(options, "store", "auto"),
+            backward=options.backward)
         if options.momentum != "keep":
             new.momentum = options.momentum
         if producer_site is not None:

@@ -79,6 +79,7 @@ GRADIENT_KEYS = ("cbn_grad_mean", "cbn_grad_sq_mean", "cbn_mean_offset", "cbn_sq
 INPUT_KEYS = ("cbn_input", "cbn_output", "cbn_rows")
 HISTORY_KEYS = ("cbn_steps", "cbn_filled", "cbn_next", "cbn_mean", "cbn_sq_mean") + GRADIENT_KEYS + INPUT_KEYS
 STORES = ("auto", "gradients", "inputs")
+BACKWARDS = ("window", "renorm")
 
 # Cost of moving one number through memory, in multiply-adds, for choose_store: a single CPU
 # core streams ~2.5 G floats/s and does ~20 G multiply-adds/s at these shapes; a GPU's ratio of
@@ -386,10 +387,17 @@ class _WindowBatchNorm(torch.autograd.Function):
         ∂L/∂μ̄ = −γ r Σg            ∂L/∂σ̄² = −½ γ r² Σg x̂
         ∂L/∂μ_t = ∂L/∂μ̄ / k + ∂L/∂σ̄² · 2(μ_t − μ̄)/k      ∂L/∂var_t = ∂L/∂σ̄² / k
         ∂L/∂x = γ r g + ∂L/∂var_t · 2(x − μ_t)/M + ∂L/∂μ_t / M
+
+    ``renorm=True`` (``backward="renorm"``, not CBN's): the same forward values, differentiated
+    as Batch Renormalization's x̂ = (x − μ_t)/σ_t · SG(σ_t/σ̄) + SG((μ_t − μ̄)/σ̄) with
+    σ_t = √(var_t + ε) (extreme-normalization.txt §2; Ioffe 2017): the gradient goes through the
+    current batch's own statistics in full, i.e. stock BN's backward scaled by σ_t/σ̄::
+
+        ∂L/∂x = (γ/σ̄) (g − mean(g) − x̂_t · mean(g·x̂_t)),  x̂_t = (x − μ_t)/σ_t
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_var, eps):
+    def forward(ctx, x, weight, bias, past_mean, past_var, eps, renorm=False):
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -403,14 +411,16 @@ class _WindowBatchNorm(torch.autograd.Function):
         scale = rstd if weight is None else rstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))  # Eq. 12
-        ctx.save_for_backward(x, weight, mean_now, mean, rstd)
+        ctx.save_for_backward(x, weight, mean_now, mean, rstd, var_now)
         ctx.k = k
+        ctx.renorm = renorm
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, var, mean_now, var_now)
         return y, mean, var, mean_now, var_now
 
     @staticmethod
     def backward(ctx, grad_y, *_statistics):
-        x, weight, mean_now, mean, rstd = ctx.saved_tensors
+        x, weight, mean_now, mean, rstd, var_now = ctx.saved_tensors
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         stat_dtype = mean.dtype
@@ -422,28 +432,34 @@ class _WindowBatchNorm(torch.autograd.Function):
         gamma = torch.ones_like(rstd) if weight is None else weight.to(stat_dtype)
         d_mean = -gamma * rstd * sum_g                                      # ∂L/∂μ̄
         d_var = -0.5 * gamma * rstd.square() * sum_g_xhat                   # ∂L/∂σ̄²
-        d_mean_now = d_mean / k + d_var * (2.0 / k) * (mean_now - mean)
-        d_var_now = d_var / k
-        c_x = 2.0 * d_var_now / count
-        c_0 = d_mean_now / count - c_x * mean_now
+        if ctx.renorm:
+            # Σ g·x̂_t / M = (Σgx − μ_t Σg) / (M σ_t); dx = (γ/σ̄)(g − Σg/M − x̂_t Σg·x̂_t / M)
+            c_x = -gamma * rstd * (sum_gx - mean_now * sum_g) / (count * (var_now + ctx.eps))
+            c_0 = -gamma * rstd * sum_g / count - c_x * mean_now
+        else:
+            d_mean_now = d_mean / k + d_var * (2.0 / k) * (mean_now - mean)
+            d_var_now = d_var / k
+            c_x = 2.0 * d_var_now / count
+            c_0 = d_mean_now / count - c_x * mean_now
         grad_x = None
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(c_0.reshape(shape), x, c_x.reshape(shape))
             grad_x = torch.addcmul(dx, grad_y, (gamma * rstd).reshape(shape)).to(x.dtype)
         grad_w = sum_g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def window_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                      past_mean: torch.Tensor, past_sq_mean: torch.Tensor, eps: float
+                      past_mean: torch.Tensor, past_sq_mean: torch.Tensor, eps: float, renorm: bool = False
                       ) -> tuple[torch.Tensor, ...]:
     """Eqs. 9–12 fused: returns (y, μ̄, σ̄², μ_t, var_t), the last two the current batch's own
     (biased) moments; equal to :func:`window_statistics` followed by the normalisation, with a
     closed-form backward (:class:`_WindowBatchNorm`). ``past_*`` are the (h, C) compensated
-    statistics, constants; only y carries gradients."""
+    statistics, constants; only y carries gradients. ``renorm``: Batch Renormalization's
+    backward instead of CBN's (see :class:`_WindowBatchNorm`)."""
     past_var = (past_sq_mean - past_mean.square()).clamp_min(0)                               # Eq. 10
-    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_var, eps)
+    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_var, eps, renorm)
 
 
 # ------------------------------------------------------------------------ runtime module
@@ -465,6 +481,10 @@ class CrossIterationBatchNorm(BatchNormState):
         store: what the history keeps for Eqs. 7–8: ``"gradients"`` (App. B's ∂μ/∂θ, ∂ν/∂θ),
             ``"inputs"`` (the producer's input and output, :func:`compensate_from_inputs`) or
             ``"auto"`` (:func:`choose_store` at the first training step).
+        backward: ``"window"`` (the paper, §3.3): the gradient flows through the current batch's
+            1/k share of the window statistics. ``"renorm"`` (not in the CBN paper): Batch
+            Renormalization's backward — the current batch's statistics carry the gradient in
+            full, the window's difference from them is a constant (extreme-normalization.txt §2).
 
     The history (``cbn_*`` buffers) is module state: written to ``state_dict`` once the first
     training step allocates it, optional when loading, moved by ``.to()``, cleared by
@@ -477,7 +497,7 @@ class CrossIterationBatchNorm(BatchNormState):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  window: int | Literal["auto"] = "auto", burnin: int = 0, compensate: bool = True,
-                 note: str | None = None, grad_stride: int = 1, store: str = "auto"):
+                 note: str | None = None, grad_stride: int = 1, store: str = "auto", backward: str = "window"):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if window != "auto" and (not isinstance(window, int) or window < 1):
             raise InputError(f"CrossIterationBatchNorm window must be a positive int or 'auto', got {window!r}")
@@ -487,6 +507,9 @@ class CrossIterationBatchNorm(BatchNormState):
             raise InputError(f"CrossIterationBatchNorm grad_stride must be an int >= 1, got {grad_stride!r}")
         if store not in STORES:
             raise InputError(f"CrossIterationBatchNorm store must be one of {STORES}, got {store!r}")
+        if backward not in BACKWARDS:
+            raise InputError(f"CrossIterationBatchNorm backward must be one of {BACKWARDS}, got {backward!r}")
+        self.backward_mode = backward
         self.window = window
         self.burnin = burnin
         self.grad_stride = grad_stride
@@ -727,7 +750,7 @@ class CrossIterationBatchNorm(BatchNormState):
         else:
             past_mean, past_sq_mean = self.past_statistics()
             y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean, past_sq_mean,
-                                                                self.eps)
+                                                                self.eps, self.backward_mode == "renorm")
             moments = (var_now, mean_now)
             count = x.numel() // x.shape[1]
             self.update_running_stats(mean, var, count * (past_mean.shape[0] + 1))
@@ -831,6 +854,7 @@ class CrossIterationBatchNorm(BatchNormState):
                                                "auto: min(ceil(16/batch), 8) at the first training batch"),
             "burnin": self.burnin,
             "grad_stride": self.grad_stride,
+            "backward": self.backward_mode,
             "producer": self.producer_name if compensated else None,
             "store": (self._resolved_store or self._estimated_store(input_shape)[0]) if compensated else None,
             "history_bytes": self.history_bytes(batch, input_shape),
@@ -848,6 +872,7 @@ class CrossIterationBatchNorm(BatchNormState):
         return (f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, {mode}"
                 + (f", store={self._resolved_store or self.store}" if mode == "compensated" else "")
                 + (f", grad_stride={self.grad_stride}" if self.grad_stride != 1 else "")
+                + (f", backward={self.backward_mode}" if self.backward_mode != "window" else "")
                 + (f", producer={self.producer_name}" if self.producer_name and mode == "compensated" else ""))
 
 

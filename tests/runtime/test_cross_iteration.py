@@ -581,3 +581,71 @@ def test_fused_window_norm_bf16_input_keeps_fp32_statistics():
     torch.testing.assert_close(mean16, mean32)
     torch.testing.assert_close(var16, var32)
     torch.testing.assert_close(y16.float(), y32, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_renorm_backward_is_batch_renormalization_through_autograd(affine):
+    """backward='renorm': Batch Renormalization's x̂ = (x − μ_t)/σ_t · SG(σ_t/σ̄) + SG((μ_t − μ̄)/σ̄)
+    (extreme-normalization.txt §2), written out here and differentiated by autograd."""
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+    torch.manual_seed(0)
+    x = (torch.randn(3, 4, 5, 2, dtype=D) * 2 + 1).requires_grad_(True)
+    gamma = (torch.rand(4, dtype=D) + 0.5).requires_grad_(True) if affine else None
+    beta = torch.randn(4, dtype=D).requires_grad_(True) if affine else None
+    past_mean = torch.randn(3, 4, dtype=D)
+    past_sq_mean = past_mean.square() + torch.rand(3, 4, dtype=D)
+    eps = 1e-3
+    y = window_batch_norm(x, gamma, beta, past_mean, past_sq_mean, eps, renorm=True)[0]
+    window_mean, window_var = (t.detach() for t in _paper_window(x, past_mean, past_sq_mean))
+    view = [1, -1, 1, 1]
+    dims = [0, 2, 3]
+    mu, sigma = x.mean(dims), torch.sqrt(x.var(dims, unbiased=False) + eps)
+    sigma_bar = torch.sqrt(window_var + eps)
+    r, d = (sigma / sigma_bar).detach(), ((mu - window_mean) / sigma_bar).detach()
+    want = (x - mu.reshape(view)) / sigma.reshape(view) * r.reshape(view) + d.reshape(view)
+    if affine:
+        want = want * gamma.reshape(view) + beta.reshape(view)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    inputs = [x] + ([gamma, beta] if affine else [])
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, g)
+    for a, b in zip(got, torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # it is not CBN's backward
+    (cbn_gx,) = torch.autograd.grad(window_batch_norm(x, gamma, beta, past_mean, past_sq_mean, eps)[0], x, g)
+    assert not torch.allclose(cbn_gx, got[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["window", "renorm"])
+def test_fused_window_norm_without_history_is_stock_batchnorm(renorm):
+    """k = 1 (no past iterations): both backwards are stock BatchNorm's (forward and gradients)."""
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=D, requires_grad=True)
+    bn = nn.BatchNorm2d(3).to(D)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    empty = torch.zeros(0, 3, dtype=D)
+    y = window_batch_norm(x, bn.weight, bn.bias, empty, empty, bn.eps, renorm)[0]
+    want = bn(x)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, bn.weight, bn.bias], g),
+                    torch.autograd.grad(want, [x, bn.weight, bn.bias], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_option_reaches_the_module_and_is_validated():
+    import bnrewrite
+    from bnrewrite.errors import RecipeError
+    model = bnrewrite.transform(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), "cbn:backward=renorm")
+    bn = model.get_submodule("1")
+    assert bn.backward_mode == "renorm" and "backward=renorm" in repr(bn)
+    model = bnrewrite.transform(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), "naive-cbn:backward=renorm")
+    bn = model.get_submodule("1")
+    assert bn.backward_mode == "renorm" and bn.describe()["backward"] == "renorm"
+    with pytest.raises(RecipeError, match="renorm"):
+        bnrewrite.parse_recipe("cbn:backward=full")
+    with pytest.raises(InputError, match="backward"):
+        CrossIterationBatchNorm(4, backward="full")
