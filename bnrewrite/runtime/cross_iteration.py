@@ -397,16 +397,11 @@ class _WindowBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_var, eps, renorm=False):
-        dims = [d for d in range(x.dim()) if d != 1]
+    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, renorm=False):
         shape = [1, -1] + [1] * (x.dim() - 2)
-        stat_dtype = torch.promote_types(x.dtype, torch.float32)
-        mean_now = x.mean(dims, dtype=stat_dtype)
-        var_now = (x - mean_now.reshape(shape)).square().mean(dims)
+        var_now, mean_now = batch_moments(x)
         k = past_mean.shape[0] + 1
-        means = torch.cat([mean_now.unsqueeze(0), past_mean.to(stat_dtype)], 0)
-        mean = means.mean(0)                                                                    # Eq. 9
-        var = (var_now + past_var.to(stat_dtype).sum(0)) / k + (means - mean).square().mean(0)  # Eqs. 10-11
+        mean, var = window_statistics(x, past_mean, past_sq_mean, (var_now, mean_now))         # Eqs. 9-11
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else rstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
@@ -458,8 +453,7 @@ def window_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     closed-form backward (:class:`_WindowBatchNorm`). ``past_*`` are the (h, C) compensated
     statistics, constants; only y carries gradients. ``renorm``: Batch Renormalization's
     backward instead of CBN's (see :class:`_WindowBatchNorm`)."""
-    past_var = (past_sq_mean - past_mean.square()).clamp_min(0)                               # Eq. 10
-    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_var, eps, renorm)
+    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, eps, renorm)
 
 
 # ------------------------------------------------------------------------ runtime module
