@@ -375,6 +375,12 @@ def window_statistics(x: torch.Tensor, past_mean: torch.Tensor, past_sq_mean: to
     return mean, var
 
 
+def _native_kernels_apply(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether ATen's BatchNorm kernels can compute the fused op's moments and normalisation:
+    they return fp16/bf16 statistics for fp16/bf16 input, which Eqs. 9–11 must not use."""
+    return x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype)
+
+
 class _WindowBatchNorm(torch.autograd.Function):
     """Eqs. 9–12 as one op with a closed-form backward: the window statistics (μ̄, σ̄²) from the
     current batch and h constant past iterations, then y = γ(x − μ̄)/√(σ̄² + ε) + β.
@@ -399,14 +405,25 @@ class _WindowBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, renorm=False):
         shape = [1, -1] + [1] * (x.dim() - 2)
-        var_now, mean_now = batch_moments(x)
+        native = _native_kernels_apply(x, weight)
+        if native:
+            # ATen's BatchNorm kernels: one pass for (μ_t, 1/√(var_t + ε)), one for Eq. 12 with
+            # (μ̄, σ̄²) as "running" statistics — ~2× faster on a CPU than the broadcasting ops
+            _, mean_now, rstd_now = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+            var_now = (rstd_now.double().pow(-2) - eps).clamp_min(0).to(mean_now.dtype)
+        else:
+            var_now, mean_now = batch_moments(x)
         k = past_mean.shape[0] + 1
         mean, var = window_statistics(x, past_mean, past_sq_mean, (var_now, mean_now))         # Eqs. 9-11
         rstd = torch.rsqrt(var + eps)
-        scale = rstd if weight is None else rstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))  # Eq. 12
+        if native:
+            y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]        # Eq. 12
+        else:
+            scale = rstd if weight is None else rstd * weight
+            shift = -mean * scale if bias is None else bias - mean * scale
+            y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))  # Eq. 12
         ctx.save_for_backward(x, weight, mean_now, mean, rstd, var_now)
+        ctx.native = native
         ctx.k = k
         ctx.renorm = renorm
         ctx.eps = eps
@@ -421,15 +438,20 @@ class _WindowBatchNorm(torch.autograd.Function):
         stat_dtype = mean.dtype
         count = x.numel() // x.shape[1]
         k = ctx.k
-        sum_g = grad_y.sum(dims, dtype=stat_dtype)
-        sum_gx = (grad_y * x).sum(dims, dtype=stat_dtype)
-        sum_g_xhat = rstd * (sum_gx - mean * sum_g)                        # Σ g·x̂ = ∂L/∂γ
+        if ctx.native:
+            # ATen's BatchNorm backward reductions alone: Σ g·(x − μ̄)·r and Σ g in one pass
+            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, weight, None, None, mean, rstd, True, ctx.eps, [False, True, True])
+        else:
+            sum_g = grad_y.sum(dims, dtype=stat_dtype)
+            sum_g_xhat = rstd * ((grad_y * x).sum(dims, dtype=stat_dtype) - mean * sum_g)  # Σ g·x̂ = ∂L/∂γ
         gamma = torch.ones_like(rstd) if weight is None else weight.to(stat_dtype)
         d_mean = -gamma * rstd * sum_g                                      # ∂L/∂μ̄
         d_var = -0.5 * gamma * rstd.square() * sum_g_xhat                   # ∂L/∂σ̄²
         if ctx.renorm:
             # Σ g·x̂_t / M = (Σgx − μ_t Σg) / (M σ_t); dx = (γ/σ̄)(g − Σg/M − x̂_t Σg·x̂_t / M)
-            c_x = -gamma * rstd * (sum_gx - mean_now * sum_g) / (count * (var_now + ctx.eps))
+            # Σ g·(x − μ_t) = Σ g·x̂ / r + (μ̄ − μ_t) Σg
+            c_x = -gamma * rstd * (sum_g_xhat / rstd + (mean - mean_now) * sum_g) / (count * (var_now + ctx.eps))
             c_0 = -gamma * rstd * sum_g / count - c_x * mean_now
         else:
             d_mean_now = d_mean / k + d_var * (2.0 / k) * (mean_now - mean)
@@ -439,7 +461,7 @@ class _WindowBatchNorm(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(c_0.reshape(shape), x, c_x.reshape(shape))
-            grad_x = torch.addcmul(dx, grad_y, (gamma * rstd).reshape(shape)).to(x.dtype)
+            grad_x = dx.addcmul_(grad_y, (gamma * rstd).reshape(shape)).to(x.dtype)
         grad_w = sum_g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None

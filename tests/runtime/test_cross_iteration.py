@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from bnrewrite.runtime import cross_iteration
 from bnrewrite.errors import InputError
 from bnrewrite.runtime.cross_iteration import (CrossIterationBatchNorm, auto_window, choose_store,
                                                compensate_from_inputs, compensate_statistics,
@@ -533,9 +534,18 @@ def test_auto_store_is_decided_per_site_and_reported():
         CrossIterationBatchNorm(4, store="weights")
 
 
+@pytest.fixture(params=["aten", "composite"])
+def window_kernels(request, monkeypatch):
+    """Both ways the fused op computes its moments, normalisation and backward reductions:
+    ATen's BatchNorm kernels (fp32/fp64) and the broadcasting ops (fp16/bf16 input)."""
+    if request.param == "composite":
+        monkeypatch.setattr(cross_iteration, "_native_kernels_apply", lambda x, weight: False)
+    return request.param
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 2), (6, 4), (2, 4, 3, 2, 2)], ids=["2d", "1d", "3d"])
-def test_fused_window_norm_equals_eqs_9_12_through_autograd(shape, affine):
+def test_fused_window_norm_equals_eqs_9_12_through_autograd(shape, affine, window_kernels):
     """The fused op (closed-form backward) against Eqs. 9-12 written out and differentiated by autograd."""
     from bnrewrite.runtime.cross_iteration import window_batch_norm
     torch.manual_seed(0)
@@ -584,7 +594,7 @@ def test_fused_window_norm_bf16_input_keeps_fp32_statistics():
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_renorm_backward_is_batch_renormalization_through_autograd(affine):
+def test_renorm_backward_is_batch_renormalization_through_autograd(affine, window_kernels):
     """backward='renorm': Batch Renormalization's x̂ = (x − μ_t)/σ_t · SG(σ_t/σ̄) + SG((μ_t − μ̄)/σ̄)
     (extreme-normalization.txt §2), written out here and differentiated by autograd."""
     from bnrewrite.runtime.cross_iteration import window_batch_norm
@@ -616,8 +626,33 @@ def test_renorm_backward_is_batch_renormalization_through_autograd(affine):
     assert not torch.allclose(cbn_gx, got[0], rtol=1e-3)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_fused_window_norm_fp32_matches_an_fp64_reference(affine, memory_format, window_kernels):
+    """fp32 storage (ATen's kernels unless forced off): values and gradients within fp32 rounding
+    of the fp64 op, in NCHW and channels_last, with a mean far from zero (cancellation check)."""
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+    torch.manual_seed(0)
+    x64 = torch.randn(4, 6, 7, 5, dtype=D) * 0.5 + 3
+    gamma64 = torch.rand(6, dtype=D) + 0.5 if affine else None
+    beta64 = torch.randn(6, dtype=D) if affine else None
+    past_mean = x64.mean([0, 2, 3]) + 0.1 * torch.randn(3, 6, dtype=D)
+    past_sq_mean = past_mean.square() + 0.25 + 0.05 * torch.rand(3, 6, dtype=D)
+    g64 = torch.randn_like(x64)
+
+    def run(dtype):
+        x = x64.to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+        params = [t.to(dtype).requires_grad_(True) for t in (gamma64, beta64)] if affine else [None, None]
+        out = window_batch_norm(x, *params, past_mean.to(dtype), past_sq_mean.to(dtype), 1e-5)
+        grads = torch.autograd.grad(out[0], [x] + (params if affine else []), g64.to(dtype))
+        return [t.double() for t in out + grads]
+
+    for got, want in zip(run(torch.float32), run(D)):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("renorm", [False, True], ids=["window", "renorm"])
-def test_fused_window_norm_without_history_is_stock_batchnorm(renorm):
+def test_fused_window_norm_without_history_is_stock_batchnorm(renorm, window_kernels):
     """k = 1 (no past iterations): both backwards are stock BatchNorm's (forward and gradients)."""
     from bnrewrite.runtime.cross_iteration import window_batch_norm
     torch.manual_seed(0)
