@@ -4,6 +4,11 @@ One training step = forward + cross-entropy + backward + SGD(momentum) step, tim
 device given (CPU by default) after warm-up; the median of ``--steps`` steps is reported. The
 recipes of a case take their steps in turn (interleaved), so the ratios are side by side.
 
+FLOPs are counted too (``torch.utils.flop_counter``: convolutions, matrix products and their
+backward, as the paper's Table 8 FLOPs column; elementwise work is not counted) over one step.
+Exact CBN's floor is one extra weight-gradient convolution per conv (App. B's ∂ν/∂θ), i.e. +1/3
+of a conv's forward+backward FLOPs.
+
 Memory is counted, not sampled: parameters + gradients + optimizer state + the tensors
 autograd saves for backward (via ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by
 storage) + the CBN history buffers. Peak allocator memory is not portable across devices,
@@ -25,6 +30,7 @@ import time
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import bnrewrite
 from bnrewrite.runtime.cross_iteration import sq_mean_gradient
@@ -50,6 +56,13 @@ def saved_bytes(model, x, y) -> int:
     loss.backward()
     model.zero_grad(set_to_none=False)
     return sum(seen.values())
+
+
+def step_flops(runner) -> int:
+    """Matmul/conv FLOPs of one training step (forward, backward and CBN's own work)."""
+    with FlopCounterMode(display=False) as counter:
+        runner["step"]()
+    return counter.get_total_flops()
 
 
 def history_bytes(model) -> int:
@@ -114,7 +127,8 @@ def measure_case(build, recipes, shape, steps, device) -> dict:
                   "saved_activations": saved_bytes(model, runner["x"], runner["y"]),
                   "history": history_bytes(model)}
         memory["total"] = sum(memory.values())
-        results[recipe] = {"step_ms": 1e3 * statistics.median(runner["times"]), "memory": memory}
+        results[recipe] = {"step_ms": 1e3 * statistics.median(runner["times"]), "memory": memory,
+                           "gflops": step_flops(runner) / 1e9}
     return results
 
 
@@ -154,7 +168,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rows = []
     print(f"device={args.device} threads={args.threads}; k = auto = 4 at batch 4")
-    print(f"{'case':22} {'recipe':17} {'step ms':>8} {'x BN':>6} {'memory MB':>10} {'x BN':>6} {'history MB':>11}")
+    print(f"{'case':22} {'recipe':17} {'step ms':>8} {'x BN':>6} {'GFLOP':>7} {'x BN':>6} "
+          f"{'memory MB':>10} {'x BN':>6} {'history MB':>11}")
     recipes = args.recipes.split(",")
     for case in args.cases.split(","):
         build, shape = CASES[case]
@@ -163,9 +178,11 @@ def main(argv=None):
         for recipe in recipes:
             r = results[recipe]
             row = {"case": case, "recipe": recipe, **r, "time_ratio": r["step_ms"] / base["step_ms"],
+                   "flops_ratio": r["gflops"] / base["gflops"],
                    "memory_ratio": r["memory"]["total"] / base["memory"]["total"]}
             rows.append(row)
             print(f"{case:22} {recipe:17} {r['step_ms']:8.2f} {row['time_ratio']:6.2f} "
+                  f"{r['gflops']:7.2f} {row['flops_ratio']:6.2f} "
                   f"{r['memory']['total'] / 2**20:10.2f} {row['memory_ratio']:6.2f} "
                   f"{r['memory']['history'] / 2**20:11.2f}")
     if args.json:

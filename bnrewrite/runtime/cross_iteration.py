@@ -148,22 +148,29 @@ def mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: tor
     ∂μ_j/∂θ_{j,p,η} = (1/M) Σ_positions patch_{p,η}, identical for every output channel of
     a group. Returns shape ``(groups, C_in/groups, *kernel)`` for a convolution and
     ``(1, C_in)`` for a Linear; :func:`expand_mean_gradient` gives the per-channel rows.
-    Cost O(C_in·K·positions): the batch is summed first (the gradient is linear in the input).
+
+    The batch is summed first (the gradient is linear in the input). Then, as the sum over
+    output positions of the patch entry at kernel offset η is the sum of the (padded) input over
+    the positions that offset visits, one spatial dim at a time — a strided slice per kernel
+    offset — the cost is O(C_in·K_1·H·W) for a 2-d kernel, with no im2col of the image.
     """
     with torch.no_grad():
         if isinstance(producer, nn.Linear):
             return producer_input.reshape(-1, producer_input.shape[-1]).mean(0, keepdim=True)
-        groups = producer_groups(producer)
         count = output.numel() // output.shape[1]
-        summed = producer_input.sum(0, keepdim=True)
-        if isinstance(producer, nn.Conv2d):  # im2col of one summed image: cheaper than a 1-channel conv
-            padded, padding = _conv_input_and_padding(producer, summed)
-            cols = nn.functional.unfold(padded, producer.kernel_size, producer.dilation, padding, producer.stride)
-            return (cols.sum(-1) / count).reshape(groups, producer.weight.shape[1], *producer.weight.shape[2:])
-        grad_output = output.new_full((1, groups, *output.shape[2:]), 1.0 / count)
+        summed, padding = _conv_input_and_padding(producer, producer_input.sum(0, keepdim=True))
+        if any(padding):
+            summed = nn.functional.pad(summed, [p for p in reversed(padding) for _ in (0, 1)])
+        sums = summed[0]                                    # (C_in, *spatial), then (C_in, *K_done, *spatial_left)
+        for d, (size, stride, dilation, positions) in enumerate(
+                zip(producer.kernel_size, producer.stride, producer.dilation, output.shape[2:])):
+            axis = 1 + d
+            span = (positions - 1) * stride + 1
+            step = (slice(None),) * axis + (slice(None, None, stride),)
+            sums = torch.stack([sums.narrow(axis, offset * dilation, span)[step].sum(axis)
+                                for offset in range(size)], axis)
         weight = producer.weight
-        shape = (groups, weight.shape[1], *weight.shape[2:])
-        return _conv_weight_gradient(producer, summed, grad_output, shape, groups)
+        return (sums / count).reshape(producer_groups(producer), weight.shape[1], *weight.shape[2:])
 
 
 def expand_mean_gradient(compact: torch.Tensor, out_channels: int) -> torch.Tensor:
@@ -188,12 +195,11 @@ def sq_mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: 
     """
     with torch.no_grad():
         if isinstance(producer, nn.Linear):
-            rows = output[::stride]
+            rows = strided_positions(output, stride, linear=True)
             lhs = (2.0 / rows.shape[0]) * rows.transpose(0, 1)
             return lhs.matmul(producer_input[::stride]) if out is None else torch.matmul(
                 lhs, producer_input[::stride], out=out)
-        if stride > 1:
-            output = output[(slice(None), slice(None)) + (slice(None, None, stride),) * (output.dim() - 2)]
+        output = strided_positions(output, stride)
         scale = 2.0 / (output.numel() // output.shape[1])
         weight = producer.weight
         if output.numel() <= weight.numel():  # scale whichever of the two tensors is smaller
@@ -201,6 +207,16 @@ def sq_mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: 
                                          producer_groups(producer), stride, out)
         return _conv_weight_gradient(producer, producer_input, output, weight.shape,
                                      producer_groups(producer), stride, out).mul_(scale)
+
+
+def strided_positions(output: torch.Tensor, stride: int, linear: bool = False) -> torch.Tensor:
+    """The output positions ``grad_stride`` = ``stride`` estimates ∂ν/∂θ from: every stride-th
+    position of each spatial dim (every stride-th row for a Linear)."""
+    if stride == 1:
+        return output
+    if linear:
+        return output[::stride]
+    return output[(slice(None), slice(None)) + (slice(None, None, stride),) * (output.dim() - 2)]
 
 
 def _row_dot(compact_grad_mean: torch.Tensor, grad_sq_mean: torch.Tensor, weight: torch.Tensor,
@@ -691,12 +707,22 @@ class CrossIterationBatchNorm(BatchNormState):
                 grad_sq_mean = self.cbn_grad_sq_mean[slot]
                 sq_mean_gradient(producer, u, xs, self.grad_stride, out=grad_sq_mean)
                 weight, bias = self._producer_params(dtype)
-                if x.dtype == dtype and self.grad_stride == 1:
-                    # x = θ·patch + b exactly as computed, so ⟨∂μ/∂θ, θ⟩ = μ − b and
-                    # ⟨∂ν/∂θ, θ⟩ = 2(ν − μb): taylor_offsets' values without reading ∂ν/∂θ again
+                if x.dtype == dtype:
+                    # x = θ·patch + b exactly as computed, so ⟨∂μ/∂θ, θ⟩ = μ − b and, over the
+                    # positions P that ∂ν/∂θ averages, ⟨∂ν/∂θ, θ⟩ = 2(ν_P − μ_P b): taylor_offsets'
+                    # values without reading ∂ν/∂θ again (P = all positions unless grad_stride > 1)
                     self.cbn_mean_offset[slot] = 0.0
-                    self.cbn_sq_mean_offset[slot] = -sq_mean
-                else:  # x rounded below the history's precision, or ∂ν/∂θ from strided positions
+                    if self.grad_stride == 1:
+                        self.cbn_sq_mean_offset[slot] = -sq_mean
+                    else:
+                        sampled = strided_positions(xs, self.grad_stride, isinstance(producer, nn.Linear))
+                        sampled_var, sampled_mean = batch_moments(sampled)
+                        sampled_sq_mean = sampled_var + sampled_mean.square()
+                        offset = sq_mean - 2 * sampled_sq_mean
+                        if bias is not None:
+                            offset += 2 * bias * (sampled_mean - mean)
+                        self.cbn_sq_mean_offset[slot] = offset
+                else:  # x rounded below the history's precision
                     offsets = taylor_offsets(weight, bias, mean[None], sq_mean[None], grad_mean[None],
                                              grad_sq_mean[None], producer_groups(producer))
                     self.cbn_mean_offset[slot] = offsets[0][0]

@@ -133,6 +133,26 @@ def test_grad_stride_keeps_the_stored_statistics_exact_and_compensates_close_to_
     assert "grad_stride=2" in repr(strided) and strided.describe()["grad_stride"] == 2
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("name", ["conv3x3_stride_pad", "conv1d", "linear"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_recorded_taylor_offsets_equal_taylor_offsets_of_the_stored_gradients(name, bias, stride):
+    """The ring's offsets come from the moments over the positions ∂ν/∂θ averages (an identity,
+    no pass over ∂ν/∂θ); they equal taylor_offsets computed from the stored gradients."""
+    producer, u = _producer(name, bias)
+    x = producer(u).detach()
+    bn = CrossIterationBatchNorm(x.shape[1], window=2, grad_stride=stride, store="gradients").to(D)
+    bn.attach_producer(producer, "producer")
+    bn(x, u)
+    weight = producer.weight.detach()
+    b = None if producer.bias is None else producer.bias.detach()
+    groups = getattr(producer, "groups", 1)
+    want = taylor_offsets(weight, b, bn.cbn_mean[:1], bn.cbn_sq_mean[:1], bn.cbn_grad_mean[:1],
+                          bn.cbn_grad_sq_mean[:1], groups)
+    torch.testing.assert_close(bn.cbn_mean_offset[:1], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bn.cbn_sq_mean_offset[:1], want[1], rtol=1e-10, atol=1e-10)
+
+
 def test_grad_stride_must_be_a_positive_int():
     with pytest.raises(InputError, match="grad_stride"):
         CrossIterationBatchNorm(4, grad_stride=0)
