@@ -93,3 +93,17 @@ def test_stock_state_dict_loads_back_strictly_after_training():
         assert set(transformed.state_dict()) > set(stock.state_dict()), recipe
         fresh = torchvision.models.resnet18(weights=None)
         fresh.load_state_dict(bnrewrite.stock_state_dict(transformed), strict=True)
+
+
+@pytest.mark.parametrize("recipe", ["fs", "bs", "vdn", "fs+vdn", "ghost", "bgn", "cbn", "naive-cbn", "brn",
+                                    "two-tower"])
+def test_runtime_modules_know_their_site_and_errors_name_it(recipe):
+    """Every pass tells its runtime module the site's qualified name; a bad input names it."""
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    model = bnrewrite.transform(models.ConvBNReLU(), recipe, example_inputs=(torch.randn(2, 3, 6, 6),), **options)
+    norms = {name: m for name, m in model.named_modules() if getattr(m, "is_bnrewrite_norm", False)}
+    assert norms, "the recipe replaced no BatchNorm"
+    for name, norm in norms.items():
+        assert norm.site_name == "bn", (name, norm.site_name)
+        with pytest.raises(InputError, match="'bn'"):
+            norm.check_input(torch.randn(2, norm.num_features + 1, 4, 4))

@@ -64,5 +64,6 @@ def rewrite_batch_group(module: nn.Module, sites, options: BatchGroupOptions, co
         bn = module.get_submodule(site.name)
         bgn = BatchGroupNorm.from_batchnorm(bn, groups=options.groups, examples=options.examples)
         bgn.momentum = _momentum(options.momentum, bn.momentum)
+        bgn.site_name = site.name
         set_submodule(module, site.name, bgn)
     return module

@@ -152,6 +152,7 @@ def _rewrite(module: nn.Module, sites, options, compensate: bool) -> nn.Module:
             backward=options.backward)
         if options.momentum != "keep":
             new.momentum = options.momentum
+        new.site_name = name
         if producer_site is not None:
             new.attach_producer(module.get_submodule(site.producer.name), site.producer.name)
             gm = _graph_of(module, site)

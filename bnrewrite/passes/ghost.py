@@ -62,5 +62,6 @@ def rewrite_ghost(module: nn.Module, sites, options: GhostOptions, context=None)
         bn = module.get_submodule(site.name)
         ghost = GhostBatchNorm.from_batchnorm(bn, size=options.size)
         ghost.momentum = _momentum(options.momentum, bn.momentum)
+        ghost.site_name = site.name
         set_submodule(module, site.name, ghost)
     return module

@@ -116,7 +116,8 @@ class BatchNormState(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             from ..errors import InputError
-            raise InputError(f"{type(self).__name__} expects (N, {self.num_features}, ...) input, "
+            where = f" '{self.site_name}'" if self.site_name else ""
+            raise InputError(f"{type(self).__name__}{where} expects (N, {self.num_features}, ...) input, "
                              f"got shape {tuple(x.shape)}")
 
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

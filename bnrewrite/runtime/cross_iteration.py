@@ -591,12 +591,18 @@ class CrossIterationBatchNorm(BatchNormState):
     def _pick_store(self, x: torch.Tensor, producer_input: torch.Tensor) -> str:
         if self.store != "auto":
             return self.store
-        positions = x.numel() // x.shape[1]
-        strided = positions
-        if self.grad_stride > 1:
-            strided = x.shape[0] * math.prod(math.ceil(s / self.grad_stride) for s in x.shape[2:])
-        return choose_store(self.producer.weight.numel(), producer_input.numel(), x.numel(), positions,
-                            self._resolved_window - 1, x.device.type, strided)
+        return self._auto_store(tuple(x.shape), producer_input.numel(), x.device.type)
+
+    def _auto_store(self, x_shape: tuple[int, ...], u_numel: int, device_type: str) -> str:
+        """:func:`choose_store` for a BN input of shape ``x_shape`` and a producer input of |u| numbers."""
+        positions = math.prod(x_shape) // x_shape[1]
+        if isinstance(self.producer, nn.Linear):  # grad_stride keeps every s-th row
+            strided = math.ceil(x_shape[0] / self.grad_stride)
+        else:
+            strided = x_shape[0] * math.prod(math.ceil(s / self.grad_stride) for s in x_shape[2:])
+        k = self._resolved_window or auto_window(x_shape[0])
+        return choose_store(self.producer.weight.numel(), u_numel, math.prod(x_shape), positions, k - 1,
+                            device_type, strided)
 
     def _allocate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> None:
         if self._resolved_window is None:
@@ -776,7 +782,7 @@ class CrossIterationBatchNorm(BatchNormState):
         compensating = self.compensate and self.producer is not None
         if compensating and producer_input is None:
             raise InputError(
-                f"CrossIterationBatchNorm (producer {self.producer_name}) compensates with the producer's "
+                f"CrossIterationBatchNorm '{self.site_name}' (producer {self.producer_name}) compensates with the producer's "
                 "input: call it as module(x, producer_input), as the cbn pass wires it, or rewrite the "
                 "site with naive-cbn")
         if self.cbn_mean is None:
@@ -853,11 +859,7 @@ class CrossIterationBatchNorm(BatchNormState):
             u_numel = (input_shape[0] * producer.in_channels
                        * math.prod(s * st for s, st in zip(input_shape[2:], producer.stride)))
         if store == "auto":
-            k = self._resolved_window or auto_window(input_shape[0])
-            positions = x_numel // input_shape[1]
-            strided = input_shape[0] * math.prod(math.ceil(s / self.grad_stride) for s in input_shape[2:])
-            store = choose_store(producer.weight.numel(), u_numel, x_numel, positions, k - 1,
-                                 producer.weight.device.type, strided)
+            store = self._auto_store(tuple(input_shape), u_numel, producer.weight.device.type)
         return store, u_numel, x_numel
 
     def history_bytes(self, batch_size: int | None = None, input_shape: tuple[int, ...] | None = None) -> int | None:
