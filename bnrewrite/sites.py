@@ -8,13 +8,14 @@ not be captured. A BN module called twice gives two sites (``shared=True``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import Capture
+from .errors import warn_at_caller
 from .runtime.base import is_batchnorm
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -219,3 +220,18 @@ def producer_input(site: Site) -> fx.Node | None:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     return node.args[0]
+
+
+def module_sites(sites: list[Site], component: str) -> Iterator[Site]:
+    """The sites a module-replacing pass rewrites: each BatchNorm module once (a shared module
+    gives several sites), skipping functional ``F.batch_norm`` calls — there is no module to
+    replace — with a warning that they stay stock BatchNorm."""
+    seen: set[str] = set()
+    for site in sites:
+        if site.functional:
+            warn_at_caller(f"{component}: '{site.name}' is a functional F.batch_norm call, not a module; it stays "
+                           "stock BatchNorm (make it an nn.BatchNorm module to rewrite it)")
+            continue
+        if site.name not in seen:
+            seen.add(site.name)
+            yield site

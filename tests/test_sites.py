@@ -1,8 +1,11 @@
 """Site discovery: every BN call, with producer, consumer, sharing and shapes."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
+import bnrewrite
 from bnrewrite.capture import capture
 from bnrewrite.sites import find_sites
 from tests import models
@@ -70,3 +73,19 @@ def test_timm_batchnormact_has_internal_consumer():
     (site,) = _sites(model, torch.randn(2, 3, 6, 6))
     assert site.kind == "BatchNormAct2d" and site.producer.kind == "Conv2d"
     assert site.consumer.kind == "SiLU" and site.consumer.internal
+
+
+@pytest.mark.parametrize("recipe", ["fs", "bs", "ghost", "bgn", "brn"])
+def test_module_passes_rewrite_a_shared_module_once_and_warn_about_functional_sites(recipe):
+    """``Patterns`` has a BN module called twice and a functional F.batch_norm: the module is
+    replaced once (both calls then use the variant) and the functional call stays stock, with a
+    warning that names it and points at the caller of transform."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = bnrewrite.transform(models.Patterns(), recipe, example_inputs=(torch.randn(4, 3, 6, 6),))
+    functional = [w for w in caught if "functional F.batch_norm" in str(w.message)]
+    assert len(functional) == 1, [str(w.message) for w in caught]
+    assert functional[0].filename == __file__
+    assert getattr(model.bn_shared, "is_bnrewrite_norm", False) and model.bn_shared.site_name == "bn_shared"
+    model.train()
+    model(torch.randn(4, 3, 6, 6))

@@ -13,7 +13,6 @@ through ``fold_for_inference`` and ``bnrewrite.param_groups``.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.batch_group import BatchGroupNorm
+from ..sites import module_sites
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,7 @@ def _momentum(option, current):
 
 def rewrite_batch_group(module: nn.Module, sites, options: BatchGroupOptions, context=None) -> nn.Module:
     """Replace every selected BatchNorm module by a BatchGroupNorm."""
-    done: set[str] = set()
-    for site in sites:
-        if site.functional:
-            warnings.warn(f"bgn: '{site.name}' is a functional F.batch_norm call, not a module; it is "
-                          "kept as stock BatchNorm (make it an nn.BatchNorm module to rewrite it)",
-                          stacklevel=3)
-            continue
-        if site.name in done:
-            continue
-        done.add(site.name)
+    for site in module_sites(sites, "bgn"):
         bn = module.get_submodule(site.name)
         bgn = BatchGroupNorm.from_batchnorm(bn, groups=options.groups, examples=options.examples)
         bgn.momentum = _momentum(options.momentum, bn.momentum)

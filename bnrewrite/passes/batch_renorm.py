@@ -26,7 +26,7 @@ from torch import nn
 
 from ..capture import keep_eval_graph, set_submodule
 from ..runtime.extreme import ExtremeNorm, check_options, mean_before_supported
-from ..sites import producer_input
+from ..sites import module_sites, producer_input
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,12 @@ def rewrite_brn(module: nn.Module, sites, options: BrnOptions, context=None) -> 
     input into its training-graph call."""
     settings = dict(mode="brn", micro=options.micro, rate=options.rate, r_m=options.r_m, r_v=options.r_v,
                     f_max=options.f_max, u_max=options.u_max)
-    done: set[str] = set()
     rewire: dict[str, list] = {}  # graph name -> [(bn node, producer input node)]
-    for site in sites:
-        if site.functional:
-            warnings.warn(f"brn: '{site.name}' is a functional F.batch_norm call, not a module; it stays stock "
-                          "BatchNorm (make it an nn.BatchNorm module to rewrite it)", stacklevel=3)
-            continue
+    for site in module_sites(sites, "brn"):
         if not site.track_running_stats:
             warnings.warn(f"brn: '{site.name}' has track_running_stats=False, so no moving averages to "
                           "normalise with; it stays stock BatchNorm", stacklevel=3)
             continue
-        if site.name in done:
-            continue
-        done.add(site.name)
         if options.micro == 1 and options.r_m > 0 and site.input_shape is not None and len(site.input_shape) == 2:
             warnings.warn(f"brn:micro=1: '{site.name}' normalises (N, C) inputs, where an example's mean is the "
                           f"value itself; with r_m={options.r_m} the gradient through the mean cancels the "

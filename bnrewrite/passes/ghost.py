@@ -12,7 +12,6 @@ land in the first ghost batch only). Inference example weighing (§3.1) is an op
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.ghost import GhostBatchNorm
+from ..sites import module_sites
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,7 @@ def _momentum(option, current):
 
 def rewrite_ghost(module: nn.Module, sites, options: GhostOptions, context=None) -> nn.Module:
     """Replace every selected BatchNorm module by a GhostBatchNorm of ``options.size``."""
-    done: set[str] = set()
-    for site in sites:
-        if site.functional:
-            warnings.warn(f"ghost: '{site.name}' is a functional F.batch_norm call, not a module; it is "
-                          "kept as stock BatchNorm (make it an nn.BatchNorm module to rewrite it)",
-                          stacklevel=3)
-            continue
-        if site.name in done:
-            continue
-        done.add(site.name)
+    for site in module_sites(sites, "ghost"):
         bn = module.get_submodule(site.name)
         ghost = GhostBatchNorm.from_batchnorm(bn, size=options.size)
         ghost.momentum = _momentum(options.momentum, bn.momentum)

@@ -13,13 +13,13 @@ statistics (None keeps the BatchNorm's own; App. D found 0.3 better than 0.1 for
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.sampled import SampledBatchNorm, layer_stream
+from ..sites import module_sites
 
 
 def _check_common(every: int, momentum: float | None) -> None:
@@ -85,15 +85,7 @@ class FrsOptions(FsOptions):
 
 def _rewrite(module: nn.Module, sites, strategy: str, options, context) -> nn.Module:
     seed = int(context.take("seed", 0)) if context is not None else 0
-    done: set[str] = set()
-    for site in sites:
-        if site.functional:
-            warnings.warn(f"{strategy}: '{site.name}' is a functional F.batch_norm call, not a module; it is "
-                          "kept as stock BatchNorm (make it an nn.BatchNorm module to rewrite it)", stacklevel=3)
-            continue
-        if site.name in done:
-            continue
-        done.add(site.name)
+    for site in module_sites(sites, strategy):
         bn = module.get_submodule(site.name)
         kwargs = {"n": getattr(options, "n", None), "ratio": options.ratio}
         sampled = SampledBatchNorm.from_batchnorm(bn, strategy=strategy, every=options.every, seed=seed,
