@@ -93,6 +93,39 @@ def site_rows(model, shape):
     return rows
 
 
+def merge_added_calls(rows: list[dict], original_sites: list[dict]) -> list[dict]:
+    """One row per site of the *original* model. A rewrite can call a module more often than the
+    model did (two-tower runs every BatchNorm once per tower): the extra calls of a module with n
+    original calls are merged into them in order (call i, i + n, i + 2n…), each field taken from
+    the first call that has it, and the row says how many calls the rewritten graph makes."""
+    calls = {}
+    for site in original_sites:
+        calls[site["name"]] = calls.get(site["name"], 0) + 1
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    merged, emitted = [], set()
+    for row in rows:
+        name, group = row["name"], by_name[row["name"]]
+        n = calls.get(name, len(group))
+        if n >= len(group):
+            merged.append(row)
+            continue
+        if name in emitted:
+            continue
+        emitted.add(name)
+        for i in range(n):
+            parts = group[i::n]
+            out = dict(parts[0])
+            for key, value in out.items():
+                if value in (None, "", [], ()):
+                    out[key] = next((p[key] for p in parts if p[key] not in (None, "", [], ())), value)
+            out.update(call_index=i, shared=n > 1)
+            out["details"] = {**out["details"], "calls": len(parts)}
+            merged.append(out)
+    return merged
+
+
 def _format_table(rows, columns):
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
@@ -137,6 +170,8 @@ def cmd_inspect(args) -> int:
     transformed = transform(model, args.recipe, example_inputs=example, **_inspection_options(args, shape))
     info = getattr(transformed, "bnrewrite_info", None)
     rows = site_rows(transformed, shape)
+    if info:
+        rows = merge_added_calls(rows, info.sites)
     selected = set(info.selected) if info else set()
     original_kind = {(s["name"], s["call_index"]): s["kind"] for s in (info.sites if info else [])}
     for row in rows:

@@ -80,3 +80,17 @@ def test_inspect_shows_lowering(capsys):
     assert "fused (+relu)" in bn1
     bn2 = next(line for line in out.splitlines() if line.startswith("layer1.0.bn2 "))
     assert "fused " in bn2 and "+relu" not in bn2  # its output goes to the residual add
+
+
+def test_inspect_two_tower_lists_each_site_once(capsys):
+    """two-tower calls every BatchNorm once per tower; inspect still shows one row per site of the
+    model (with calls=2), not a second row per tower."""
+    assert main(["inspect", "torchvision:resnet18", "--recipe", "two-tower", "--input-shape", "2,3,64,64",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in data["sites"]]
+    assert len(names) == len(set(names)) == 20 and data["summary"] == {**data["summary"], "sites": 20,
+                                                                         "rewritten": 20}
+    first = data["sites"][0]
+    assert first["name"] == "bn1" and first["input_shape"] == [2, 64, 32, 32] and first["consumer"] == "ReLU"
+    assert all(r["details"]["calls"] == 2 and not r["shared"] for r in data["sites"])
