@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bnrewrite  # noqa: E402
+from bnrewrite.testing import randomize_batchnorm  # noqa: E402
 
 
 def bn_models() -> list[str]:
@@ -38,15 +39,7 @@ def bn_models() -> list[str]:
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-    return model.eval()
+    return randomize_batchnorm(model, seed=0)
 
 
 def check(name: str) -> dict:

@@ -35,21 +35,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bnrewrite  # noqa: E402
+from bnrewrite.testing import randomize_batchnorm  # noqa: E402
 
 DEFAULT_MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "regnet_x_400mf",
                   "shufflenet_v2_x1_0"]
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-    return model.eval()
+    return randomize_batchnorm(model, seed, shift=0.1, var_range=(0.5, 1.5))
 
 
 def count_bn_calls(model: nn.Module, x: torch.Tensor) -> int:

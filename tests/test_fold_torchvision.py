@@ -14,6 +14,7 @@ import torchvision
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnrewrite
+from bnrewrite.testing import randomize_batchnorm
 
 
 def _bn_models():
@@ -57,15 +58,7 @@ def _input_for(name):
 
 
 def _randomise(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-    return model.eval()
+    return randomize_batchnorm(model, seed=0)
 
 
 def _params(names):
