@@ -149,10 +149,10 @@ def mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: tor
     a group. Returns shape ``(groups, C_in/groups, *kernel)`` for a convolution and
     ``(1, C_in)`` for a Linear; :func:`expand_mean_gradient` gives the per-channel rows.
 
-    The batch is summed first (the gradient is linear in the input). Then, as the sum over
-    output positions of the patch entry at kernel offset η is the sum of the (padded) input over
-    the positions that offset visits, one spatial dim at a time — a strided slice per kernel
-    offset — the cost is O(C_in·K_1·H·W) for a 2-d kernel, with no im2col of the image.
+    The batch is summed first (the gradient is linear in the input). The sum over output
+    positions of the patch entry at kernel offset η is the sum of the (padded) input over the
+    positions that offset visits; it is taken one spatial dim at a time over a strided window
+    view, O(C_in·K_1·H·W) for a 2-d kernel, with no im2col of the image.
     """
     with torch.no_grad():
         if isinstance(producer, nn.Linear):
@@ -161,14 +161,12 @@ def mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: tor
         summed, padding = _conv_input_and_padding(producer, producer_input.sum(0, keepdim=True))
         if any(padding):
             summed = nn.functional.pad(summed, [p for p in reversed(padding) for _ in (0, 1)])
-        sums = summed[0]                                    # (C_in, *spatial), then (C_in, *K_done, *spatial_left)
-        for d, (size, stride, dilation, positions) in enumerate(
-                zip(producer.kernel_size, producer.stride, producer.dilation, output.shape[2:])):
-            axis = 1 + d
-            span = (positions - 1) * stride + 1
-            step = (slice(None),) * axis + (slice(None, None, stride),)
-            sums = torch.stack([sums.narrow(axis, offset * dilation, span)[step].sum(axis)
-                                for offset in range(size)], axis)
+        sums = summed[0]                    # (C_in, *spatial), then (C_in, *spatial_left, *K_done)
+        for size, stride, dilation in zip(producer.kernel_size, producer.stride, producer.dilation):
+            # windows of the kernel's extent at the output positions (a view), every dilation-th
+            # entry of each = the kernel offsets; summed over the positions
+            windows = sums.unfold(1, (size - 1) * dilation + 1, stride)[..., ::dilation]
+            sums = windows.sum(1)
         weight = producer.weight
         return (sums / count).reshape(producer_groups(producer), weight.shape[1], *weight.shape[2:])
 
