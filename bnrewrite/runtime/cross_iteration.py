@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UnsupportedPatternError
-from .base import BatchNormState
+from .base import BatchNormState, batch_moments
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COMPENSABLE_TYPES = CONV_TYPES + (nn.Linear,)
@@ -329,42 +329,6 @@ def compensate_from_inputs(producer: nn.Module, weight: torch.Tensor, bias: torc
         mean_term = torch.einsum("hn,hnc->hc", valid, delta.sum(-1)) / count
         sq_mean_term = 2.0 * torch.einsum("hn,hnc->hc", valid, torch.linalg.vecdot(delta, x_old)) / count
     return mean + mean_term, sq_mean + sq_mean_term
-
-
-class _BatchMoments(torch.autograd.Function):
-    """(biased var, mean) per channel; backward saves only x, which the normalisation keeps anyway
-    (autograd through the two passes would also keep x − μ, one more activation-sized tensor)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        dims = [d for d in range(x.dim()) if d != 1]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        mean = x.mean(dims, dtype=torch.promote_types(x.dtype, torch.float32))
-        var = (x - mean.reshape(shape)).square().mean(dims)
-        ctx.save_for_backward(x, mean)
-        return var, mean
-
-    @staticmethod
-    def backward(ctx, grad_var, grad_mean):
-        x, mean = ctx.saved_tensors
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        count = x.numel() // x.shape[1]
-        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-        # ∂var/∂x = 2(x − μ)/M, ∂μ/∂x = 1/M
-        scale = (2.0 / count) * grad_var
-        shift = grad_mean / count - scale * mean
-        return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)
-
-
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) biased variance and mean of x, accumulated in at least fp32.
-
-    Two passes (mean, then mean of squared deviations): as exact as ``torch.var_mean`` and, on
-    a CPU, 5–20× faster than its Welford reduction over the non-contiguous N, H, W dims.
-    Differentiable (double backward too); the current batch's part of Eqs. 9–11.
-    """
-    return _BatchMoments.apply(x)
 
 
 def window_statistics(x: torch.Tensor, past_mean: torch.Tensor, past_sq_mean: torch.Tensor,

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import BatchNormState
+from .base import BatchNormState, batch_moments
 
 STRATEGIES = ("ns", "bs", "fs", "frs", "vdn", "full")
 
@@ -103,9 +103,10 @@ class SampleSpec:
 
 
 def _moments(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = [d for d in range(values.dim()) if d != channel_dim]
-    var, mean = torch.var_mean(values, dim=dims, unbiased=False)
-    return mean, var
+    # two-pass moments (torch.var_mean's Welford reduction is several times slower on a CPU),
+    # returned in the input's dtype as torch.var_mean would
+    var, mean = batch_moments(values.movedim(channel_dim, 1) if channel_dim != 1 else values)
+    return mean.to(values.dtype), var.to(values.dtype)
 
 
 def sampled_statistics(x: torch.Tensor, spec: SampleSpec, process_group: Any = None,
