@@ -113,11 +113,15 @@ class BatchNormState(nn.Module):
     def reduce_dims(self, x: torch.Tensor) -> list[int]:
         return [d for d in range(x.dim()) if d != 1]
 
+    @property
+    def site_label(self) -> str:
+        """`` 'name'`` of the site for messages (empty when no pass set it)."""
+        return f" '{self.site_name}'" if self.site_name else ""
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             from ..errors import InputError
-            where = f" '{self.site_name}'" if self.site_name else ""
-            raise InputError(f"{type(self).__name__}{where} expects (N, {self.num_features}, ...) input, "
+            raise InputError(f"{type(self).__name__}{self.site_label} expects (N, {self.num_features}, ...) input, "
                              f"got shape {tuple(x.shape)}")
 
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

@@ -194,9 +194,9 @@ def sq_mean_gradient(producer: nn.Module, producer_input: torch.Tensor, output: 
     with torch.no_grad():
         if isinstance(producer, nn.Linear):
             rows = strided_positions(output, stride, linear=True)
+            inputs = strided_positions(producer_input, stride, linear=True)
             lhs = (2.0 / rows.shape[0]) * rows.transpose(0, 1)
-            return lhs.matmul(producer_input[::stride]) if out is None else torch.matmul(
-                lhs, producer_input[::stride], out=out)
+            return lhs.matmul(inputs) if out is None else torch.matmul(lhs, inputs, out=out)
         output = strided_positions(output, stride)
         scale = 2.0 / (output.numel() // output.shape[1])
         weight = producer.weight
@@ -742,7 +742,7 @@ class CrossIterationBatchNorm(BatchNormState):
         compensating = self.compensate and self.producer is not None
         if compensating and producer_input is None:
             raise InputError(
-                f"CrossIterationBatchNorm '{self.site_name}' (producer {self.producer_name}) compensates with the producer's "
+                f"CrossIterationBatchNorm{self.site_label} (producer {self.producer_name}) compensates with the producer's "
                 "input: call it as module(x, producer_input), as the cbn pass wires it, or rewrite the "
                 "site with naive-cbn")
         if self.cbn_mean is None:

@@ -90,9 +90,8 @@ class GhostBatchNorm(BatchNormState):
             self._warned_single_example = True
             source = ("running statistics" if self.track_running_stats
                       else "statistics of the whole batch (no running statistics are tracked)")
-            where = f" '{self.site_name}'" if self.site_name else ""
             warnings.warn(
-                f"GhostBatchNorm{where}(size={self.size}): a batch of {batch.shape[0]} examples leaves a last "
+                f"GhostBatchNorm{self.site_label}(size={self.size}): a batch of {batch.shape[0]} examples leaves a last "
                 f"ghost batch of one example; it is normalised with the {source}. Use a batch size "
                 f"that is not 1 more than a multiple of {self.size} (or drop_last=True) to avoid this. "
                 "(warned once per layer)", stacklevel=4)

@@ -381,8 +381,7 @@ class SampledBatchNorm(BatchNormState):
             values, source, fix = (spec.virtual_count(shape), f"{self.num_virtual} virtual row(s)",
                                    "use vdn:n=2 or more, or exclude this layer from the recipe")
         if values < 2:
-            where = f" '{self.site_name}'" if self.site_name else ""
-            raise InputError(f"SampledBatchNorm({self.strategy}){where} on input {shape}: {source} holds one "
+            raise InputError(f"SampledBatchNorm({self.strategy}){self.site_label} on input {shape}: {source} holds one "
                              f"value per channel, which has no variance; {fix}")
 
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
