@@ -3,6 +3,12 @@ or device (kernels). Small ResNet shapes are host-bound when the host time per s
 device time; that is what the layer benchmark measures there, not kernel speed.
 
 Usage: python benchmarks/kernel_overhead.py [--shape 128,256,14,14] [--dtype bf16]
+       python benchmarks/kernel_overhead.py --host-only [--shape 2,8,4,4]   # any machine, no GPU
+
+``--host-only`` measures the part of the host time that is this package's own Python: the
+kernels run through the Triton path on CPU tensors with every launch replaced by a no-op
+(so Triton's launcher and the kernels themselves are *not* counted), next to stock
+``nn.BatchNorm2d`` + ``nn.ReLU`` on the same tiny CPU tensor, interleaved, best of ``--reps``.
 """
 from __future__ import annotations
 
@@ -62,12 +68,69 @@ def measure(name, mod, x, dy, params, iters=50):
           f"({kernels:.0f} kernels)  cuda-graph replay {graphed:7.3f} ms")
 
 
+def host_only(shape: str, reps: int) -> None:
+    """Python host time per forward+backward step of a lowered layer, Triton launches stubbed."""
+    os.environ["BNREWRITE_TRITON_CPU"] = "1"
+    import triton
+
+    launches = [0]
+
+    def no_launch(self, grid):
+        def launch(*args, **kwargs):
+            launches[0] += 1
+        return launch
+
+    triton.runtime.jit.JITFunction.__getitem__ = no_launch
+    from bnrewrite.runtime.kernels import FusedBatchNorm, lowered_class
+    from bnrewrite.runtime.sampled import SampledBatchNorm
+
+    torch.set_num_threads(1)
+    n, c, h, w = map(int, shape.split(","))
+    x = torch.randn(n, c, h, w).requires_grad_(True)
+    dy = torch.randn_like(x)
+    bn = nn.BatchNorm2d(c)
+    fused = FusedBatchNorm.from_batchnorm(nn.BatchNorm2d(c))
+    fs = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(c), strategy="fs", ratio=1 / 4)
+    fs.__class__ = lowered_class(SampledBatchNorm)
+    for module in (fused, fs):
+        module.add_module("act", nn.ReLU())
+        module._post_children = ("act",)
+    modules = {"eager": nn.Sequential(bn, nn.ReLU()), "ours:bn": fused, "ours:fs": fs}
+    best = dict.fromkeys(modules, float("inf"))
+    per_step = {}
+    for name, module in modules.items():
+        module.train()
+        for _ in range(50):
+            torch.autograd.grad(module(x), [x, *module.parameters()], dy)
+    for _ in range(reps):
+        for name, module in modules.items():
+            params = [x, *module.parameters()]
+            launches[0] = 0
+            start = time.perf_counter()
+            for _ in range(200):
+                torch.autograd.grad(module(x), params, dy)
+            best[name] = min(best[name], (time.perf_counter() - start) / 200 * 1e6)
+            per_step[name] = launches[0] / 200
+    print(f"host-only, CPU, torch {torch.__version__}, shape {shape}, best of {reps}x200 steps "
+          "(Triton launches stubbed: launcher and kernels not counted)")
+    for name, us in best.items():
+        print(f"{name:8s} {us:7.1f} us/step  x{us / best['eager']:.2f} eager  "
+              f"({per_step[name]:.0f} stubbed launches/step)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--shape", default="128,256,14,14")
+    p.add_argument("--shape", default=None, help="N,C,H,W (default 128,256,14,14; 2,8,4,4 with --host-only)")
+    p.add_argument("--host-only", action="store_true",
+                   help="our Python host time per step on CPU, Triton launches stubbed (no GPU needed)")
+    p.add_argument("--reps", type=int, default=30, help="--host-only: interleaved repetitions (best is kept)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--profile", action="store_true", help="also print where ours:fs spends host time (cProfile)")
     args = p.parse_args()
+    if args.host_only:
+        host_only(args.shape or "2,8,4,4", args.reps)
+        return
+    args.shape = args.shape or "128,256,14,14"
     if not torch.cuda.is_available():
         print("kernel_overhead needs a CUDA device")
         return

@@ -36,6 +36,7 @@ All arithmetic is float32 whatever the storage dtype (fp32, bf16, fp16).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -439,14 +440,14 @@ def _target_programs(x: torch.Tensor) -> int:
 class Geometry:
     """How a dense ``(N, C, *S)`` tensor is laid out, seen as ``(N, C, D, H, W)``."""
 
-    def __init__(self, x: torch.Tensor):
-        self.N, self.C = int(x.shape[0]), int(x.shape[1])
-        spatial = [int(s) for s in x.shape[2:]]
+    def __init__(self, shape: tuple[int, ...], is_channels_last: bool):
+        self.N, self.C = int(shape[0]), int(shape[1])
+        spatial = [int(s) for s in shape[2:]]
         if len(spatial) > 3:
-            raise ValueError(f"at most 3 spatial dims, got input shape {tuple(x.shape)}")
+            raise ValueError(f"at most 3 spatial dims, got input shape {tuple(shape)}")
         self.D, self.H, self.W = [1] * (3 - len(spatial)) + spatial
         self.S = self.D * self.H * self.W
-        self.channels_last = channels_last(x)
+        self.channels_last = is_channels_last
         if self.channels_last:
             sw = self.C
             self.stride_n, self.stride_c = self.S * self.C, 1
@@ -454,12 +455,16 @@ class Geometry:
             sw = 1
             self.stride_n, self.stride_c = self.C * self.S, self.S
         self.stride_w, self.stride_h, self.stride_d = sw, sw * self.W, sw * self.W * self.H
-        self.int64 = x.numel() >= 2 ** 31 - 1
+        self.int64 = self.N * self.C * self.S >= 2 ** 31 - 1
         # the elementwise passes see a contiguous matrix (R, K)
         if self.channels_last:
             self.R, self.K = self.N * self.S, self.C
         else:
             self.R, self.K = self.N * self.C, self.S
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Geometry":
+        return cls(tuple(x.shape), channels_last(x))
 
 
 def _reduce_tiling(g: Geometry, full_box: bool, box_positions: int):
@@ -479,15 +484,29 @@ def _elementwise_tiling(g: Geometry):
     return block_r, block_k
 
 
-def _splits(x: torch.Tensor, total_tiles: int, channel_blocks: int) -> tuple[int, int]:
-    want = max(1, -(-_target_programs(x) // channel_blocks))
+def _splits(programs: int, total_tiles: int, channel_blocks: int) -> tuple[int, int]:
+    want = max(1, -(-programs // channel_blocks))
     splits = max(1, min(total_tiles, want))
     per_split = max(1, -(-total_tiles // splits))
     return -(-total_tiles // per_split), per_split
 
 
-def _group_partials(x: torch.Tensor, g: Geometry, row0: int, nrows: int, box) -> tuple[torch.Tensor, int]:
-    """Launch the partial-statistics kernel of one group; returns (partials, splits)."""
+class _Launch(NamedTuple):
+    """One kernel launch with its shape-derived arguments: ``kernel[grid](*tensors, *args, **meta)``."""
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+
+
+def _elementwise_launch(g: Geometry, **meta) -> _Launch:
+    block_r, block_k = _elementwise_tiling(g)
+    return _Launch((-(-g.R // block_r), -(-g.K // block_k)), (),
+                   dict(meta, CHANNEL_ON_ROWS=not g.channels_last, INT64=g.int64, BLOCK_R=block_r, BLOCK_K=block_k,
+                        num_warps=8 if block_r * block_k >= 4096 else 4))
+
+
+def _group_launch(g: Geometry, row0: int, nrows: int, box, programs: int) -> tuple[_Launch, int]:
+    """The partial-statistics launch of one group (rows x box) and its number of splits."""
     (d0, d1), (h0, h1), (w0, w1) = box
     bd, bh, bw = d1 - d0, h1 - h0, w1 - w0
     P = bd * bh * bw
@@ -500,19 +519,96 @@ def _group_partials(x: torch.Tensor, g: Geometry, row0: int, nrows: int, box) ->
         tiles_per_row = -(-P // block_p)
         total_tiles = nrows * tiles_per_row
     cblocks = -(-g.C // block_c)
-    splits, per_split = _splits(x, total_tiles, cblocks)
-    part = torch.empty((3, splits, g.C), device=x.device, dtype=torch.float32)
-    _stats_partial_kernel[(cblocks, splits)](
-        x, part, g.C, splits, per_split, total_tiles, row0, nrows, P, max(tiles_per_row, 1), bh, bw, d0, h0, w0,
-        g.stride_n, g.stride_c, g.stride_d, g.stride_h, g.stride_w,
-        FLAT=flat, FULL_BOX=full_box, INT64=g.int64, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=4)
-    return part, splits
+    splits, per_split = _splits(programs, total_tiles, cblocks)
+    args = (g.C, splits, per_split, total_tiles, row0, nrows, P, max(tiles_per_row, 1), bh, bw, d0, h0, w0,
+            g.stride_n, g.stride_c, g.stride_d, g.stride_h, g.stride_w)
+    meta = dict(FLAT=flat, FULL_BOX=full_box, INT64=g.int64, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    return _Launch((cblocks, splits), args, meta), splits
 
 
-def region_box(region, g: Geometry):
+class _ForwardPlan(NamedTuple):
+    sampled: tuple[_Launch, int] | None     # partial statistics of the sampled group, splits
+    virtual: tuple[_Launch, int] | None     # ... of the virtual rows (VDN)
+    finalize: _Launch
+    normalize: _Launch
+    C: int
+
+
+class _BackwardPlan(NamedTuple):
+    partial: _Launch
+    splits: int
+    finalize: _Launch
+    grad_input: _Launch
+    C: int
+
+
+def _region_parts(region, g: Geometry):
     nv, r0, r1, d0, d1, h0, h1, w0, w1 = (int(v) for v in region)
     return nv, r0, r1, ((d0, d1), (h0, h1), (w0, w1))
+
+
+# Launch arguments depend only on the shape, layout, region and flags, which a layer repeats
+# step after step: computing them once keeps the host's work per step to the launches (small
+# ResNet layers are host-bound, see benchmarks/kernel_overhead.py).
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v: bool, has_s: bool,
+                  act: str, has_w: bool, has_b: bool, programs: int) -> _ForwardPlan:
+    g = Geometry(shape, is_channels_last)
+    nv, r0, r1, box = _region_parts(region, g)
+    sampled = _group_launch(g, r0, r1 - r0, box, programs) if has_s else None
+    full = ((0, g.D), (0, g.H), (0, g.W))
+    virtual = _group_launch(g, 0, nv, full, programs) if has_v else None
+    block_c = min(_pow2(g.C), 64)
+    finalize = _Launch((-(-g.C // block_c),), (),
+                       dict(HAS_S=has_s, HAS_V=has_v, BLOCK_S=32, BLOCK_C=block_c, num_warps=4))
+    normalize = _normalize_launch(shape, is_channels_last, act, has_w, has_b)
+    return _ForwardPlan(sampled, virtual, finalize, normalize, g.C)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalize_launch(shape, is_channels_last: bool, act: str, has_w: bool, has_b: bool) -> _Launch:
+    g = Geometry(shape, is_channels_last)
+    launch = _elementwise_launch(g, HAS_W=has_w, HAS_B=has_b, ACT=ACTIVATIONS[act])
+    return launch._replace(args=(g.R, g.K, g.C))
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v: bool, has_s: bool,
+                   act: str, has_w: bool, has_b: bool, programs: int) -> _BackwardPlan:
+    g = Geometry(shape, is_channels_last)
+    nv, r0, r1, box = _region_parts(region, g)
+    (d0, d1), (h0, h1), (w0, w1) = box
+    n_s = (r1 - r0) * (d1 - d0) * (h1 - h0) * (w1 - w0)
+    n_v = nv * g.S
+    all_sampled = has_s and not has_v and n_s == g.N * g.S
+    block_p, block_c, flat = _reduce_tiling(g, True, g.S)
+    if flat:
+        tiles_per_row = 1
+        total_tiles = -(-(g.N * g.S) // block_p)
+    else:
+        tiles_per_row = -(-g.S // block_p)
+        total_tiles = g.N * tiles_per_row
+    cblocks = -(-g.C // block_c)
+    splits, per_split = _splits(programs, total_tiles, cblocks)
+    act_id = ACTIVATIONS[act]
+    partial = _Launch((cblocks, splits),
+                      (g.C, splits, per_split, total_tiles, g.N, g.S, tiles_per_row, g.stride_n, g.stride_c, g.stride_w),
+                      dict(FLAT=flat, HAS_W=has_w, HAS_B=has_b, ACT=act_id, INT64=g.int64, BLOCK_P=block_p,
+                           BLOCK_C=block_c, num_warps=4))
+    fc = min(_pow2(g.C), 64)
+    finalize = _Launch((-(-g.C // fc),), (float(max(n_v, 1)), float(max(n_s, 1))),
+                       dict(HAS_W=has_w, BLOCK_S=32, BLOCK_C=fc, num_warps=4))
+    grad_input = _elementwise_launch(g, ALL_SAMPLED=all_sampled, HAS_S=has_s, HAS_V=has_v, HAS_W=has_w, HAS_B=has_b,
+                                     ACT=act_id)
+    grad_input = grad_input._replace(args=(g.R, g.K, g.C, g.S, g.H, g.W, nv, r0, r1, d0, d1, h0, h1, w0, w1))
+    return _BackwardPlan(partial, splits, finalize, grad_input, g.C)
+
+
+def _flags(x: torch.Tensor, region, wv: float, act: str, weight, bias) -> tuple:
+    """The plan key of a call: everything its launch arguments depend on."""
+    region = tuple(region)
+    return (x.shape, channels_last(x), region, wv > 0.0 and region[0] > 0, wv < 1.0, act,
+            weight is not None, bias is not None, _target_programs(x))
 
 
 def update_running_stats(running_mean, running_var, stats, momentum: float, unbias: float) -> None:
@@ -526,88 +622,62 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
             slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled BN (+ activation) forward. ``x`` must be dense (see :func:`.layout.dense`).
     Returns ``(y, stats)`` with ``stats = [mean, var, mean_virtual, mean_sampled]`` (4, C) fp32."""
-    g = Geometry(x)
-    nv, r0, r1, box = region_box(region, g)
-    has_v = wv > 0.0 and nv > 0
-    has_s = wv < 1.0
-    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
-    part_s, splits_s = _group_partials(x, g, r0, r1 - r0, box) if has_s else (dummy, 0)
-    full = ((0, g.D), (0, g.H), (0, g.W))
-    part_v, splits_v = _group_partials(x, g, 0, nv, full) if has_v else (dummy, 0)
-    stats = torch.empty((4, g.C), device=x.device, dtype=torch.float32)
-    block_c = min(_pow2(g.C), 64)
-    _stats_finalize_kernel[(-(-g.C // block_c),)](
-        part_s, splits_s, part_v, splits_v, stats, g.C, float(wv),
-        HAS_S=has_s, HAS_V=has_v, BLOCK_S=32, BLOCK_C=block_c, num_warps=4)
-    return normalize(x, stats, weight, bias, eps, act, slope, g), stats
+    plan = _forward_plan(*_flags(x, region, wv, act, weight, bias))
+    dummy = stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
+    partials = []
+    for group in (plan.sampled, plan.virtual):
+        if group is None:
+            partials += [dummy, 0]
+            continue
+        launch, splits = group
+        part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
+        _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)
+        partials += [part, splits]
+    fin = plan.finalize
+    _stats_finalize_kernel[fin.grid](*partials, stats, plan.C, float(wv), **fin.meta)
+    return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 
-def normalize(x, stats, weight, bias, eps: float, act: str, slope: float, g: Geometry | None = None):
-    """The normalise(+affine+activation) pass alone (one read and one write of the tensor)."""
-    g = g or Geometry(x)
-    dummy = stats
+def _normalize(x, stats, weight, bias, eps: float, slope: float, launch: _Launch) -> torch.Tensor:
     y = torch.empty_like(x)
-    block_r, block_k = _elementwise_tiling(g)
-    _normalize_kernel[(-(-g.R // block_r), -(-g.K // block_k))](
-        x, y, stats, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        g.R, g.K, g.C, float(eps), float(slope),
-        CHANNEL_ON_ROWS=not g.channels_last, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=ACTIVATIONS[act], INT64=g.int64, BLOCK_R=block_r, BLOCK_K=block_k,
-        num_warps=8 if block_r * block_k >= 4096 else 4)
+    _normalize_kernel[launch.grid](x, y, stats, stats if weight is None else weight, stats if bias is None else bias,
+                                   *launch.args, float(eps), float(slope), **launch.meta)
     return y
+
+
+def normalize(x, stats, weight, bias, eps: float, act: str, slope: float) -> torch.Tensor:
+    """The normalise(+affine+activation) pass alone (one read and one write of the tensor)."""
+    launch = _normalize_launch(x.shape, channels_last(x), act, weight is not None, bias is not None)
+    return _normalize(x, stats, weight, bias, eps, slope, launch)
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tensor, region, wv: float,
              eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) of :func:`forward` (App. C Eq. 5–6); dweight/dbias in float32."""
-    g = Geometry(x)
+    key = _flags(x, region, wv, act, weight, bias)
+    plan = _backward_plan(*key)
+    has_v = key[3]
     dy = like(dy, x)
-    nv, r0, r1, box = region_box(region, g)
-    (d0, d1), (h0, h1), (w0, w1) = box
-    has_v = wv > 0.0 and nv > 0
-    has_s = wv < 1.0
-    n_s = (r1 - r0) * (d1 - d0) * (h1 - h0) * (w1 - w0)
-    n_v = nv * g.S
-    all_sampled = has_s and not has_v and n_s == g.N * g.S
-    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
-    w_arg = weight if weight is not None else dummy
-    b_arg = bias if bias is not None else dummy
-    block_p, block_c, flat = _reduce_tiling(g, True, g.S)
-    if flat:
-        tiles_per_row = 1
-        total_tiles = -(-(g.N * g.S) // block_p)
-    else:
-        tiles_per_row = -(-g.S // block_p)
-        total_tiles = g.N * tiles_per_row
-    cblocks = -(-g.C // block_c)
-    splits, per_split = _splits(x, total_tiles, cblocks)
-    part = torch.empty((2, splits, g.C), device=x.device, dtype=torch.float32)
-    act_id = ACTIVATIONS[act]
-    _grad_partial_kernel[(cblocks, splits)](
-        dy, x, stats, w_arg, b_arg, part, g.C, splits, per_split, total_tiles, g.N, g.S, tiles_per_row,
-        g.stride_n, g.stride_c, g.stride_w, float(eps), float(slope),
-        FLAT=flat, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, INT64=g.int64,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-    coef = torch.empty((5, g.C), device=x.device, dtype=torch.float32)
-    dw = torch.empty(g.C, device=x.device, dtype=torch.float32)
-    db = torch.empty(g.C, device=x.device, dtype=torch.float32)
-    fc = min(_pow2(g.C), 64)
-    _grad_finalize_kernel[(-(-g.C // fc),)](
-        part, splits, stats, w_arg, coef, dw, db, g.C, float(eps),
-        float(wv if has_v else 0.0), float(max(n_v, 1)), float(max(n_s, 1)),
-        HAS_W=weight is not None, BLOCK_S=32, BLOCK_C=fc, num_warps=4)
+    device, C = x.device, plan.C
+    w_arg = stats if weight is None else weight
+    b_arg = stats if bias is None else bias
+    part = torch.empty((2, plan.splits, C), device=device, dtype=torch.float32)
+    launch = plan.partial
+    _grad_partial_kernel[launch.grid](dy, x, stats, w_arg, b_arg, part, *launch.args, float(eps), float(slope),
+                                      **launch.meta)
+    coef = torch.empty((5, C), device=device, dtype=torch.float32)
+    dw = torch.empty(C, device=device, dtype=torch.float32)
+    db = torch.empty(C, device=device, dtype=torch.float32)
+    launch = plan.finalize
+    _grad_finalize_kernel[launch.grid](part, plan.splits, stats, w_arg, coef, dw, db, C, float(eps),
+                                       float(wv if has_v else 0.0), *launch.args, **launch.meta)
     dx = torch.empty_like(x)
-    block_r, block_k = _elementwise_tiling(g)
-    _grad_input_kernel[(-(-g.R // block_r), -(-g.K // block_k))](
-        dy, x, stats, w_arg, b_arg, coef, dx, g.R, g.K, g.C, g.S, g.H, g.W,
-        nv, r0, r1, d0, d1, h0, h1, w0, w1, float(eps), float(slope),
-        CHANNEL_ON_ROWS=not g.channels_last, ALL_SAMPLED=all_sampled, HAS_S=has_s, HAS_V=has_v,
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, INT64=g.int64,
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=8 if block_r * block_k >= 4096 else 4)
+    launch = plan.grad_input
+    _grad_input_kernel[launch.grid](dy, x, stats, w_arg, b_arg, coef, dx, *launch.args, float(eps), float(slope),
+                                    **launch.meta)
     return dx, dw, db
 
 
 def is_interpreted() -> bool:
     return bool(getattr(triton.runtime.interpreter, "InterpretedFunction", None)) and isinstance(
         _normalize_kernel, triton.runtime.interpreter.InterpretedFunction)
-

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...errors import InputError
 from ..base import BatchNormState
-from .functional import fused_batch_norm
+from .functional import fused_batch_norm_region, region_of
 
 _ACTIVATION_TYPES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.LeakyReLU, "leaky_relu"))
 
@@ -63,15 +63,22 @@ class _FusedForward:
             factor = float(self.momentum)
         return self.running_mean, self.running_var, factor
 
-    def _run_fused(self, x: torch.Tensor, spec, act: tuple[str, float]):
-        shape = tuple(x.shape)
-        from .functional import region_of
+    def _region(self, spec, shape: tuple[int, ...]):
+        """:func:`region_of` for this step; in eager mode computed once per sample draw and shape
+        (host time per step is what small lowered layers are bound by)."""
+        if torch.compiler.is_compiling():
+            return region_of(spec, shape)
+        cached = self.__dict__.get("_fused_region")
+        if cached is None or cached[0] is not spec or cached[1] != shape:
+            cached = (spec, shape, region_of(spec, shape))
+            self.__dict__["_fused_region"] = cached
+        return cached[2]
 
-        _, _, count = region_of(spec, shape)
+    def _run_fused(self, x: torch.Tensor, spec, act: tuple[str, float]):
+        region, wv, count = self._region(spec, tuple(x.shape))
         rm, rv, factor = self._running_update(count)
-        y, mean, var, count = fused_batch_norm(x, self.weight, self.bias, rm, rv, spec=spec, momentum=factor,
-                                               eps=self.eps, activation=act[0], negative_slope=act[1])
-        return y, mean, var, count
+        return fused_batch_norm_region(x, self.weight, self.bias, region, wv, count, rm, rv, factor, self.eps,
+                                       act[0], act[1])
 
     def _lowering_info(self) -> dict:
         act = self.fused_activation()

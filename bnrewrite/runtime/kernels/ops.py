@@ -36,13 +36,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    from . import _triton
+    return _triton
+
+
 def _kernels_for(x: Tensor):
     """The Triton module when the kernels run on ``x``'s device, else None (reference path)."""
-    if not triton_available():
-        return None
-    if x.is_cuda or (x.device.type == "cpu" and os.environ.get("BNREWRITE_TRITON_CPU") == "1"):
-        from . import _triton
-        return _triton
+    if x.is_cuda:
+        return _triton_kernels() if triton_available() else None
+    if x.device.type == "cpu" and os.environ.get("BNREWRITE_TRITON_CPU") == "1" and triton_available():
+        return _triton_kernels()
     return None
 
 
@@ -133,12 +138,12 @@ class _EagerBatchNormAct(torch.autograd.Function):
         impl = _kernels_for(inputs[0]) or reference
         output = impl.forward(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.impl = impl
         return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
-        impl = _kernels_for(ctx.saved_tensors[0]) or reference
-        return _gradients(ctx, grad_y, impl.backward)
+        return _gradients(ctx, grad_y, ctx.impl.backward)
 
 
 def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
@@ -155,6 +160,7 @@ def call_update_running_stats_(running_mean: Tensor, running_var: Tensor, stats:
     if torch.compiler.is_compiling():
         update_running_stats_(running_mean, running_var, stats, momentum, unbias)
         return
-    with torch.no_grad():
-        impl = _kernels_for(running_mean) or reference
-        impl.update_running_stats(running_mean, running_var, stats, momentum, unbias)
+    impl = _kernels_for(running_mean) or reference
+    # no grad-mode guard here: a kernel launch records no autograd history and the reference
+    # implementation runs under no_grad itself
+    impl.update_running_stats(running_mean, running_var, stats, momentum, unbias)

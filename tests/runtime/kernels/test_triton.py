@@ -85,6 +85,23 @@ def test_kernels_match_reference_interpreted(shape, spec_factory, dtype, channel
     _check(shape, spec_factory, dtype, channels_last, act, "cpu")
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
+def test_launch_plans_are_cached_per_shape_layout_and_region():
+    """Launch arguments are computed once per (shape, layout, region, flags) and reused: the
+    same shape in both layouts and with three samples, twice over, still matches the reference."""
+    triton_mod = _kernels()
+    specs = [lambda: None, lambda: SampleSpec(rows=(0, 3), patch=((1, 4), (2, 5))), lambda: SampleSpec(rows=(1, 2))]
+    triton_mod._forward_plan.cache_clear()
+    triton_mod._backward_plan.cache_clear()
+    for _ in range(2):
+        for spec in specs:
+            for cl in (False, True):
+                _check((3, 5, 7, 6), spec, torch.float32, cl, "relu", "cpu")
+    for plan in (triton_mod._forward_plan, triton_mod._backward_plan):
+        info = plan.cache_info()
+        assert (info.misses, info.hits) == (6, 6)
+
+
 def _gpu_cases():
     big = [
         ("full", (8, 64, 28, 28), lambda: None),
