@@ -184,8 +184,11 @@ def _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK
 
 @triton.jit
 def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr, C, wv,
-                           HAS_S: tl.constexpr, HAS_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Eq. 4 mixing of the groups into the saved statistics."""
+                           rm_ptr, rv_ptr, momentum, unbias,
+                           HAS_S: tl.constexpr, HAS_V: tl.constexpr, HAS_RUNNING: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Eq. 4 mixing of the groups into the saved statistics; with ``HAS_RUNNING`` also the
+    running-statistics EMA (eager mode: one launch fewer than the separate update op)."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -204,6 +207,8 @@ def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr
     tl.store(stats_ptr + C + cs, var, mask=cmask)
     tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
     tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
+    if HAS_RUNNING:
+        _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
 
 
 @triton.jit
@@ -213,6 +218,11 @@ def _running_update_kernel(stats_ptr, rm_ptr, rv_ptr, C, momentum, unbias, BLOCK
     cmask = cs < C
     mean = tl.load(stats_ptr + cs, mask=cmask, other=0.0)
     var = tl.load(stats_ptr + C + cs, mask=cmask, other=0.0)
+    _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
+
+
+@triton.jit
+def _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias):
     rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
     rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
     rm = rm * (1.0 - momentum) + mean * momentum
@@ -619,9 +629,11 @@ def update_running_stats(running_mean, running_var, stats, momentum: float, unbi
 
 
 def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: str,
-            slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+            slope: float, running=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled BN (+ activation) forward. ``x`` must be dense (see :func:`.layout.dense`).
-    Returns ``(y, stats)`` with ``stats = [mean, var, mean_virtual, mean_sampled]`` (4, C) fp32."""
+    Returns ``(y, stats)`` with ``stats = [mean, var, mean_virtual, mean_sampled]`` (4, C) fp32.
+    ``running = (running_mean, running_var, momentum, unbias)``: also update those in place, as
+    :func:`update_running_stats` does, in the same launch that finalizes the statistics."""
     plan = _forward_plan(*_flags(x, region, wv, act, weight, bias))
     dummy = stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
     partials = []
@@ -633,8 +645,10 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
         part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
         _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)
         partials += [part, splits]
+    rm, rv, momentum, unbias = running if running is not None else (stats, stats, 0.0, 1.0)
     fin = plan.finalize
-    _stats_finalize_kernel[fin.grid](*partials, stats, plan.C, float(wv), **fin.meta)
+    _stats_finalize_kernel[fin.grid](*partials, stats, plan.C, float(wv), rm, rv, float(momentum), float(unbias),
+                                     HAS_RUNNING=running is not None, **fin.meta)
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 

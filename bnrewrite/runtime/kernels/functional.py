@@ -67,8 +67,9 @@ def fused_batch_norm_region(x: torch.Tensor, weight: torch.Tensor | None, bias: 
     a lowered layer reuses it step after step)."""
     from . import ops
 
-    y, stats = ops.call_batch_norm_act(x, weight, bias, region, virtual_weight, float(eps), activation,
-                                       float(negative_slope))
+    running = None
     if running_mean is not None and running_var is not None and count > 1:
-        ops.call_update_running_stats_(running_mean, running_var, stats, float(momentum), count / (count - 1))
+        running = (running_mean, running_var, float(momentum), count / (count - 1))
+    y, stats = ops.call_batch_norm_act(x, weight, bias, region, virtual_weight, float(eps), activation,
+                                       float(negative_slope), running)
     return y, stats[0], stats[1], count

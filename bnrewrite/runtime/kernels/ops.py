@@ -133,34 +133,31 @@ class _EagerBatchNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope):
+    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running):
         inputs = (dense(x), weight, bias, region, virtual_weight, eps, activation, slope)
         impl = _kernels_for(inputs[0]) or reference
-        output = impl.forward(*inputs)
+        output = impl.forward(*inputs, running=running)
         _setup_context(ctx, inputs, output)
         ctx.impl = impl
         return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
-        return _gradients(ctx, grad_y, ctx.impl.backward)
+        return _gradients(ctx, grad_y, ctx.impl.backward) + (None,)
 
 
 def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
-                        virtual_weight: float, eps: float, activation: str, slope: float) -> tuple[Tensor, Tensor]:
-    """:func:`batch_norm_act` as a custom op under ``torch.compile``, directly in eager mode."""
-    if torch.compiler.is_compiling():
-        return batch_norm_act(x, weight, bias, region, virtual_weight, eps, activation, slope)
-    return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope)
+                        virtual_weight: float, eps: float, activation: str, slope: float,
+                        running: tuple[Tensor, Tensor, float, float] | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`batch_norm_act` as a custom op under ``torch.compile``, directly in eager mode.
 
-
-def call_update_running_stats_(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float,
-                               unbias: float) -> None:
-    """:func:`update_running_stats_`, dispatched like :func:`call_batch_norm_act`."""
+    ``running = (running_mean, running_var, momentum, unbias)``: update the running statistics
+    too -- in eager mode inside the same kernel launch, under compile with
+    :func:`update_running_stats_` (a mutating op cannot be part of an op with an autograd formula).
+    """
     if torch.compiler.is_compiling():
-        update_running_stats_(running_mean, running_var, stats, momentum, unbias)
-        return
-    impl = _kernels_for(running_mean) or reference
-    # no grad-mode guard here: a kernel launch records no autograd history and the reference
-    # implementation runs under no_grad itself
-    impl.update_running_stats(running_mean, running_var, stats, momentum, unbias)
+        y, stats = batch_norm_act(x, weight, bias, region, virtual_weight, eps, activation, slope)
+        if running is not None:
+            update_running_stats_(running[0], running[1], stats, running[2], running[3])
+        return y, stats
+    return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope, running)

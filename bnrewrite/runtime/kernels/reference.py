@@ -72,7 +72,7 @@ def update_running_stats(running_mean, running_var, stats, momentum, unbias) -> 
         running_var.copy_(running_var.float() * (1 - momentum) + stats[1] * unbias * momentum)
 
 
-def forward(x, weight, bias, region, wv, eps, act, slope):
+def forward(x, weight, bias, region, wv, eps, act, slope, running=None):
     x5 = _view5(x).float()
     C = x5.shape[1]
     has_s, sampled, has_v, virtual = _groups(region, wv)
@@ -92,7 +92,10 @@ def forward(x, weight, bias, region, wv, eps, act, slope):
         z = z + _channel(bias.float())
     y = apply_activation(z, act, slope).reshape(x.shape).to(x.dtype)
     y = torch.empty_like(x).copy_(y)  # the input's memory format, as the kernels give
-    return y, torch.stack([mean, var, mean_v, mean_s])
+    stats = torch.stack([mean, var, mean_v, mean_s])
+    if running is not None:
+        update_running_stats(*running[:2], stats, *running[2:])
+    return y, stats
 
 
 def backward(dy, x, weight, bias, stats, region, wv, eps, act, slope):

@@ -77,6 +77,13 @@ def _check(shape, spec_factory, dtype, channels_last, act, device):
     triton_mod.update_running_stats(rm, rv, stats, 0.1, count / (count - 1))
     assert torch.allclose(rm.cpu().double(), 0.9 * 0.3 + 0.1 * rmean, rtol=1e-5, atol=1e-6)
     assert torch.allclose(rv.cpu().double(), 0.9 * 2.0 + 0.1 * rvar * count / (count - 1), rtol=1e-5, atol=1e-6)
+    # the same EMA folded into the forward's finalize launch (eager mode's path)
+    rm, rv = torch.full((C,), 0.3, device=device), torch.full((C,), 2.0, device=device)
+    y2, stats2 = triton_mod.forward(x, weight, bias, region, wv, eps, act, slope,
+                                    running=(rm, rv, 0.1, count / (count - 1)))
+    assert torch.equal(y2, y) and torch.equal(stats2, stats)
+    assert torch.allclose(rm.cpu().double(), 0.9 * 0.3 + 0.1 * rmean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rv.cpu().double(), 0.9 * 2.0 + 0.1 * rvar * count / (count - 1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
@@ -97,9 +104,10 @@ def test_launch_plans_are_cached_per_shape_layout_and_region():
         for spec in specs:
             for cl in (False, True):
                 _check((3, 5, 7, 6), spec, torch.float32, cl, "relu", "cpu")
-    for plan in (triton_mod._forward_plan, triton_mod._backward_plan):
+    # _check runs forward twice (with and without the running update) and backward once
+    for plan, calls in ((triton_mod._forward_plan, 24), (triton_mod._backward_plan, 12)):
         info = plan.cache_info()
-        assert (info.misses, info.hits) == (6, 6)
+        assert (info.misses, info.hits) == (6, calls - 6)
 
 
 def _gpu_cases():
