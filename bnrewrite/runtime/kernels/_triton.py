@@ -112,6 +112,37 @@ def _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
     return offs, pmask
 
 
+@triton.jit
+def _elementwise_tile(R, K, C, CHANNEL_ON_ROWS: tl.constexpr, INT64: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the (R, K) matrix an elementwise pass sees: its rows and columns, the channel
+    of each row (NCHW) or column (channels-last) with its mask, and the tile's offsets and mask."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if CHANNEL_ON_ROWS:
+        ch = rows % C
+        chmask = rows < R
+    else:
+        ch = cols
+        chmask = cols < K
+    r = rows
+    if INT64:
+        r = r.to(tl.int64)
+    offs = r[:, None] * K + cols[None, :]
+    m = (rows < R)[:, None] & (cols < K)[None, :]
+    return rows, cols, ch, chmask, offs, m
+
+
+@triton.jit
+def _per_channel(v, CHANNEL_ON_ROWS: tl.constexpr):
+    """A per-channel vector of :func:`_elementwise_tile` as an operand of the 2-D tile."""
+    if CHANNEL_ON_ROWS:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
 # ============================================================================ forward
 @triton.jit
 def _stats_partial_kernel(x_ptr, part_ptr, C, splits, tiles_per_split, total_tiles,
@@ -236,14 +267,7 @@ def _normalize_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, R, K, C, eps, slope
                       CHANNEL_ON_ROWS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = act((x − mean)·rstd·γ + β) over the whole tensor: one read, one write (Eq. 1)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    if CHANNEL_ON_ROWS:
-        ch = rows % C
-        chmask = rows < R
-    else:
-        ch = cols
-        chmask = cols < K
+    rows, cols, ch, chmask, offs, m = _elementwise_tile(R, K, C, CHANNEL_ON_ROWS, INT64, BLOCK_R, BLOCK_K)
     mean = tl.load(stats_ptr + ch, mask=chmask, other=0.0)
     var = tl.load(stats_ptr + C + ch, mask=chmask, other=1.0)
     scale = 1.0 / tl.sqrt(var + eps)
@@ -253,21 +277,9 @@ def _normalize_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, R, K, C, eps, slope
         shift = tl.load(b_ptr + ch, mask=chmask, other=0.0).to(tl.float32)
     else:
         shift = tl.zeros_like(scale)
-    if CHANNEL_ON_ROWS:
-        mean2 = mean[:, None]
-        scale2 = scale[:, None]
-        shift2 = shift[:, None]
-    else:
-        mean2 = mean[None, :]
-        scale2 = scale[None, :]
-        shift2 = shift[None, :]
-    r = rows
-    if INT64:
-        r = r.to(tl.int64)
-    offs = r[:, None] * K + cols[None, :]
-    m = (rows < R)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = _activation((x - mean2) * scale2 + shift2, ACT, slope)
+    z = (x - _per_channel(mean, CHANNEL_ON_ROWS)) * _per_channel(scale, CHANNEL_ON_ROWS)
+    y = _activation(z + _per_channel(shift, CHANNEL_ON_ROWS), ACT, slope)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -357,44 +369,29 @@ def _grad_input_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, coef_ptr, dx_ptr,
                        INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """App. C Eq. 6 in one pass: every point gets dy'·rstd·γ; the points of a group G also
     get −rstd·γ·(A_G + B_G·(x − mean_G))."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask = rows < R
-    kmask = cols < K
-    if CHANNEL_ON_ROWS:
-        ch = rows % C
-        chmask = rmask
-    else:
-        ch = cols
-        chmask = kmask
-    mean = tl.load(stats_ptr + ch, mask=chmask, other=0.0)
-    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + C + ch, mask=chmask, other=1.0) + eps)
-    k1 = tl.load(coef_ptr + ch, mask=chmask, other=0.0)
-    a_s = tl.load(coef_ptr + C + ch, mask=chmask, other=0.0)
-    b_s = tl.load(coef_ptr + 2 * C + ch, mask=chmask, other=0.0)
-    a_v = tl.load(coef_ptr + 3 * C + ch, mask=chmask, other=0.0)
-    b_v = tl.load(coef_ptr + 4 * C + ch, mask=chmask, other=0.0)
-    mean_v = tl.load(stats_ptr + 2 * C + ch, mask=chmask, other=0.0)
-    mean_s = tl.load(stats_ptr + 3 * C + ch, mask=chmask, other=0.0)
+    rows, cols, ch, chmask, offs, m = _elementwise_tile(R, K, C, CHANNEL_ON_ROWS, INT64, BLOCK_R, BLOCK_K)
+    mean = _per_channel(tl.load(stats_ptr + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    rstd = _per_channel(1.0 / tl.sqrt(tl.load(stats_ptr + C + ch, mask=chmask, other=1.0) + eps), CHANNEL_ON_ROWS)
+    k1 = _per_channel(tl.load(coef_ptr + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    a_s = _per_channel(tl.load(coef_ptr + C + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    b_s = _per_channel(tl.load(coef_ptr + 2 * C + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    a_v = _per_channel(tl.load(coef_ptr + 3 * C + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    b_v = _per_channel(tl.load(coef_ptr + 4 * C + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    mean_v = _per_channel(tl.load(stats_ptr + 2 * C + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
+    mean_s = _per_channel(tl.load(stats_ptr + 3 * C + ch, mask=chmask, other=0.0), CHANNEL_ON_ROWS)
     if HAS_W:
-        w = tl.load(w_ptr + ch, mask=chmask, other=1.0).to(tl.float32)
+        w = _per_channel(tl.load(w_ptr + ch, mask=chmask, other=1.0).to(tl.float32), CHANNEL_ON_ROWS)
     else:
-        w = tl.full(mean.shape, 1.0, tl.float32)
+        w = 1.0
     if HAS_B:
-        b = tl.load(b_ptr + ch, mask=chmask, other=0.0).to(tl.float32)
+        b = _per_channel(tl.load(b_ptr + ch, mask=chmask, other=0.0).to(tl.float32), CHANNEL_ON_ROWS)
     else:
-        b = tl.zeros_like(mean)
-    # per-channel vectors as 2-D operands, and the group membership of each point
+        b = 0.0
+    # the group membership of each point
     if CHANNEL_ON_ROWS:
-        mean, rstd, k1, w, b = mean[:, None], rstd[:, None], k1[:, None], w[:, None], b[:, None]
-        a_s, b_s, a_v, b_v = a_s[:, None], b_s[:, None], a_v[:, None], b_v[:, None]
-        mean_v, mean_s = mean_v[:, None], mean_s[:, None]
         n = rows // C
         s = cols
     else:
-        mean, rstd, k1, w, b = mean[None, :], rstd[None, :], k1[None, :], w[None, :], b[None, :]
-        a_s, b_s, a_v, b_v = a_s[None, :], b_s[None, :], a_v[None, :], b_v[None, :]
-        mean_v, mean_s = mean_v[None, :], mean_s[None, :]
         n = rows // S
         s = rows - n * S
     if not ALL_SAMPLED:
@@ -412,11 +409,6 @@ def _grad_input_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, coef_ptr, dx_ptr,
         else:
             in_s = (in_rows & in_box)[:, None]
             in_v = in_virtual[:, None]
-    r = rows
-    if INT64:
-        r = r.to(tl.int64)
-    offs = r[:, None] * K + cols[None, :]
-    m = rmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     g = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if ACT != 0:
