@@ -20,6 +20,7 @@ from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.batch_group import BatchGroupNorm
+from ..runtime.base import check_momentum_option, resolve_momentum
 from ..sites import module_sites
 
 
@@ -37,16 +38,7 @@ class BatchGroupOptions:
             raise ValueError(f"groups must be >= 1, got {self.groups}")
         if self.examples < 1:
             raise ValueError(f"examples must be >= 1, got {self.examples}")
-        if isinstance(self.momentum, float) and not 0.0 < self.momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {self.momentum}")
-
-
-def _momentum(option, current):
-    if option == "keep":
-        return current
-    if option == "cumulative":
-        return None
-    return float(option)
+        check_momentum_option(self.momentum)
 
 
 def rewrite_batch_group(module: nn.Module, sites, options: BatchGroupOptions, context=None) -> nn.Module:
@@ -54,7 +46,7 @@ def rewrite_batch_group(module: nn.Module, sites, options: BatchGroupOptions, co
     for site in module_sites(sites, "bgn"):
         bn = module.get_submodule(site.name)
         bgn = BatchGroupNorm.from_batchnorm(bn, groups=options.groups, examples=options.examples)
-        bgn.momentum = _momentum(options.momentum, bn.momentum)
+        bgn.momentum = resolve_momentum(options.momentum, bn.momentum)
         bgn.site_name = site.name
         set_submodule(module, site.name, bgn)
     return module

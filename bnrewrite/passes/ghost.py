@@ -19,6 +19,7 @@ from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.ghost import GhostBatchNorm
+from ..runtime.base import check_momentum_option, resolve_momentum
 from ..sites import module_sites
 
 
@@ -35,16 +36,7 @@ class GhostOptions:
         if self.size < 2:
             raise ValueError(f"size must be >= 2 (a ghost batch of one example has no batch statistics), "
                              f"got {self.size}")
-        if isinstance(self.momentum, float) and not 0.0 < self.momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {self.momentum}")
-
-
-def _momentum(option, current):
-    if option == "keep":
-        return current
-    if option == "cumulative":
-        return None
-    return float(option)
+        check_momentum_option(self.momentum)
 
 
 def rewrite_ghost(module: nn.Module, sites, options: GhostOptions, context=None) -> nn.Module:
@@ -52,7 +44,7 @@ def rewrite_ghost(module: nn.Module, sites, options: GhostOptions, context=None)
     for site in module_sites(sites, "ghost"):
         bn = module.get_submodule(site.name)
         ghost = GhostBatchNorm.from_batchnorm(bn, size=options.size)
-        ghost.momentum = _momentum(options.momentum, bn.momentum)
+        ghost.momentum = resolve_momentum(options.momentum, bn.momentum)
         ghost.site_name = site.name
         set_submodule(module, site.name, ghost)
     return module

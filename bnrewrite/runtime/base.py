@@ -223,6 +223,22 @@ class BatchNormState(nn.Module):
                 missing_keys.remove(prefix + key)
 
 
+def check_momentum_option(momentum) -> None:
+    """Validate a recipe's ``momentum`` option: a float in (0, 1], ``keep`` or ``cumulative``."""
+    if isinstance(momentum, float) and not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {momentum}")
+
+
+def resolve_momentum(option, current: float | None) -> float | None:
+    """The running-statistics momentum a rewritten BatchNorm gets from a recipe's ``momentum``
+    option: ``keep`` = the BatchNorm's own (``current``), ``cumulative`` = PyTorch's ``None``."""
+    if option == "keep":
+        return current
+    if option == "cumulative":
+        return None
+    return float(option)
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     """A stock BatchNorm (any subclass, lazy or sync) or a bnrewrite runtime module."""
     return isinstance(module, _BatchNorm) or getattr(module, "is_bnrewrite_norm", False)
