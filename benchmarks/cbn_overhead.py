@@ -14,7 +14,7 @@ autograd saves for backward (via ``torch.autograd.graph.saved_tensors_hooks``, d
 storage) + the CBN history buffers. Peak allocator memory is not portable across devices,
 this count is.
 
-    OMP_NUM_THREADS=1 python benchmarks/cbn_overhead.py [--device cpu] [--threads 1] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/cbn_overhead.py [--device cpu] [--threads 1] [--lower fused] [--json out.json]
         [--recipes bn,cbn,cbn:store=inputs,...] [--cases "resnet18 b4 224x224"]
 
 ``cbn`` chooses its history store per site (``store=auto``); ``cbn:store=gradients`` and
@@ -101,10 +101,13 @@ def build_runner(build, recipe, shape, device, classes=10, **options) -> dict:
     return {"model": model, "opt": opt, "x": x, "y": y, "step": step, "times": []}
 
 
-def measure_case(build, recipes, shape, steps, device) -> dict:
+def measure_case(build, recipes, shape, steps, device, lower="reference") -> dict:
     """Step times of every recipe, interleaved: step i of each recipe runs back to back, so a
-    slow phase of a shared machine hits every recipe alike and the ratios stay comparable."""
-    runners = {r: build_runner(build, r, shape, device) for r in recipes}
+    slow phase of a shared machine hits every recipe alike and the ratios stay comparable.
+    ``lower``: the transform's ``lower=`` for the rewritten recipes ("fused": CBN's window
+    normalisation on the Triton kernels where they run, i.e. on CUDA)."""
+    runners = {r: build_runner(build, r, shape, device, lower=lower) if r not in ("bn", FLOOR)
+               else build_runner(build, r, shape, device) for r in recipes}
     for _ in range(max(10, steps // 5)):  # warm-up; fills the CBN window too
         for runner in runners.values():
             runner["step"]()
@@ -163,17 +166,19 @@ def main(argv=None):
                         help=f"comma-separated; '{FLOOR}' = stock BN + one weight-gradient conv per conv")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
                         help=f"comma-separated, from: {', '.join(CASES)}")
+    parser.add_argument("--lower", default="reference", choices=["reference", "fused"],
+                        help="transform(..., lower=): 'fused' runs cbn's window normalisation on the Triton kernels")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"device={args.device} threads={args.threads}; k = auto = 4 at batch 4")
+    print(f"device={args.device} threads={args.threads} lower={args.lower}; k = auto = 4 at batch 4")
     print(f"{'case':22} {'recipe':17} {'step ms':>8} {'x BN':>6} {'GFLOP':>7} {'x BN':>6} "
           f"{'memory MB':>10} {'x BN':>6} {'history MB':>11}")
     recipes = args.recipes.split(",")
     for case in args.cases.split(","):
         build, shape = CASES[case]
-        results = measure_case(build, recipes, shape, args.steps, args.device)
+        results = measure_case(build, recipes, shape, args.steps, args.device, args.lower)
         base = results[recipes[0]]
         for recipe in recipes:
             r = results[recipe]

@@ -36,7 +36,9 @@ step layer-speed 120 "$py" benchmarks/bn_layer_speed.py --batches 256 --compile-
 # model level: ResNet-50 training throughput, eager and compiled
 step train-step 140 "$py" benchmarks/train_step.py --models resnet50 --batch 128 --recipes bn fs \
     --compile stock fs --steps 15
-# CBN's overhead on a GPU (issue 6 measured it on a CPU only)
-step cbn-overhead 50 "$py" benchmarks/cbn_overhead.py --device cuda --steps 30 \
-    --cases "resnet18 b4 224x224" --recipes "bn,bn+wgrad,naive-cbn,cbn,cbn:grad_stride=2"
+# CBN's overhead on a GPU (issue 6 measured it on a CPU only), plain torch and lowered
+step cbn-overhead 60 bash -c "'$py' benchmarks/cbn_overhead.py --device cuda --steps 30 \
+    --cases 'resnet18 b4 224x224' --recipes 'bn,bn+wgrad,naive-cbn,cbn,cbn:grad_stride=2' && \
+    '$py' benchmarks/cbn_overhead.py --device cuda --steps 30 --lower fused \
+    --cases 'resnet18 b4 224x224' --recipes 'bn,naive-cbn,cbn,cbn:grad_stride=2'"
 echo "logs in $out"

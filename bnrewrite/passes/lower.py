@@ -8,7 +8,12 @@ Runs after every other pass of a recipe. For each selected site:
 * a :class:`~bnrewrite.runtime.sampled.SampledBatchNorm` (ns/bs/fs/vdn and their mixtures)
   has its class swapped in place for ``Fused<Class>``, which keeps its state, schedule and
   sample spec and runs the fused op in training (``frs`` stays on the reference path);
-* other runtime modules (ghost, cbn, ...) have no fused kernel and stay as they are.
+* a :class:`~bnrewrite.runtime.cross_iteration.CrossIterationBatchNorm` (``cbn``/``naive-cbn``
+  with the paper's backward) is marked ``lowered="triton"``: its window normalisation (Eqs. 9–12)
+  runs on the same kernels with a window finalize; the history and Eqs. 7–8 stay plain torch,
+  and a following activation stays a separate node;
+* other runtime modules (ghost, bgn, extreme, cbn with ``backward=renorm``) have no fused kernel
+  and stay as they are.
 
 Where the graph shows the site's only user is a ReLU/ReLU6/SiLU/LeakyReLU (module, function
 or method), that node is removed and the activation becomes the norm's ``act`` child, applied
@@ -77,6 +82,7 @@ def should_lower(module: nn.Module, mode: str) -> tuple[bool, str]:
 
 def _lowered_module(norm: nn.Module) -> tuple[nn.Module | None, str | None]:
     """(the lowered module, or None with the reason it stays)."""
+    from ..runtime.cross_iteration import CrossIterationBatchNorm
     from ..runtime.kernels import FusedBatchNorm, FusedSampledMixin, lowered_class
     from ..runtime.sampled import SampledBatchNorm
 
@@ -86,6 +92,11 @@ def _lowered_module(norm: nn.Module) -> tuple[nn.Module | None, str | None]:
         if norm.strategy == "frs":
             return None, "frs samples random points: no fused kernel, kept on the reference path"
         norm.__class__ = lowered_class(type(norm))
+        return norm, None
+    if isinstance(norm, CrossIterationBatchNorm):
+        if norm.backward_mode != "window":
+            return None, f"cbn backward={norm.backward_mode} has no fused kernel"
+        norm.lowered = "triton"  # Eqs. 9-12 on the kernels; the history stays plain torch
         return norm, None
     if type(norm).__name__ in _STOCK_NAMES and isinstance(norm, nn.modules.batchnorm._BatchNorm):
         if getattr(norm, "drop", None) is not None and not isinstance(norm.drop, nn.Identity):
@@ -182,7 +193,9 @@ def lower_model(module: nn.Module, sites, options: LowerOptions | str = "auto") 
         if new is not norm:
             set_submodule(module, site.name, new)
         done[site.name] = new
-        act = _fuse_activation(module, site, new) if options.fuse_activation else None
+        # only the sampled/stock modules have an activation epilogue (CBN's window op has none yet)
+        fusable = options.fuse_activation and hasattr(new, "fused_activation")
+        act = _fuse_activation(module, site, new) if fusable else None
         if act is None:
             internal = new.fused_activation() if hasattr(new, "fused_activation") else None
             act = internal[0] if internal and internal[0] != "none" else None

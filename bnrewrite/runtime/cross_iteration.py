@@ -485,6 +485,9 @@ class CrossIterationBatchNorm(BatchNormState):
     """
 
     optional_state_keys = HISTORY_KEYS
+    # "triton" once the lowering pass has chosen the fused kernels for Eqs. 9-12 (used where they
+    # run: CUDA tensors, not under torch.compile, backward="window"); None = plain torch ops
+    lowered: str | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
@@ -757,8 +760,16 @@ class CrossIterationBatchNorm(BatchNormState):
             self.last_statistics = None
         else:
             past_mean, past_sq_mean = self.past_statistics()
-            y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean, past_sq_mean,
-                                                                self.eps, self.backward_mode == "renorm")
+            fused = None
+            if self.lowered == "triton" and self.backward_mode == "window":
+                from .kernels import ops
+                fused = ops.fused_window_batch_norm if ops.fused_window_available(x) else None
+            if fused is not None:
+                y, mean, var, mean_now, var_now = fused(x, self.weight, self.bias, past_mean, past_sq_mean, self.eps)
+            else:
+                y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean,
+                                                                    past_sq_mean, self.eps,
+                                                                    self.backward_mode == "renorm")
             moments = (var_now, mean_now)
             count = x.numel() // x.shape[1]
             self.update_running_stats(mean, var, count * (past_mean.shape[0] + 1))
@@ -864,6 +875,8 @@ class CrossIterationBatchNorm(BatchNormState):
             "history_bytes": self.history_bytes(batch, input_shape),
             "history_filled": self._filled,
         }
+        if self.lowered:
+            info["lowered"] = self.lowered
         if input_shape and info["history_bytes"] is not None:
             activation = math.prod(input_shape) * 4
             info["history_vs_activation"] = round(info["history_bytes"] / activation, 4)
@@ -877,7 +890,8 @@ class CrossIterationBatchNorm(BatchNormState):
                 + (f", store={self._resolved_store or self.store}" if mode == "compensated" else "")
                 + (f", grad_stride={self.grad_stride}" if self.grad_stride != 1 else "")
                 + (f", backward={self.backward_mode}" if self.backward_mode != "window" else "")
-                + (f", producer={self.producer_name}" if self.producer_name and mode == "compensated" else ""))
+                + (f", producer={self.producer_name}" if self.producer_name and mode == "compensated" else "")
+                + (f", lowered={self.lowered}" if self.lowered else ""))
 
 
 def warn_uncompensated(notes: dict[str, str]) -> None:

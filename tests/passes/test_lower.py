@@ -6,6 +6,7 @@ tests/runtime/kernels/."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -192,8 +193,44 @@ def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(rec
     torch.testing.assert_close(_train(low, steps=2), _train(ref, steps=2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", ["cbn:k=3", "naive-cbn:k=3"])
+def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(recipe, monkeypatch):
+    """Lowered CBN: Eqs. 9-12 and their backward on the kernels (window finalize + the sampled
+    BN backward with one group of count k·M), the history in plain torch; equal to the reference."""
+    pytest.importorskip("triton")
+    from bnrewrite.runtime.cross_iteration import CrossIterationBatchNorm
+    from bnrewrite.runtime.kernels import _triton
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU triton compiles the kernels for CUDA tensors: see the gpu tests")
+    if not _triton.is_interpreted():
+        pytest.fail("TRITON_INTERPRET must be set before triton is imported (tests/conftest.py)")
+    monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
+    calls = []
+    window_forward = _triton.window_forward
+    monkeypatch.setattr(_triton, "window_forward", lambda *a, **k: calls.append(1) or window_forward(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
+        _, ref, low = _pair(recipe)
+    assert [(r.lowered, r.activation) for r in low.bnrewrite_lowering] == [(True, None)] * 4
+    norms = [m for m in low.modules() if isinstance(m, CrossIterationBatchNorm)]
+    assert len(norms) == 4 and all(m.lowered == "triton" for m in norms)
+    assert "lowered=triton" in repr(norms[0])
+    torch.testing.assert_close(_train(low, steps=4), _train(ref, steps=4), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 4 * 3  # every site from the second step on (the first fills the window)
+    for (name, b), c in zip(low.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cbn_with_renorm_backward_is_not_lowered():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        model = bnrewrite.transform(ConvNet(), "cbn:backward=renorm", lower="fused")
+    assert all(not r.lowered and "renorm" in r.reason for r in model.bnrewrite_lowering)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["bn", "fs", "fs+vdn:n=2"])
+@pytest.mark.parametrize("recipe", ["bn", "fs", "fs+vdn:n=2", "cbn:k=3"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_lowered_model_on_cuda_trains_like_reference(recipe, channels_last):
     options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}

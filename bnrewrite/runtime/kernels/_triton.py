@@ -243,6 +243,41 @@ def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr
 
 
 @triton.jit
+def _window_finalize_kernel(part_ptr, splits, past_mean_ptr, past_sq_ptr, h, stats_ptr, C,
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Cross-iteration BN's window statistics (cross-iteration-bn.txt Eqs. 9–11): the current
+    batch's (μ_t, var_t) from the partials, mixed with h compensated past (μ_τ, ν_τ).
+
+    μ̄ = mean of the k = h + 1 means; σ̄² = (1/k)Σ max(ν_τ − μ_τ², 0) + (1/k)Σ (μ_τ − μ̄)² with
+    ν_t − μ_t² = var_t (the cancellation-free form of ``window_statistics``). Stored rows:
+    [μ̄, σ̄², 0, μ̄, μ_t, var_t] -- rows 0–3 in the layout the backward kernels read (one sampled
+    group whose mean is μ̄), rows 4–5 the batch's own moments for the history and running stats."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    mean_t, var_t = _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S, BLOCK_C)
+    mean_sum = mean_t
+    var_sum = var_t
+    for i in range(0, h):
+        mu = tl.load(past_mean_ptr + i * C + cs, mask=cmask, other=0.0)
+        nu = tl.load(past_sq_ptr + i * C + cs, mask=cmask, other=0.0)
+        mean_sum += mu
+        var_sum += tl.maximum(nu - mu * mu, 0.0)                                         # Eq. 10
+    k = (h + 1).to(tl.float32)
+    mean = mean_sum / k                                                                   # Eq. 9
+    spread = (mean_t - mean) * (mean_t - mean)
+    for i in range(0, h):
+        d = tl.load(past_mean_ptr + i * C + cs, mask=cmask, other=0.0) - mean
+        spread += d * d
+    var = (var_sum + spread) / k                                                          # Eq. 11
+    tl.store(stats_ptr + cs, mean, mask=cmask)
+    tl.store(stats_ptr + C + cs, var, mask=cmask)
+    tl.store(stats_ptr + 2 * C + cs, tl.zeros_like(mean), mask=cmask)
+    tl.store(stats_ptr + 3 * C + cs, mean, mask=cmask)
+    tl.store(stats_ptr + 4 * C + cs, mean_t, mask=cmask)
+    tl.store(stats_ptr + 5 * C + cs, var_t, mask=cmask)
+
+
+@triton.jit
 def _running_update_kernel(stats_ptr, rm_ptr, rv_ptr, C, momentum, unbias, BLOCK_C: tl.constexpr):
     """PyTorch's running-statistics EMA, with the unbiased variance of the sampled values."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -644,6 +679,32 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 
+def full_region(shape) -> tuple[int, ...]:
+    """The region of the whole batch: no virtual rows, every row, every position."""
+    spatial = [int(v) for v in shape[2:]]
+    box = [1] * (3 - len(spatial)) + spatial
+    return (0, 0, int(shape[0]), 0, box[0], 0, box[1], 0, box[2])
+
+
+def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_sq_mean: torch.Tensor,
+                   eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-iteration BN forward (Eqs. 9–12): one reduction over the batch, the window finalize
+    (:func:`_window_finalize_kernel`) with the (h, C) compensated past statistics, one normalise
+    pass. Returns ``(y, stats)``, ``stats`` (6, C) fp32 as that kernel stores it; :func:`backward`
+    with the whole batch as the one group of count k·M differentiates it."""
+    plan = _forward_plan(*_flags(x, full_region(x.shape), 0.0, act, weight, bias))
+    launch, splits = plan.sampled
+    part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
+    _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)
+    stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
+    past_mean = past_mean.to(torch.float32).contiguous()
+    past_sq_mean = past_sq_mean.to(torch.float32).contiguous()
+    fin = plan.finalize
+    _window_finalize_kernel[fin.grid](part, splits, past_mean, past_sq_mean, int(past_mean.shape[0]), stats, plan.C,
+                                      BLOCK_S=fin.meta["BLOCK_S"], BLOCK_C=fin.meta["BLOCK_C"], num_warps=4)
+    return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
+
+
 def _normalize(x, stats, weight, bias, eps: float, slope: float, launch: _Launch) -> torch.Tensor:
     y = torch.empty_like(x)
     _normalize_kernel[launch.grid](x, y, stats, stats if weight is None else weight, stats if bias is None else bias,
@@ -658,8 +719,11 @@ def normalize(x, stats, weight, bias, eps: float, act: str, slope: float) -> tor
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tensor, region, wv: float,
-             eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias) of :func:`forward` (App. C Eq. 5–6); dweight/dbias in float32."""
+             eps: float, act: str, slope: float, group_count: float | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of :func:`forward` (App. C Eq. 5–6); dweight/dbias in float32.
+    ``group_count``: the sampled group's n_G in Eq. 6 instead of its size (k·M for
+    :func:`window_forward`, whose statistics give the batch a 1/k share)."""
     key = _flags(x, region, wv, act, weight, bias)
     plan = _backward_plan(*key)
     has_v = key[3]
@@ -675,8 +739,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
     dw = torch.empty(C, device=device, dtype=torch.float32)
     db = torch.empty(C, device=device, dtype=torch.float32)
     launch = plan.finalize
+    counts = launch.args if group_count is None else (launch.args[0], float(group_count))
     _grad_finalize_kernel[launch.grid](part, plan.splits, stats, w_arg, coef, dw, db, C, float(eps),
-                                       float(wv if has_v else 0.0), *launch.args, **launch.meta)
+                                       float(wv if has_v else 0.0), *counts, **launch.meta)
     dx = torch.empty_like(x)
     launch = plan.grad_input
     _grad_input_kernel[launch.grid](dy, x, stats, w_arg, b_arg, coef, dx, *launch.args, float(eps), float(slope),

@@ -161,3 +161,49 @@ def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
             update_running_stats_(running[0], running[1], stats, running[2], running[3])
         return y, stats
     return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope, running)
+
+
+class _FusedWindowBatchNorm(torch.autograd.Function):
+    """Cross-iteration BN's Eqs. 9–12 on the Triton kernels (eager mode): see
+    :func:`fused_window_batch_norm`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps):
+        x = dense(x)
+        impl = _kernels_for(x)
+        y, stats = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, "none", 0.0)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.impl = impl
+        ctx.eps = eps
+        ctx.group_count = (past_mean.shape[0] + 1) * (x.numel() // x.shape[1])
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_stats):
+        x, weight, bias, stats = ctx.saved_tensors
+        impl = ctx.impl
+        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, impl.full_region(x.shape), 0.0, ctx.eps, "none",
+                                   0.0, group_count=ctx.group_count)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (dx if need_x else None,
+                dw.to(weight.dtype) if need_w and weight is not None else None,
+                db.to(bias.dtype) if need_b and bias is not None else None,
+                None, None, None)
+
+
+def fused_window_available(x: Tensor) -> bool:
+    """Whether :func:`fused_window_batch_norm` runs on ``x``: the Triton kernels apply there, this
+    is not a ``torch.compile`` trace (which keeps the plain-torch op), and ``x`` is fp32/bf16/fp16
+    (the kernels compute in fp32; float64 keeps the plain-torch op's precision)."""
+    return (not torch.compiler.is_compiling() and 2 <= x.dim() <= 5
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _kernels_for(x) is not None)
+
+
+def fused_window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
+                            past_sq_mean: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """:func:`bnrewrite.runtime.cross_iteration.window_batch_norm` on the Triton kernels:
+    ``(y, μ̄, σ̄², μ_t, var_t)``. Its backward is App. C Eq. 6 of the sampling paper with one
+    group (the whole batch) of count k·M and mean μ̄, i.e. the sampled BN backward kernels."""
+    y, stats = _FusedWindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, float(eps))
+    return y, stats[0], stats[1], stats[4], stats[5]

@@ -172,3 +172,69 @@ def test_every_output_element_is_written():
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(y.double(), dim=dims, unbiased=False)
         assert mean.abs().max() < 1e-5 and (var - 1).abs().max() < 1e-3
+
+
+def _window_case(shape, dtype, channels_last, h, device):
+    """Inputs of a cross-iteration BN step: x, affine, dy and h compensated past (μ, ν)."""
+    C = shape[1]
+    x = make_input(shape, dtype, channels_last, device, seed=3)
+    dy = make_input(shape, dtype, channels_last, device, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(device)
+    bias = (torch.rand(C, generator=gen) - 0.5).to(device)
+    past_mean = torch.randn(h, C, generator=gen) * 0.5 + 0.4
+    past_var = torch.rand(h, C, generator=gen) * 3 + 0.2
+    past_sq_mean = past_var + past_mean.square()
+    past_sq_mean[0, 0] = past_mean[0, 0] ** 2 - 0.1   # a ν < μ² (Eq. 10's max applies)
+    return x, dy, weight, bias, past_mean.to(device), past_sq_mean.to(device)
+
+
+def _check_window(shape, dtype, channels_last, h, device):
+    """The fused window op (forward + backward) against the plain-torch Eqs. 9–12 op of the CBN
+    runtime (itself checked against autograd in tests/runtime/test_cross_iteration.py), in fp64."""
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+
+    triton_mod = _kernels()
+    x, dy, weight, bias, past_mean, past_sq_mean = _window_case(shape, dtype, channels_last, h, device)
+    eps = 1e-5
+    y, stats = triton_mod.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, "none", 0.0)
+    count = (h + 1) * (x.numel() // x.shape[1])
+    dx, dw, db = triton_mod.backward(dy, x, weight, bias, stats, triton_mod.full_region(x.shape), 0.0, eps,
+                                     "none", 0.0, group_count=count)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    w64 = weight.double().cpu().requires_grad_(True)
+    b64 = bias.double().cpu().requires_grad_(True)
+    ry, rmean, rvar, rmean_now, rvar_now = window_batch_norm(x64, w64, b64, past_mean.double().cpu(),
+                                                             past_sq_mean.double().cpu(), eps)
+    rdx, rdw, rdb = torch.autograd.grad(ry, (x64, w64, b64), dy.double().cpu())
+    tol = TOL[dtype]
+    assert y.dtype == x.dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    for got, want in ((stats[0], rmean), (stats[1], rvar), (stats[4], rmean_now), (stats[5], rvar_now)):
+        assert rel_err(got, want) < 1e-5
+    assert torch.equal(stats[3], stats[0])
+    assert rel_err(y, ry) < tol
+    assert rel_err(dx, rdx) < (tol if dtype is torch.float32 else 3 * tol)
+    assert rel_err(dw, rdw) < (1e-4 if dtype is torch.float32 else 2 * tol)
+    assert rel_err(db, rdb) < (1e-4 if dtype is torch.float32 else 2 * tol)
+
+
+_WINDOW_CASES = [((3, 5, 7, 6), torch.float32, False, 1), ((3, 5, 7, 6), torch.float32, True, 3),
+                 ((4, 6, 9), torch.float32, False, 2), ((6, 7), torch.float32, False, 3),
+                 ((2, 4, 3, 5, 4), torch.float32, True, 2), ((3, 5, 7, 6), torch.bfloat16, True, 3),
+                 ((5, 3, 4, 4), torch.float16, False, 1)]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
+@pytest.mark.parametrize("shape,dtype,channels_last,h", _WINDOW_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{'cl' if c[2] else 'nchw'}-h{c[3]}"
+                              for c in _WINDOW_CASES])
+def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_last, h):
+    _check_window(shape, dtype, channels_last, h, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype,channels_last,h",
+                         [((8, 64, 28, 28), torch.float32, False, 3), ((16, 48, 29, 31), torch.bfloat16, True, 7),
+                          ((300, 70), torch.float32, False, 2), ((7, 37, 13, 11), torch.float16, True, 1)])
+def test_window_kernels_match_cbn_reference_cuda(shape, dtype, channels_last, h):
+    _check_window(shape, dtype, channels_last, h, "cuda")
