@@ -178,8 +178,8 @@ def test_custom_ops_pass_opcheck():
                           (torch.zeros(5), torch.ones(5), stats, 0.1, 1.1))
 
 
-@pytest.mark.parametrize("recipe", ["bn", "fs+vdn:n=2"])
-def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(recipe, monkeypatch):
+def _interpreted_kernels(monkeypatch):
+    """The Triton module, with CPU tensors routed through triton's interpreter for this test."""
     pytest.importorskip("triton")
     from bnrewrite.runtime.kernels import _triton
 
@@ -188,6 +188,12 @@ def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(rec
     if not _triton.is_interpreted():
         pytest.fail("TRITON_INTERPRET must be set before triton is imported (tests/conftest.py)")
     monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
+    return _triton
+
+
+@pytest.mark.parametrize("recipe", ["bn", "fs+vdn:n=2"])
+def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(recipe, monkeypatch):
+    _interpreted_kernels(monkeypatch)
     options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
     _, ref, low = _pair(recipe, **options)
     torch.testing.assert_close(_train(low, steps=2), _train(ref, steps=2), rtol=1e-4, atol=1e-5)
@@ -197,15 +203,9 @@ def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(rec
 def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(recipe, monkeypatch):
     """Lowered CBN: Eqs. 9-12 and their backward on the kernels (window finalize + the sampled
     BN backward with one group of count k·M), the history in plain torch; equal to the reference."""
-    pytest.importorskip("triton")
     from bnrewrite.runtime.cross_iteration import CrossIterationBatchNorm
-    from bnrewrite.runtime.kernels import _triton
 
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU triton compiles the kernels for CUDA tensors: see the gpu tests")
-    if not _triton.is_interpreted():
-        pytest.fail("TRITON_INTERPRET must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
+    _triton = _interpreted_kernels(monkeypatch)
     calls = []
     window_forward = _triton.window_forward
     monkeypatch.setattr(_triton, "window_forward", lambda *a, **k: calls.append(1) or window_forward(*a, **k))
