@@ -572,6 +572,9 @@ def _replace_call(gm: fx.GraphModule, node: fx.Node, new: nn.Module | None, norm
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         return ""
+    # the replacement takes the norm's input alone: a training-time extra such as CBN's or
+    # brn's producer input (``norm(x, producer_input)``) means nothing in eval
+    node.args, node.kwargs = node.args[:1], {}
     if context.uses.get(id(norm), 0) <= 1:
         set_submodule(gm, node.target, new)
         return node.target

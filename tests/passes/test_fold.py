@@ -315,6 +315,30 @@ def test_timm_batchnorm_act_keeps_its_activation():
     check(model, torch.randn(2, 3, 6, 6), expected_actions=["into-producer"])
 
 
+@pytest.mark.parametrize("recipe", ["cbn:k=2", "brn"])
+def test_producer_wired_variant_on_batchnorm_act_folds(recipe):
+    """cbn and brn call their norm as ``norm(x, producer_input)``; on timm's BatchNormAct2d the
+    fold keeps the activation as a post-norm module, which must get ``x`` alone (this used to be
+    a raw TypeError from the activation's forward)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), timm_layers.BatchNormAct2d(4, act_layer=nn.SiLU),
+                          nn.Conv2d(4, 4, 3, padding=1), timm_layers.BatchNormAct2d(4, act_layer=nn.ReLU))
+    x = torch.randn(4, 3, 8, 8)
+    transformed = bnrewrite.transform(model, recipe, example_inputs=(x,))
+    transformed.train()
+    for _ in range(3):
+        transformed(x).sum().backward()
+    transformed.eval()
+    with torch.no_grad():
+        want = transformed(x)
+    folded = bnrewrite.fold_for_inference(transformed)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+    assert no_norm_left(folded)
+    assert actions(folded) == ["into-producer", "into-producer"]
+
+
 def test_transformed_model_folds():
     model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
                                     nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
