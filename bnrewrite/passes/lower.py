@@ -10,8 +10,8 @@ Runs after every other pass of a recipe. For each selected site:
   sample spec and runs the fused op in training (``frs`` stays on the reference path);
 * a :class:`~bnrewrite.runtime.cross_iteration.CrossIterationBatchNorm` (``cbn``/``naive-cbn``
   with the paper's backward) is marked ``lowered="triton"``: its window normalisation (Eqs. 9–12)
-  runs on the same kernels with a window finalize; the history and Eqs. 7–8 stay plain torch,
-  and a following activation stays a separate node;
+  runs on the same kernels with a window finalize (and the following activation, as above);
+  the history and Eqs. 7–8 stay plain torch;
 * other runtime modules (ghost, bgn, extreme, cbn with ``backward=renorm``) have no fused kernel
   and stay as they are.
 
@@ -193,7 +193,6 @@ def lower_model(module: nn.Module, sites, options: LowerOptions | str = "auto") 
         if new is not norm:
             set_submodule(module, site.name, new)
         done[site.name] = new
-        # only the sampled/stock modules have an activation epilogue (CBN's window op has none yet)
         fusable = options.fuse_activation and hasattr(new, "fused_activation")
         act = _fuse_activation(module, site, new) if fusable else None
         if act is None:

@@ -722,10 +722,18 @@ class CrossIterationBatchNorm(BatchNormState):
     def forward(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         if self.uses_batch_stats():
-            y = self.forward_train(x, producer_input)
-        else:
-            y = self.stock_forward(x)
-        return self.post_norm(y)
+            return self.forward_train(x, producer_input, post_norm=True)
+        return self.post_norm(self.stock_forward(x))
+
+    def fused_activation(self) -> tuple[str, float] | None:
+        """The activation a lowered window op applies in its normalise pass: the ``act`` child
+        when it is the only post-norm child and a kind the kernels implement, else None."""
+        from .kernels.modules import activation_name
+
+        post = self._post_children
+        if post == ():
+            return "none", 0.0
+        return activation_name(self.act) if post == ("act",) else None
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """Eq. 12 and Eq. 4 as one pass over x: y = x·scale + shift per channel."""
@@ -739,9 +747,13 @@ class CrossIterationBatchNorm(BatchNormState):
         # statistics are fp32 (or fp64); the output keeps the input's dtype, as stock BatchNorm's
         return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
 
-    def forward_train(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_train(self, x: torch.Tensor, producer_input: torch.Tensor | None = None,
+                      post_norm: bool = False) -> torch.Tensor:
+        """One training step; ``post_norm``: also apply the post-norm children (a lowered window op
+        applies a fused activation in its normalise pass)."""
         if not self.training:  # track_running_stats=False in eval: plain batch statistics
-            return self.stock_forward(x)
+            y = self.stock_forward(x)
+            return self.post_norm(y) if post_norm else y
         compensating = self.compensate and self.producer is not None
         if compensating and producer_input is None:
             raise InputError(
@@ -755,6 +767,7 @@ class CrossIterationBatchNorm(BatchNormState):
         k = self._resolved_window
         in_burnin = self._steps < self.burnin
         moments = None
+        activated = False
         if in_burnin or self._filled == 0:
             y = self.stock_forward(x)  # k = 1 is exactly BatchNorm, running statistics included
             self.last_statistics = None
@@ -764,8 +777,12 @@ class CrossIterationBatchNorm(BatchNormState):
             if self.lowered == "triton" and self.backward_mode == "window":
                 from .kernels import ops
                 fused = ops.fused_window_batch_norm if ops.fused_window_available(x) else None
+            act = self.fused_activation() if post_norm else ("none", 0.0)
             if fused is not None:
-                y, mean, var, mean_now, var_now = fused(x, self.weight, self.bias, past_mean, past_sq_mean, self.eps)
+                act = act or ("none", 0.0)
+                y, mean, var, mean_now, var_now = fused(x, self.weight, self.bias, past_mean, past_sq_mean, self.eps,
+                                                        *act)
+                activated = act[0] != "none"
             else:
                 y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean,
                                                                     past_sq_mean, self.eps,
@@ -780,7 +797,7 @@ class CrossIterationBatchNorm(BatchNormState):
             # counted only up to the burn-in: a Python int that changed every step would make
             # torch.compile recompile every step (it guards on module int attributes)
             self._steps += 1
-        return y
+        return self.post_norm(y) if post_norm and not activated else y
 
     def estimate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None, *,
                  compensate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

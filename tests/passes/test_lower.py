@@ -201,8 +201,9 @@ def test_lowered_model_with_interpreted_triton_kernels_trains_like_reference(rec
 
 @pytest.mark.parametrize("recipe", ["cbn:k=3", "naive-cbn:k=3"])
 def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(recipe, monkeypatch):
-    """Lowered CBN: Eqs. 9-12 and their backward on the kernels (window finalize + the sampled
-    BN backward with one group of count k·M), the history in plain torch; equal to the reference."""
+    """Lowered CBN: Eqs. 9-12 (+ the fused activation) and their backward on the kernels (window
+    finalize + the sampled BN backward with one group of count k·M), the history in plain torch;
+    equal to the reference."""
     from bnrewrite.runtime.cross_iteration import CrossIterationBatchNorm
 
     _triton = _interpreted_kernels(monkeypatch)
@@ -212,7 +213,9 @@ def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(rec
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
         _, ref, low = _pair(recipe)
-    assert [(r.lowered, r.activation) for r in low.bnrewrite_lowering] == [(True, None)] * 4
+    records = low.bnrewrite_lowering
+    assert [(r.lowered, r.activation) for r in records] == [(True, "relu"), (True, "silu"), (True, "leaky_relu"),
+                                                             (True, None)]
     norms = [m for m in low.modules() if isinstance(m, CrossIterationBatchNorm)]
     assert len(norms) == 4 and all(m.lowered == "triton" for m in norms)
     assert "lowered=triton" in repr(norms[0])
@@ -220,6 +223,11 @@ def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(rec
     assert len(calls) == 4 * 3  # every site from the second step on (the first fills the window)
     for (name, b), c in zip(low.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
+    low.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 12, 10)
+    torch.testing.assert_close(low(x), ref(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bnrewrite.fold_for_inference(low)(x), low(x), rtol=1e-4, atol=1e-5)
 
 
 def test_cbn_with_renorm_backward_is_not_lowered():

@@ -168,13 +168,13 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
     :func:`fused_window_batch_norm`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps):
+    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, activation, slope):
         x = dense(x)
         impl = _kernels_for(x)
-        y, stats = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, "none", 0.0)
+        y, stats = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, activation, slope)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.impl = impl
-        ctx.eps = eps
+        ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
         ctx.group_count = (past_mean.shape[0] + 1) * (x.numel() // x.shape[1])
         ctx.mark_non_differentiable(stats)
         return y, stats
@@ -183,13 +183,13 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_stats):
         x, weight, bias, stats = ctx.saved_tensors
         impl = ctx.impl
-        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, impl.full_region(x.shape), 0.0, ctx.eps, "none",
-                                   0.0, group_count=ctx.group_count)
+        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, impl.full_region(x.shape), 0.0, ctx.eps,
+                                   ctx.activation, ctx.slope, group_count=ctx.group_count)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (dx if need_x else None,
                 dw.to(weight.dtype) if need_w and weight is not None else None,
                 db.to(bias.dtype) if need_b and bias is not None else None,
-                None, None, None)
+                None, None, None, None, None)
 
 
 def fused_window_available(x: Tensor) -> bool:
@@ -201,9 +201,12 @@ def fused_window_available(x: Tensor) -> bool:
 
 
 def fused_window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
-                            past_sq_mean: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """:func:`bnrewrite.runtime.cross_iteration.window_batch_norm` on the Triton kernels:
-    ``(y, μ̄, σ̄², μ_t, var_t)``. Its backward is App. C Eq. 6 of the sampling paper with one
-    group (the whole batch) of count k·M and mean μ̄, i.e. the sampled BN backward kernels."""
-    y, stats = _FusedWindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, float(eps))
+                            past_sq_mean: Tensor, eps: float, activation: str = "none",
+                            slope: float = 0.0) -> tuple[Tensor, ...]:
+    """:func:`bnrewrite.runtime.cross_iteration.window_batch_norm` on the Triton kernels, then
+    ``activation`` in the same pass: ``(y, μ̄, σ̄², μ_t, var_t)``. Its backward is App. C Eq. 6
+    of the sampling paper with one group (the whole batch) of count k·M and mean μ̄, i.e. the
+    sampled BN backward kernels."""
+    y, stats = _FusedWindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, float(eps), activation,
+                                           float(slope))
     return y, stats[0], stats[1], stats[4], stats[5]

@@ -14,6 +14,7 @@ import torch
 
 from bnrewrite.runtime.sampled import SampleSpec
 
+from .common import ACTS as REFERENCE_ACTS
 from .common import make_input, reference_grads, rel_err, spec_cases
 
 pytest.importorskip("triton")
@@ -189,7 +190,7 @@ def _window_case(shape, dtype, channels_last, h, device):
     return x, dy, weight, bias, past_mean.to(device), past_sq_mean.to(device)
 
 
-def _check_window(shape, dtype, channels_last, h, device):
+def _check_window(shape, dtype, channels_last, h, device, act="none"):
     """The fused window op (forward + backward) against the plain-torch Eqs. 9–12 op of the CBN
     runtime (itself checked against autograd in tests/runtime/test_cross_iteration.py), in fp64."""
     from bnrewrite.runtime.cross_iteration import window_batch_norm
@@ -197,15 +198,17 @@ def _check_window(shape, dtype, channels_last, h, device):
     triton_mod = _kernels()
     x, dy, weight, bias, past_mean, past_sq_mean = _window_case(shape, dtype, channels_last, h, device)
     eps = 1e-5
-    y, stats = triton_mod.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, "none", 0.0)
+    slope = 0.07
+    y, stats = triton_mod.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, act, slope)
     count = (h + 1) * (x.numel() // x.shape[1])
     dx, dw, db = triton_mod.backward(dy, x, weight, bias, stats, triton_mod.full_region(x.shape), 0.0, eps,
-                                     "none", 0.0, group_count=count)
+                                     act, slope, group_count=count)
     x64 = x.detach().double().cpu().requires_grad_(True)
     w64 = weight.double().cpu().requires_grad_(True)
     b64 = bias.double().cpu().requires_grad_(True)
-    ry, rmean, rvar, rmean_now, rvar_now = window_batch_norm(x64, w64, b64, past_mean.double().cpu(),
+    rz, rmean, rvar, rmean_now, rvar_now = window_batch_norm(x64, w64, b64, past_mean.double().cpu(),
                                                              past_sq_mean.double().cpu(), eps)
+    ry = REFERENCE_ACTS[act](rz, slope)
     rdx, rdw, rdb = torch.autograd.grad(ry, (x64, w64, b64), dy.double().cpu())
     tol = TOL[dtype]
     assert y.dtype == x.dtype and y.stride() == x.stride() and dx.stride() == x.stride()
@@ -218,23 +221,24 @@ def _check_window(shape, dtype, channels_last, h, device):
     assert rel_err(db, rdb) < (1e-4 if dtype is torch.float32 else 2 * tol)
 
 
-_WINDOW_CASES = [((3, 5, 7, 6), torch.float32, False, 1), ((3, 5, 7, 6), torch.float32, True, 3),
-                 ((4, 6, 9), torch.float32, False, 2), ((6, 7), torch.float32, False, 3),
-                 ((2, 4, 3, 5, 4), torch.float32, True, 2), ((3, 5, 7, 6), torch.bfloat16, True, 3),
-                 ((5, 3, 4, 4), torch.float16, False, 1)]
+_WINDOW_CASES = [((3, 5, 7, 6), torch.float32, False, 1, "none"), ((3, 5, 7, 6), torch.float32, True, 3, "relu"),
+                 ((4, 6, 9), torch.float32, False, 2, "silu"), ((6, 7), torch.float32, False, 3, "none"),
+                 ((2, 4, 3, 5, 4), torch.float32, True, 2, "leaky_relu"),
+                 ((3, 5, 7, 6), torch.bfloat16, True, 3, "relu6"), ((5, 3, 4, 4), torch.float16, False, 1, "relu")]
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
-@pytest.mark.parametrize("shape,dtype,channels_last,h", _WINDOW_CASES,
-                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{'cl' if c[2] else 'nchw'}-h{c[3]}"
+@pytest.mark.parametrize("shape,dtype,channels_last,h,act", _WINDOW_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{'cl' if c[2] else 'nchw'}-h{c[3]}-{c[4]}"
                               for c in _WINDOW_CASES])
-def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_last, h):
-    _check_window(shape, dtype, channels_last, h, "cpu")
+def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_last, h, act):
+    _check_window(shape, dtype, channels_last, h, "cpu", act)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,dtype,channels_last,h",
-                         [((8, 64, 28, 28), torch.float32, False, 3), ((16, 48, 29, 31), torch.bfloat16, True, 7),
-                          ((300, 70), torch.float32, False, 2), ((7, 37, 13, 11), torch.float16, True, 1)])
-def test_window_kernels_match_cbn_reference_cuda(shape, dtype, channels_last, h):
-    _check_window(shape, dtype, channels_last, h, "cuda")
+@pytest.mark.parametrize("shape,dtype,channels_last,h,act",
+                         [((8, 64, 28, 28), torch.float32, False, 3, "relu"),
+                          ((16, 48, 29, 31), torch.bfloat16, True, 7, "silu"),
+                          ((300, 70), torch.float32, False, 2, "none"), ((7, 37, 13, 11), torch.float16, True, 1, "relu")])
+def test_window_kernels_match_cbn_reference_cuda(shape, dtype, channels_last, h, act):
+    _check_window(shape, dtype, channels_last, h, "cuda", act)
