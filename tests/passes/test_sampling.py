@@ -125,3 +125,33 @@ def test_checkpoint_resumes_the_schedule_and_stock_checkpoints_load():
 def test_bad_recipes_are_recipe_errors(bad, match):
     with pytest.raises(RecipeError, match=match):
         bnrewrite.transform(SmallNet(), bad)
+
+
+def _small_map_net():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, stride=4, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("recipe,warned", [("fs", True), ("frs", True), ("fs:ratio=1/2", False), ("bs:n=2", False)])
+def test_few_sample_values_warn_at_transform(recipe, warned):
+    """With example inputs, sites whose sample holds < 16 values per channel are named in one
+    warning. At batch 4 the second BN ('4') sees a 4x4 map: fs at 1/32 takes a 1-pixel patch of
+    each example (4 values), frs 2 points; the first BN's 16x16 map gives them 36 and 32 values."""
+    import warnings
+
+    x = torch.randn(4, 3, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = bnrewrite.transform(_small_map_net(), recipe, example_inputs=(x,))
+    found = [w for w in caught if "values per channel" in str(w.message)]
+    if not warned:
+        assert found == []
+        return
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert found[0].filename == __file__  # attributed to the caller of transform
+    assert "1 site(s)" in message and "'1'" not in message
+    shape = (4, 16, 4, 4)
+    count = model.get_submodule("4").sample_spec(shape).sample_count(shape)
+    assert count < 16 and f"'4' ({count} from {shape})" in message
