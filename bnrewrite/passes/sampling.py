@@ -84,10 +84,10 @@ class FrsOptions(FsOptions):
     """ratio: fraction of all (example, position) points drawn at random (§5.1 baseline)."""
 
 
-# A variance from s values scatters like χ²(s−1)/(s−1): with 4 values, one channel in a thousand
-# gets below 1e-3 of the batch's, and normalising with it multiplies that channel by ~30 —
+# A variance from s values scatters like χ²(s−1)/(s−1): with 4 values, one channel in ~700 gets
+# below 1/100 of the batch's and normalising with it multiplies that channel by 10 or more --
 # enough to make a deep net diverge (timm efficientnet_b0 at 64×64, batch 4, fs:1/32 gives NaN
-# at the second step). Sixteen values keep that channel above ~0.25 of the batch's variance.
+# at the second step). With 16 values, one channel in a thousand stays above 0.23 of it.
 FEW_SAMPLE_VALUES = 16
 
 
