@@ -12,7 +12,7 @@ from torch import nn
 from .capture import Capture, Region, capture
 from .errors import InputError
 from .recipe import Recipe, parse_recipe
-from .sites import Site, find_sites
+from .sites import Site, find_sites, run_example_inputs
 
 
 @dataclass
@@ -154,17 +154,10 @@ def _materialise_lazy(model: nn.Module, example_inputs: tuple | None) -> None:
 
     lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
-        import torch
-
         if example_inputs is None:
             raise InputError(f"lazy module(s) {', '.join(lazy[:3])} have not seen an input yet: pass "
                              "example_inputs=(x,) to bnrewrite.transform so their shapes are known")
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        with torch.no_grad():
-            model(*example_inputs)
-        for m, mode in modes.items():
-            m.training = mode
+        run_example_inputs(model, example_inputs)
 
 
 def inspect_sites(model: nn.Module, example_inputs=None) -> list[Site]:

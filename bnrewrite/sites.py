@@ -7,6 +7,9 @@ not be captured. A BN module called twice gives two sites (``shared=True``).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -197,15 +200,38 @@ def _record_shapes(root: nn.Module, sites: list[Site], example_inputs: tuple) ->
 
     for name in by_name:
         handles.append(root.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    modes = {m: m.training for m in root.modules()}
     try:
-        root.eval()
-        with torch.no_grad():
-            inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            root(*inputs)
+        run_example_inputs(root, example_inputs)
     finally:
         for h in handles:
             h.remove()
+
+
+def run_example_inputs(model: nn.Module, example_inputs) -> None:
+    """One no-grad eval forward of ``model`` on ``example_inputs`` (train/eval modes restored).
+    A model that raises on them gets an InputError saying so, not torch's raw trace from the
+    depths of a traced graph."""
+    from .errors import BnRewriteError, InputError
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    modes = {m: m.training for m in model.modules()}
+    # a traced GraphModule prints its generated code to stderr when a call fails inside it;
+    # held back, and written out only when the call succeeds (the user's own output)
+    held = io.StringIO()
+    try:
+        model.eval()
+        with torch.no_grad(), contextlib.redirect_stderr(held):
+            model(*inputs)
+        sys.stderr.write(held.getvalue())
+    except BnRewriteError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model on the user's inputs
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise InputError(f"example_inputs ({shapes}) do not run through {type(model).__name__}: "
+                         f"{type(exc).__name__}: {first_line[:300]} -- pass inputs the model accepts "
+                         "(shape, dtype, device), or leave example_inputs out") from None
+    finally:
         for m, mode in modes.items():
             m.training = mode
 

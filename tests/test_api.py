@@ -107,3 +107,15 @@ def test_runtime_modules_know_their_site_and_errors_name_it(recipe):
         assert norm.site_name == "bn", (name, norm.site_name)
         with pytest.raises(InputError, match="'bn'"):
             norm.check_input(torch.randn(2, norm.num_features + 1, 4, 4))
+
+
+def test_example_inputs_the_model_rejects_are_an_input_error(capsys):
+    """transform runs the model once on example_inputs; when the model itself fails on them the
+    user gets an InputError that says so, and no dump of the traced graph's code on stderr."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model(torch.randn(2, 3, 8, 8))  # the shape it accepts
+    with pytest.raises(bnrewrite.errors.InputError, match=r"example_inputs \(\(2, 3, 10, 10\)\) do not run through"):
+        bnrewrite.transform(model, "fs", example_inputs=(torch.randn(2, 3, 10, 10),))
+    assert "FX-traced" not in capsys.readouterr().err
+    out = bnrewrite.transform(model, "fs", example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert out.get_submodule("1").__class__.__name__ == "SampledBatchNorm"
