@@ -6,11 +6,26 @@ import warnings
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def _torch_dir() -> str:
+    import torch
+
+    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _inside_libraries(filename: str) -> bool:
+    """bnrewrite, torch (nn.Module's call machinery) or code torch.fx generated."""
+    if filename.startswith("<eval_with_key"):
+        return True
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR) or path.startswith(_torch_dir())
+
+
 def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first frame outside bnrewrite (the user's call of
-    ``transform``…), however deep in the package the warning is raised."""
+    """``warnings.warn`` attributed to the first frame outside bnrewrite and torch (the user's
+    call of ``transform``, or the training-loop line whose forward raised it), however deep in
+    the package -- or in a model's forward -- the warning is raised."""
     level, frame = 2, sys._getframe(1)  # stacklevel 1 is this function, 2 its caller
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and _inside_libraries(frame.f_code.co_filename):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, category, stacklevel=level)
 

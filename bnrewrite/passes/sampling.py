@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..capture import set_submodule
-from ..errors import warn_at_caller
-from ..runtime.sampled import SampledBatchNorm, layer_stream
+from ..runtime.sampled import SampledBatchNorm, SmallSampleCheck, layer_stream
 from ..sites import module_sites
 
 
@@ -84,28 +83,9 @@ class FrsOptions(FsOptions):
     """ratio: fraction of all (example, position) points drawn at random (§5.1 baseline)."""
 
 
-# A variance from s values scatters like χ²(s−1)/(s−1): with 4 values, one channel in ~700 gets
-# below 1/100 of the batch's and normalising with it multiplies that channel by 10 or more --
-# enough to make a deep net diverge (timm efficientnet_b0 at 64×64, batch 4, fs:1/32 gives NaN
-# at the second step). With 16 values, one channel in a thousand stays above 0.23 of it.
-FEW_SAMPLE_VALUES = 16
-
-
-def _warn_few_values(strategy: str, few: list[tuple[str, int, tuple[int, ...]]]) -> None:
-    if not few:
-        return
-    shown = ", ".join(f"'{name}' ({count} from {shape})" for name, count, shape in few[:3])
-    more = f" and {len(few) - 3} more" if len(few) > 3 else ""
-    warn_at_caller(
-        f"{strategy}: {len(few)} site(s) take their statistics from fewer than {FEW_SAMPLE_VALUES} values per "
-        f"channel at the example input's shape: {shown}{more}. A variance from so few values can be far below "
-        "the batch's and blow up the activations (training may diverge); use a larger ratio or n, a larger "
-        "batch or input, or exclude these sites (transform(..., exclude=[...])).")
-
-
 def _rewrite(module: nn.Module, sites, strategy: str, options, context) -> nn.Module:
     seed = int(context.take("seed", 0)) if context is not None else 0
-    few = []
+    check = SmallSampleCheck(strategy)  # one warning for all sites of this rewrite
     for site in module_sites(sites, strategy):
         bn = module.get_submodule(site.name)
         kwargs = {"n": getattr(options, "n", None), "ratio": options.ratio}
@@ -115,12 +95,7 @@ def _rewrite(module: nn.Module, sites, strategy: str, options, context) -> nn.Mo
             sampled.momentum = float(options.momentum)
         sampled.site_name = site.name
         set_submodule(module, site.name, sampled)
-        if site.input_shape is not None and len(site.input_shape) >= 2:
-            shape = tuple(site.input_shape)
-            spec = sampled.sample_spec(shape)
-            if not spec.is_full(shape) and spec.sample_count(shape) < FEW_SAMPLE_VALUES:
-                few.append((site.name, spec.sample_count(shape), shape))
-    _warn_few_values(strategy, few)
+        sampled.__dict__["small_sample_check"] = check
     return module
 
 

@@ -170,6 +170,51 @@ def sampled_batch_norm_reference(x: torch.Tensor, spec: SampleSpec, weight: torc
 
 
 # ====================================================================== seeded, static draws
+# A variance from s values scatters like χ²(s−1)/(s−1): with 4 values, one channel in ~730 gets
+# below 1/100 of the batch's and normalising with it multiplies that channel by 10 or more --
+# enough to make a deep net diverge (timm efficientnet_b0 at 64×64, batch 4, fs:1/32 gives NaN
+# at the second step). With 16 values, one channel in a thousand stays above 0.23 of it.
+FEW_SAMPLE_VALUES = 16
+
+
+class SmallSampleCheck:
+    """Shared by the sampled sites of one rewrite: one warning, at the second training step, that
+    names every site whose first step's sample held fewer than :data:`FEW_SAMPLE_VALUES` values
+    per channel. At run time because the training batch decides the count (``example_inputs``
+    often have a batch of 1 or 2)."""
+
+    def __init__(self, strategy: str):
+        self.strategy = strategy
+        self.first: str | None = None
+        self.few: list[tuple[str, int, tuple[int, ...]]] = []
+        self.done = False
+
+    def observe(self, site: str, count: int, shape: tuple[int, ...]) -> None:
+        if self.done:
+            return
+        if self.first is None:
+            self.first = site
+        elif site == self.first:  # the next step has begun: every site was seen once
+            self.done = True
+            self._report()
+            return
+        if count < FEW_SAMPLE_VALUES:
+            self.few.append((site, count, shape))
+
+    def _report(self) -> None:
+        if not self.few:
+            return
+        from ..errors import warn_at_caller
+
+        shown = ", ".join(f"'{name}' ({count} from {shape})" for name, count, shape in self.few[:3])
+        more = f" and {len(self.few) - 3} more" if len(self.few) > 3 else ""
+        warn_at_caller(
+            f"{self.strategy}: {len(self.few)} site(s) took their statistics from fewer than {FEW_SAMPLE_VALUES} "
+            f"values per channel in the first training step: {shown}{more}. A variance from so few values can "
+            "be far below the batch's and blow up the activations (training may diverge); use a larger ratio "
+            "or n, a larger batch or input, or exclude these sites (transform(..., exclude=[...])).")
+
+
 def draw_generator(*key: int) -> torch.Generator:
     """A CPU generator seeded from ``key`` (e.g. seed, layer stream, draw number) via numpy's
     SeedSequence, so nearby keys give independent streams."""
@@ -394,10 +439,20 @@ class SampledBatchNorm(BatchNormState):
         if not sync:
             self._check_values_per_channel(spec, tuple(x.shape))
         mean, var, count = sampled_statistics(x, spec, self.process_group, sync=sync)
+        self.note_sample_size(count, tuple(x.shape))
         self.last_statistics = (mean.detach(), var.detach(), count)
         if self.track_running_stats and count > 1:
             self.update_running_stats(mean, var, count)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
+
+    def note_sample_size(self, count: int, shape: tuple[int, ...]) -> None:
+        """Tell the rewrite's :class:`SmallSampleCheck` (if any) how many values this step's
+        statistics came from; eager steps only (it keeps Python state)."""
+        if torch.compiler.is_compiling():
+            return
+        check = self.__dict__.get("small_sample_check")
+        if check is not None:
+            check.observe(self.site_name or "?", int(count), shape)
 
     # ---------------------------------------------------------------- reporting
     def describe(self, input_shape: tuple[int, ...] | None = None) -> dict:

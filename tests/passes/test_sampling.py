@@ -133,25 +133,36 @@ def _small_map_net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
 
 
-@pytest.mark.parametrize("recipe,warned", [("fs", True), ("frs", True), ("fs:ratio=1/2", False), ("bs:n=2", False)])
-def test_few_sample_values_warn_at_transform(recipe, warned):
-    """With example inputs, sites whose sample holds < 16 values per channel are named in one
-    warning. At batch 4 the second BN ('4') sees a 4x4 map: fs at 1/32 takes a 1-pixel patch of
-    each example (4 values), frs 2 points; the first BN's 16x16 map gives them 36 and 32 values."""
+def _train_steps(model, batch, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(batch, 3, 16, 16)).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("recipe,batch,warned", [("fs", 4, True), ("frs", 4, True), ("fs", 32, False),
+                                                 ("fs:ratio=1/2", 4, False), ("bs:n=2", 4, False)])
+def test_few_sample_values_warn_once_at_the_second_training_step(recipe, batch, warned):
+    """Sites whose first training step's sample held < 16 values per channel are named in one
+    warning when the second step begins -- the training batch decides, not example_inputs (here
+    of batch 1). At batch 4 the second BN ('4', a 4x4 map) gets 4 values from fs at 1/32 (a
+    1-pixel patch per example) and 2 from frs; at batch 32 fs gets 32."""
     import warnings
 
-    x = torch.randn(4, 3, 16, 16)
+    model = bnrewrite.transform(_small_map_net(), recipe, example_inputs=(torch.randn(1, 3, 16, 16),))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = bnrewrite.transform(_small_map_net(), recipe, example_inputs=(x,))
+        _train_steps(model, batch)
     found = [w for w in caught if "values per channel" in str(w.message)]
     if not warned:
         assert found == []
         return
     assert len(found) == 1, [str(w.message) for w in found]
     message = str(found[0].message)
-    assert found[0].filename == __file__  # attributed to the caller of transform
+    assert found[0].filename == __file__  # attributed to the training loop, not to bnrewrite
     assert "1 site(s)" in message and "'1'" not in message
-    shape = (4, 16, 4, 4)
+    shape = (batch, 16, 4, 4)
     count = model.get_submodule("4").sample_spec(shape).sample_count(shape)
     assert count < 16 and f"'4' ({count} from {shape})" in message

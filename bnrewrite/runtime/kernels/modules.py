@@ -160,6 +160,8 @@ class FusedSampledMixin(_FusedForward):
                              f"when training, got input size {shape}")
         y, mean, var, count = self._run_fused(x, None if full else spec, self.fused_activation())
         self.last_statistics = None if full else (mean.detach(), var.detach(), count)
+        if not full:
+            self.note_sample_size(count, shape)
         return y
 
     def describe(self, input_shape=None) -> dict:
