@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import Capture
-from .errors import warn_at_caller
+from .errors import BnRewriteError, InputError, warn_at_caller
 from .runtime.base import is_batchnorm
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -211,8 +211,6 @@ def run_example_inputs(model: nn.Module, example_inputs) -> None:
     """One no-grad eval forward of ``model`` on ``example_inputs`` (train/eval modes restored).
     A model that raises on them gets an InputError saying so, not torch's raw trace from the
     depths of a traced graph."""
-    from .errors import BnRewriteError, InputError
-
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     modes = {m: m.training for m in model.modules()}
     # a traced GraphModule prints its generated code to stderr when a call fails inside it;

@@ -726,14 +726,19 @@ class CrossIterationBatchNorm(BatchNormState):
         return self.post_norm(self.stock_forward(x))
 
     def fused_activation(self) -> tuple[str, float] | None:
-        """The activation a lowered window op applies in its normalise pass: the ``act`` child
-        when it is the only post-norm child and a kind the kernels implement, else None."""
-        from .kernels.modules import activation_name
+        """The activation a lowered window op applies in its normalise pass (see
+        :func:`~bnrewrite.runtime.kernels.modules.kernel_activation`)."""
+        from .kernels.modules import kernel_activation
 
-        post = self._post_children
-        if post == ():
-            return "none", 0.0
-        return activation_name(self.act) if post == ("act",) else None
+        return kernel_activation(self)
+
+    def _fused_window_op(self, x: torch.Tensor):
+        """The Triton window op when this site is lowered and the kernels run on ``x``, else None."""
+        if self.lowered != "triton" or self.backward_mode != "window":
+            return None
+        from .kernels import ops
+
+        return ops.fused_window_batch_norm if ops.fused_window_available(x) else None
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """Eq. 12 and Eq. 4 as one pass over x: y = x·scale + shift per channel."""
@@ -773,13 +778,9 @@ class CrossIterationBatchNorm(BatchNormState):
             self.last_statistics = None
         else:
             past_mean, past_sq_mean = self.past_statistics()
-            fused = None
-            if self.lowered == "triton" and self.backward_mode == "window":
-                from .kernels import ops
-                fused = ops.fused_window_batch_norm if ops.fused_window_available(x) else None
-            act = self.fused_activation() if post_norm else ("none", 0.0)
+            fused = self._fused_window_op(x)
             if fused is not None:
-                act = act or ("none", 0.0)
+                act = (self.fused_activation() if post_norm else None) or ("none", 0.0)
                 y, mean, var, mean_now, var_now = fused(x, self.weight, self.bias, past_mean, past_sq_mean, self.eps,
                                                         *act)
                 activated = act[0] != "none"

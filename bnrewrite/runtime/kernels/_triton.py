@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .functional import whole_batch_region
 from .layout import channels_last, like
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "leaky_relu": 4}
@@ -499,10 +500,6 @@ class Geometry:
         else:
             self.R, self.K = self.N * self.C, self.S
 
-    @classmethod
-    def of(cls, x: torch.Tensor) -> "Geometry":
-        return cls(tuple(x.shape), channels_last(x))
-
 
 def _reduce_tiling(g: Geometry, full_box: bool, box_positions: int):
     """(BLOCK_P, BLOCK_C, FLAT) of a reduction over positions with channels across."""
@@ -579,7 +576,7 @@ class _BackwardPlan(NamedTuple):
     C: int
 
 
-def _region_parts(region, g: Geometry):
+def _region_parts(region):
     nv, r0, r1, d0, d1, h0, h1, w0, w1 = (int(v) for v in region)
     return nv, r0, r1, ((d0, d1), (h0, h1), (w0, w1))
 
@@ -591,7 +588,7 @@ def _region_parts(region, g: Geometry):
 def _forward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v: bool, has_s: bool,
                   act: str, has_w: bool, has_b: bool, programs: int) -> _ForwardPlan:
     g = Geometry(shape, is_channels_last)
-    nv, r0, r1, box = _region_parts(region, g)
+    nv, r0, r1, box = _region_parts(region)
     sampled = _group_launch(g, r0, r1 - r0, box, programs) if has_s else None
     full = ((0, g.D), (0, g.H), (0, g.W))
     virtual = _group_launch(g, 0, nv, full, programs) if has_v else None
@@ -613,7 +610,7 @@ def _normalize_launch(shape, is_channels_last: bool, act: str, has_w: bool, has_
 def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v: bool, has_s: bool,
                    act: str, has_w: bool, has_b: bool, programs: int) -> _BackwardPlan:
     g = Geometry(shape, is_channels_last)
-    nv, r0, r1, box = _region_parts(region, g)
+    nv, r0, r1, box = _region_parts(region)
     (d0, d1), (h0, h1), (w0, w1) = box
     n_s = (r1 - r0) * (d1 - d0) * (h1 - h0) * (w1 - w0)
     n_v = nv * g.S
@@ -679,20 +676,13 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 
-def full_region(shape) -> tuple[int, ...]:
-    """The region of the whole batch: no virtual rows, every row, every position."""
-    spatial = [int(v) for v in shape[2:]]
-    box = [1] * (3 - len(spatial)) + spatial
-    return (0, 0, int(shape[0]), 0, box[0], 0, box[1], 0, box[2])
-
-
 def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_sq_mean: torch.Tensor,
                    eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-iteration BN forward (Eqs. 9–12): one reduction over the batch, the window finalize
     (:func:`_window_finalize_kernel`) with the (h, C) compensated past statistics, one normalise
     pass. Returns ``(y, stats)``, ``stats`` (6, C) fp32 as that kernel stores it; :func:`backward`
     with the whole batch as the one group of count k·M differentiates it."""
-    plan = _forward_plan(*_flags(x, full_region(x.shape), 0.0, act, weight, bias))
+    plan = _forward_plan(*_flags(x, whole_batch_region(x.shape), 0.0, act, weight, bias))
     launch, splits = plan.sampled
     part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
     _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)

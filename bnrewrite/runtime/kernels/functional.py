@@ -11,6 +11,13 @@ from ...errors import InputError
 ACTIVATION_NAMES = ("none", "relu", "relu6", "silu", "leaky_relu")
 
 
+def whole_batch_region(input_shape: tuple[int, ...]) -> list[int]:
+    """The region of every row and position (no virtual rows): full statistics."""
+    spatial = [(0, int(s)) for s in input_shape[2:]]
+    box = [(0, 1)] * (3 - len(spatial)) + spatial
+    return [0, 0, int(input_shape[0])] + [v for pair in box for v in pair]
+
+
 def region_of(spec, input_shape: tuple[int, ...]) -> tuple[list[int], float, int]:
     """``(region, virtual_weight, count)`` of ``spec`` for an input of ``input_shape``.
 
@@ -22,8 +29,7 @@ def region_of(spec, input_shape: tuple[int, ...]) -> tuple[list[int], float, int
     pad = [(0, 1)] * (3 - len(spatial))
     n = int(input_shape[0])
     if spec is None:
-        box = pad + [(0, s) for s in spatial]
-        return [0, 0, n] + [v for pair in box for v in pair], 0.0, n * math.prod(spatial)
+        return whole_batch_region(input_shape), 0.0, n * math.prod(spatial)
     if spec.points is not None:
         raise InputError("the fused kernels take a sampled block (rows x patch), not random points (frs); "
                          "keep frs sites on the reference path (lower='reference')")

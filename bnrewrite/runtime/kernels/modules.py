@@ -37,20 +37,25 @@ def activation_name(module: nn.Module | None) -> tuple[str, float] | None:
     return None
 
 
+def kernel_activation(norm: nn.Module) -> tuple[str, float] | None:
+    """The activation a norm's kernel applies: ``("none", 0.0)`` without post-norm children, the
+    ``act`` child when it is the only one and a kind the kernels implement (``drop`` before it
+    would change the order), else None (the kernel cannot apply what follows)."""
+    post = getattr(norm, "_post_children", ())
+    if post == ():
+        return "none", 0.0
+    if post == ("act",):
+        return activation_name(getattr(norm, "act"))
+    return None
+
+
 class _FusedForward:
     """What the lowered modules share: which activation is fused, and the running-stat rule."""
 
     lowered = "triton"
 
     def fused_activation(self) -> tuple[str, float] | None:
-        """The activation the kernel applies: the ``act`` child when it is the only post-norm
-        child and a kind the kernels implement (``drop`` before it would change the order)."""
-        post = getattr(self, "_post_children", ())
-        if post == ():
-            return "none", 0.0
-        if post == ("act",):
-            return activation_name(getattr(self, "act"))
-        return None
+        return kernel_activation(self)
 
     def _running_update(self, count: int):
         """(running_mean, running_var, momentum) to update, or (None, None, 0.0); PyTorch's rule."""

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .functional import whole_batch_region
 from .layout import dense, output_like
 
 
@@ -171,25 +172,16 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, activation, slope):
         x = dense(x)
         impl = _kernels_for(x)
-        y, stats = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, activation, slope)
-        ctx.save_for_backward(x, weight, bias, stats)
-        ctx.impl = impl
-        ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
-        ctx.group_count = (past_mean.shape[0] + 1) * (x.numel() // x.shape[1])
-        ctx.mark_non_differentiable(stats)
-        return y, stats
+        output = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, activation, slope)
+        # the sampled op's backward with the whole batch as its one group, of count k·M
+        _setup_context(ctx, (x, weight, bias, whole_batch_region(x.shape), 0.0, eps, activation, slope), output)
+        ctx.backward = functools.partial(impl.backward,
+                                         group_count=(past_mean.shape[0] + 1) * (x.numel() // x.shape[1]))
+        return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
-        x, weight, bias, stats = ctx.saved_tensors
-        impl = ctx.impl
-        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, impl.full_region(x.shape), 0.0, ctx.eps,
-                                   ctx.activation, ctx.slope, group_count=ctx.group_count)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None,
-                dw.to(weight.dtype) if need_w and weight is not None else None,
-                db.to(bias.dtype) if need_b and bias is not None else None,
-                None, None, None, None, None)
+        return _gradients(ctx, grad_y, ctx.backward)
 
 
 def fused_window_available(x: Tensor) -> bool:

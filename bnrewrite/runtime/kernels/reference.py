@@ -94,7 +94,8 @@ def forward(x, weight, bias, region, wv, eps, act, slope, running=None):
     y = torch.empty_like(x).copy_(y)  # the input's memory format, as the kernels give
     stats = torch.stack([mean, var, mean_v, mean_s])
     if running is not None:
-        update_running_stats(*running[:2], stats, *running[2:])
+        running_mean, running_var, momentum, unbias = running
+        update_running_stats(running_mean, running_var, stats, momentum, unbias)
     return y, stats
 
 

@@ -194,6 +194,7 @@ def _check_window(shape, dtype, channels_last, h, device, act="none"):
     """The fused window op (forward + backward) against the plain-torch Eqs. 9–12 op of the CBN
     runtime (itself checked against autograd in tests/runtime/test_cross_iteration.py), in fp64."""
     from bnrewrite.runtime.cross_iteration import window_batch_norm
+    from bnrewrite.runtime.kernels.functional import whole_batch_region
 
     triton_mod = _kernels()
     x, dy, weight, bias, past_mean, past_sq_mean = _window_case(shape, dtype, channels_last, h, device)
@@ -201,7 +202,7 @@ def _check_window(shape, dtype, channels_last, h, device, act="none"):
     slope = 0.07
     y, stats = triton_mod.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, act, slope)
     count = (h + 1) * (x.numel() // x.shape[1])
-    dx, dw, db = triton_mod.backward(dy, x, weight, bias, stats, triton_mod.full_region(x.shape), 0.0, eps,
+    dx, dw, db = triton_mod.backward(dy, x, weight, bias, stats, whole_batch_region(x.shape), 0.0, eps,
                                      act, slope, group_count=count)
     x64 = x.detach().double().cpu().requires_grad_(True)
     w64 = weight.double().cpu().requires_grad_(True)
