@@ -78,7 +78,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     if not any(_is_norm(m) for m in model.modules()):
-        warnings.warn(f"{type(model).__name__} has no BatchNorm: returned unchanged", stacklevel=2)
+        _warn_unchanged(model)
         return model
     # lazy modules cannot be copied before their first input: materialise them on the model
     # itself (what its own first forward would do) before the copy
@@ -141,6 +141,19 @@ def _pipeline_order(recipe: Recipe):
     from .registry import VARIANTS
 
     return sorted(recipe.components, key=lambda c: _ROLE_ORDER[VARIANTS[c.name].role])
+
+
+def _warn_unchanged(model: nn.Module) -> None:
+    """The warning for a model without BatchNorm modules, naming its functional ``F.batch_norm``
+    calls if it has any: those stay stock (there is no module to replace), and saying "no
+    BatchNorm" of such a model would be wrong."""
+    functional = [s.name for s in find_sites(capture(copy.deepcopy(model))) if s.functional]
+    if functional:
+        warnings.warn(f"{type(model).__name__} has no BatchNorm module, only functional F.batch_norm call(s) "
+                      f"({', '.join(functional)}), which stay stock BatchNorm: make them nn.BatchNorm modules "
+                      "to rewrite them; returned unchanged", stacklevel=3)
+    else:
+        warnings.warn(f"{type(model).__name__} has no BatchNorm: returned unchanged", stacklevel=3)
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -18,6 +18,28 @@ def test_model_without_batchnorm_is_returned_unchanged_with_a_warning():
     assert out is model
 
 
+class FunctionalBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.weight, self.bias = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+        self.register_buffer("running_mean", torch.zeros(8))
+        self.register_buffer("running_var", torch.ones(8))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(self.conv(x), self.running_mean, self.running_var, self.weight, self.bias,
+                                        self.training)
+
+
+def test_model_with_only_functional_batchnorm_says_so_and_is_returned_unchanged():
+    model = FunctionalBatchNorm()
+    with pytest.warns(UserWarning, match=r"only functional F.batch_norm call\(s\) \(batch_norm\), which stay stock"
+                                         r".*make them nn.BatchNorm modules") as record:
+        out = bnrewrite.transform(model, "fs+vdn")
+    assert out is model
+    assert not any("has no BatchNorm:" in str(w.message) for w in record)
+
+
 @pytest.mark.parametrize("bad", [None, "resnet18", torch.randn(2), lambda x: x])
 def test_non_module_input(bad):
     with pytest.raises(InputError, match="transform expects an nn.Module"):
