@@ -7,7 +7,9 @@ all in one run so the ratios compare like with like:
   default reduce-overhead`` adds CUDA-graph runs, compared with stock in the same mode);
 * ``<recipe> eager`` / ``<recipe> compiled``: ``bnrewrite.transform(model, recipe)`` on the CUDA
   model, lowered to the fused Triton ops (``lower="auto"``), e.g. ``bn`` (stock statistics,
-  BN+ReLU fused), ``fs`` (FS 1/32), ``bs:n=4`` (BS 4/128), ``vdn``, ``fs+vdn``.
+  BN+ReLU fused), ``fs`` (FS 1/32), ``bs:n=4`` (BS 4/128), ``vdn``, ``fs+vdn``. Compiled runs use
+  ``compile_path="inductor"`` (the plain-torch computation, fused by inductor); ``--compile-paths
+  inductor ops`` adds runs that trace our custom ops instead (``compiled/ops``).
 
 Example (the numbers in benchmarks/RESULTS.md)::
 
@@ -30,14 +32,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bnrewrite  # noqa: E402
 
 
-def build(model_name: str, recipe: str | None, device, example):
+def build(model_name: str, recipe: str | None, device, example, compile_path: str = "inductor"):
     model = getattr(torchvision.models, model_name)(weights=None).to(device).to(memory_format=torch.channels_last)
     if recipe is None:
         return model, None
     opts = {}
     if "vdn" in recipe:
         opts["data_stats"] = bnrewrite.dataset_stats(example.float().cpu())
-    model = bnrewrite.transform(model, recipe, example_inputs=(example[:2],), lower="auto", **opts)
+    model = bnrewrite.transform(model, recipe, example_inputs=(example[:2],), lower="auto",
+                                compile_path=compile_path, **opts)
     records = getattr(model, "bnrewrite_lowering", [])
     info = {"sites": len(records), "lowered": sum(r.lowered for r in records),
             "fused_activation": sum(r.activation is not None for r in records)}
@@ -85,6 +88,9 @@ def main():
                    help="which variants also run compiled ('stock' or a recipe)")
     p.add_argument("--compile-modes", nargs="+", default=["default"],
                    help="torch.compile modes to run, e.g. default reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-paths", nargs="+", default=["inductor"], choices=["inductor", "ops"],
+                   help="what lowered sites run under torch.compile: their plain-torch computation "
+                        "(inductor's own kernels) and/or the bnrewrite custom ops")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
@@ -104,18 +110,21 @@ def main():
         base = {}
         for recipe in [None] + args.recipes:
             label = recipe or "stock"
-            for mode in ["eager"] + args.compile_modes:
+            runs = [("eager", "inductor")] + [(m, path) for m in args.compile_modes
+                                              for path in (args.compile_paths if recipe else ["inductor"])]
+            for mode, path in runs:
                 if mode != "eager" and label not in args.compile:
                     continue
                 torch._dynamo.reset()
                 try:
-                    model, info = build(model_name, recipe, device, x)
+                    model, info = build(model_name, recipe, device, x, path)
                     r = measure(model, x, target, args.steps, args.warmup, None if mode == "eager" else mode)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
                     r = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                     info = None
                 mode = "compiled" if mode == "default" else mode
-                r.update({"model": model_name, "batch": batch, "variant": label, "mode": mode, "lowering": info})
+                r.update({"model": model_name, "batch": batch, "variant": label, "mode": mode, "lowering": info,
+                          "compile_path": path if recipe and mode != "eager" else None})
                 if label == "stock":
                     base[mode] = r.get("images_per_s")
                 if "images_per_s" in r:
@@ -143,7 +152,8 @@ def _line(r):
         ratio += f", x{r['vs_stock_same_mode']:.3f} vs stock {r['mode']}"
     low = r.get("lowering")
     low = f" lowered {low['lowered']}/{low['sites']} (+act {low['fused_activation']})" if low else ""
-    return (f"{r['model']:12s} N={r['batch']:3d} {r['variant']:8s} {r['mode']:15s} {r['images_per_s']:8.1f} img/s "
+    mode = r["mode"] + (f"/{r['compile_path']}" if r.get("compile_path") else "")
+    return (f"{r['model']:12s} N={r['batch']:3d} {r['variant']:8s} {mode:20s} {r['images_per_s']:8.1f} img/s "
             f"{r['ms_per_step']:7.2f} ms/step peak {r['peak_GB']:.2f} GB{ratio}{low} (setup {r['setup_s']}s)")
 
 

@@ -60,7 +60,10 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
         **options: variant-specific arguments the recipe's passes take (e.g. ``data_stats``
             for ``vdn``, ``seed`` for the sampling schedules), and ``lower``: ``"reference"``
             (default: plain-torch ops), ``"auto"`` (fused Triton ops when the model is on a CUDA
-            device) or ``"fused"`` (always; CPU runs the ops' reference path).
+            device) or ``"fused"`` (always; CPU runs the ops' reference path); with it
+            ``compile_path``: what the lowered sites run under ``torch.compile`` — ``"inductor"``
+            (default: the plain-torch computation, from which inductor generates and fuses its own
+            kernels) or ``"ops"`` (the bnrewrite custom ops, i.e. our Triton kernels, opaque to inductor).
 
     Returns a module with the same ``state_dict()`` keys as ``model``; a model without
     BatchNorm is returned unchanged with a warning.
@@ -95,10 +98,14 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
         variant = VARIANTS[component.name]
         result = variant.rewrite(result, selected, component.options, context)
     lower = context.take("lower", DEFAULT_LOWER)
+    compile_path = context.take("compile_path", "inductor")
     if lower != "reference":
-        from .passes.lower import lower_model
+        from .passes.lower import LowerOptions, lower_model
 
-        result = lower_model(result, selected, lower)
+        result = lower_model(result, selected, LowerOptions(mode=lower, compile_path=compile_path))
+    elif "compile_path" in context.options:
+        raise InputError("compile_path= chooses what lowered sites run under torch.compile; it needs "
+                         "lower='auto' or lower='fused'")
     unused = set(context.options) - context.consumed - _GENERAL_OPTIONS
     if unused:
         raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "

@@ -37,11 +37,12 @@ class ConvNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _pair(recipe, **options):
+def _pair(recipe, compile_path="inductor", **options):
     torch.manual_seed(0)
     base = ConvNet()
     ref = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="reference", **options)
-    low = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="fused", **options)
+    low = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="fused", compile_path=compile_path,
+                              **options)
     return base, ref, low
 
 
@@ -135,16 +136,49 @@ def test_bad_lower_mode_is_a_clear_error():
         bnrewrite.transform(ConvNet(), "fs", lower="fast")
 
 
-def test_torch_compile_fullgraph_matches_eager_across_epochs():
-    """fullgraph: the first step runs eagerly (it draws the sample); new_epoch draws eagerly too."""
-    _, ref, low = _pair("fs:ratio=1/4")
+def _bnrewrite_ops(graphs) -> set[str]:
+    return {str(n.target) for g in graphs for n in g.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("bnrewrite.")}
+
+
+@pytest.mark.parametrize("recipe", ["fs:ratio=1/4", "bn"])
+@pytest.mark.parametrize("compile_path", ["inductor", "ops"])
+def test_torch_compile_fullgraph_matches_eager_across_epochs(compile_path, recipe):
+    """fullgraph: the first step runs eagerly (it draws the sample); new_epoch draws eagerly too.
+    ``compile_path="inductor"`` hands dynamo the plain-torch computation (no bnrewrite op in the
+    graph, so inductor fuses it like stock BN); ``"ops"`` traces the custom ops."""
+    _, ref, low = _pair(recipe, compile_path=compile_path)
     torch.testing.assert_close(_train(low, steps=1), _train(ref, steps=1), rtol=1e-5, atol=1e-6)
-    compiled = torch.compile(low, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(low, backend=recording_backend, fullgraph=True)
     for epoch in range(3):
         bnrewrite.new_epoch(low)
         bnrewrite.new_epoch(ref)
         torch.testing.assert_close(_train(compiled, steps=2, seed=epoch), _train(ref, steps=2, seed=epoch),
                                    rtol=1e-5, atol=1e-6)
+    used = _bnrewrite_ops(graphs)
+    if compile_path == "ops":
+        assert used == {"bnrewrite.batch_norm_act.default", "bnrewrite.update_running_stats_.default"}, used
+    else:
+        assert graphs and used == set(), used
+    assert all(r.lowered for r in low.bnrewrite_lowering)
+
+
+def test_compile_path_is_validated_and_shown():
+    with pytest.raises(bnrewrite.errors.InputError, match="compile_path= must be 'inductor' or 'ops'"):
+        LowerOptions(compile_path="triton")
+    with pytest.raises(bnrewrite.errors.InputError, match="compile_path= .* needs lower='auto' or lower='fused'"):
+        bnrewrite.transform(ConvNet(), "fs", compile_path="ops")
+    _, _, low = _pair("fs", compile_path="ops")
+    assert "compile_path=ops" in repr(low.b1) and low.b1.describe()["compile_path"] == "ops"
+    _, _, default = _pair("fs")
+    assert "compile_path" not in repr(default.b1) and default.b1.describe()["compile_path"] == "inductor"
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])

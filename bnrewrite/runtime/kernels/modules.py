@@ -53,9 +53,17 @@ class _FusedForward:
     """What the lowered modules share: which activation is fused, and the running-stat rule."""
 
     lowered = "triton"
+    # under torch.compile: "inductor" traces the plain-torch computation, "ops" the custom ops
+    compile_path = "inductor"
 
     def fused_activation(self) -> tuple[str, float] | None:
         return kernel_activation(self)
+
+    def traced_for_inductor(self) -> bool:
+        """Whether this call is a ``torch.compile`` trace that gets the plain-torch computation
+        (``compile_path="inductor"``): inductor then generates its own fused kernels for it, as it
+        does for stock BatchNorm, instead of calling our opaque op at every layer."""
+        return self.compile_path == "inductor" and torch.compiler.is_compiling()
 
     def _running_update(self, count: int):
         """(running_mean, running_var, momentum) to update, or (None, None, 0.0); PyTorch's rule."""
@@ -85,10 +93,18 @@ class _FusedForward:
         return fused_batch_norm_region(x, self.weight, self.bias, region, wv, count, rm, rv, factor, self.eps,
                                        act[0], act[1])
 
+    def extra_repr(self) -> str:
+        act = self.fused_activation()
+        extra = f", activation={act[0]}" if act and act[0] != "none" else ""
+        if self.compile_path != "inductor":
+            extra += f", compile_path={self.compile_path}"
+        return f"{super().extra_repr()}, lowered={self.lowered}{extra}"
+
     def _lowering_info(self) -> dict:
         act = self.fused_activation()
         return {"lowered": self.lowered,
-                "fused_activation": act[0] if act and act[0] != "none" else None}
+                "fused_activation": act[0] if act and act[0] != "none" else None,
+                "compile_path": self.compile_path}
 
 
 class FusedBatchNorm(_FusedForward, BatchNormState):
@@ -119,7 +135,7 @@ class FusedBatchNorm(_FusedForward, BatchNormState):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         act = self.fused_activation()
-        if not self.uses_batch_stats() or act is None or x.dim() > 5:
+        if not self.uses_batch_stats() or act is None or x.dim() > 5 or self.traced_for_inductor():
             return super().forward(x)
         if x.numel() // x.shape[1] < 2:
             raise InputError(f"{self.source_kind}: expected more than 1 value per channel when training, "
@@ -135,18 +151,14 @@ class FusedBatchNorm(_FusedForward, BatchNormState):
         info.update(self._lowering_info())
         return info
 
-    def extra_repr(self) -> str:
-        act = self.fused_activation()
-        extra = f", activation={act[0]}" if act and act[0] != "none" else ""
-        return f"{super().extra_repr()}, lowered={self.lowered}{extra}"
-
 
 class FusedSampledMixin(_FusedForward):
     """Training forward of a SampledBatchNorm through the fused op (same spec, same schedule)."""
 
     def fused_ready(self, x: torch.Tensor) -> bool:
         return (self.uses_batch_stats() and self.strategy != "frs" and 2 <= x.dim() <= 5
-                and self.fused_activation() is not None and not self.sync_active())
+                and self.fused_activation() is not None and not self.sync_active()
+                and not self.traced_for_inductor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused_ready(x):
@@ -176,10 +188,6 @@ class FusedSampledMixin(_FusedForward):
             info["lowered"] = "reference (frs: random points have no fused kernel)"
         return info
 
-    def extra_repr(self) -> str:
-        act = self.fused_activation()
-        extra = f", activation={act[0]}" if act and act[0] != "none" else ""
-        return f"{super().extra_repr()}, lowered={self.lowered}{extra}"
 
 
 _LOWERED: dict[type, type] = {}
