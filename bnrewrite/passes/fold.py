@@ -654,7 +654,7 @@ def _fold_module_site(gm: fx.GraphModule, site: Site, options: FoldOptions, cont
     if getattr(norm, "foldable", True) is False:
         context.kept.add(id(norm))
         context.report.records.append(FoldRecord(label, kind, "kept", node.target,
-                                                 "eval output depends on per-example statistics (foldable=False)"))
+                                                 "eval output depends on the batch's statistics (foldable=False)"))
         return
     inf = _inference_of(norm, site.name)
     post = _post_children(norm)
@@ -752,7 +752,7 @@ def _fold_eager_site(root: nn.Module, site: Site, options: FoldOptions, context:
     if getattr(norm, "foldable", True) is False:
         context.kept.add(id(norm))
         context.report.records.append(FoldRecord(site.name, kind, "kept", site.name,
-                                                 "eval output depends on per-example statistics (foldable=False)"))
+                                                 "eval output depends on the batch's statistics (foldable=False)"))
         return
     inf = _inference_of(norm, site.name)
     reason = "called from eager code that torch.fx could not trace"

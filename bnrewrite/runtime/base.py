@@ -36,8 +36,10 @@ _POST_NORM_CHILDREN = ("drop", "act")
 class BatchNormState(nn.Module):
     """Base of all runtime normalisation modules.
 
-    Subclasses implement :meth:`forward_train`; eval mode (or
-    ``track_running_stats=False`` with batch statistics) is stock BatchNorm.
+    Subclasses implement :meth:`forward_train` (training mode); eval mode is stock BatchNorm:
+    the running statistics or, with ``track_running_stats=False``, the whole batch's statistics
+    — never a sample or ghost batches of it, so eval output does not depend on a draw and a
+    folded model (``fold_for_inference``) computes the same.
     Every subclass exposes :meth:`inference_affine`, the per-channel ``(scale, shift)``
     that eval mode computes, which is all ``fold_for_inference`` needs.
     """
@@ -172,10 +174,7 @@ class BatchNormState(nn.Module):
     # ---------------------------------------------------------------- module protocol
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.uses_batch_stats():
-            y = self.forward_train(x)
-        else:
-            y = self.stock_forward(x)
+        y = self.forward_train(x) if self.training else self.stock_forward(x)
         return self.post_norm(y)
 
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

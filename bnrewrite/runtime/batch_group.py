@@ -9,7 +9,9 @@ positions, then the per-channel affine ``weight``/``bias`` is applied. Special c
 
 * ``N == 1`` (or ``examples == 1``): ``nn.GroupNorm(groups, C)`` per example;
 * ``groups == C`` and ``examples >= N``: ``nn.BatchNorm`` in training mode;
-* ``groups == C`` and ``examples < N``: Ghost BatchNorm with ghost size ``examples``.
+* ``groups == C`` and ``examples < N``: Ghost BatchNorm with ghost size ``examples``, except that
+  a last example group of one example is normalised over its own positions (Instance Norm),
+  where Ghost BN uses the running statistics.
 
 Inference and running statistics. The paper says only that "normalization statistics are
 calculated both within groups of channels of each example and across examples in groups"
@@ -33,6 +35,10 @@ them over each channel group. We do the same with BatchNorm's own buffers:
   ``groups < C``. The map is still per-channel affine, so :meth:`inference_affine` folds it
   into the preceding convolution. With ``groups == C`` the pooling is the identity and eval is
   stock BatchNorm.
+* without running statistics (``track_running_stats=False``) eval normalises as training does,
+  with the batch's own cell statistics (as ``nn.GroupNorm`` would, and as stock BatchNorm uses its
+  batch statistics); nothing can be folded then, so ``fold_for_inference`` keeps the module
+  (:attr:`foldable` is False) instead of replacing it with per-channel batch statistics.
 
 Small batches: every cell holds at least one example and ``C/groups`` channels; its variance
 is ≥ 0 and ``eps`` > 0 keeps ``rsqrt`` finite, so nothing divides by zero (a cell of a single
@@ -116,6 +122,11 @@ class BatchGroupNorm(BatchNormState):
             shape = [1, -1] + [1] * (x.dim() - 2)
             y = x * scale.reshape(shape) + shift.reshape(shape)
         return self.post_norm(y)
+
+    @property
+    def foldable(self) -> bool:
+        """False without running statistics: eval then depends on the batch (see the module docstring)."""
+        return self.track_running_stats
 
     def group_running_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(mean, var)`` of the channel's group, pooled from the running statistics."""

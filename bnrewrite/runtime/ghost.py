@@ -26,7 +26,8 @@ from .base import BatchNormState
 class GhostBatchNorm(BatchNormState):
     """BatchNorm whose training statistics come from disjoint ghost batches of ``size`` examples.
 
-    * ``size >= N``: one ghost batch, *exactly* ``nn.BatchNorm*d`` (same kernel call).
+    * ``size >= N > 1``: one ghost batch, *exactly* ``nn.BatchNorm*d`` (same kernel call); a batch
+      of one example is the single-example case below.
     * ``size < N``: ghost batch ``k`` holds examples ``[k*size, (k+1)*size)``; the last one holds
       the remainder. Each ghost batch is normalised as stock BatchNorm would normalise it alone.
     * a ghost batch of a single example has no batch statistics of its own (a single example
@@ -36,6 +37,8 @@ class GhostBatchNorm(BatchNormState):
       of the whole batch; a batch of one example then behaves as stock BatchNorm does.
     * running statistics: one update per forward from the whole batch, as stock BatchNorm
       (skipped for a batch holding a single value per channel, where stock BatchNorm raises).
+    * eval mode: stock BatchNorm (running statistics, or the whole batch's without them).
+    * the output keeps the input's memory format (channels_last in, channels_last out).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -64,6 +67,8 @@ class GhostBatchNorm(BatchNormState):
         elif rest == 1:
             pieces.append(self._normalize_single_example(x, x[full:]))
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)  # the ghost-batch views come out NCHW
         count = x.numel() // self.num_features
         # one value per channel says nothing about the variance: leave the averages alone
         if self.track_running_stats and count > 1:

@@ -23,7 +23,8 @@ input with plain torch ops, so autograd gives exactly App. C Eq. 6 — points ou
 sample receive only ``dy·γ/σ``; points inside also receive the mean and variance terms with
 ``1/s`` in place of ``1/m``.
 
-Eval mode is stock BatchNorm on the running statistics (``BatchNormState.stock_forward``).
+Eval mode is stock BatchNorm on the running statistics (``BatchNormState.stock_forward``); with
+``track_running_stats=False`` on the whole batch's statistics, as stock BatchNorm (not the sample).
 """
 from __future__ import annotations
 

@@ -441,6 +441,39 @@ def test_bn_without_running_stats_normalises_with_batch_statistics():
     assert no_norm_left(folded)
 
 
+NO_RUNNING_STATS_RECIPES = ["bn", "fs", "bs:n=2", "ns:n=2", "vdn:n=2", "fs+vdn:n=2", "ghost:size=2", "cbn",
+                            "brn", "two-tower", "bgn:groups=2,examples=2"]
+
+
+@pytest.mark.parametrize("lower", ["reference", "fused"])
+@pytest.mark.parametrize("recipe", NO_RUNNING_STATS_RECIPES)
+def test_variants_without_running_stats_fold_to_their_eval_output(recipe, lower):
+    """track_running_stats=False: eval is stock BatchNorm on the whole batch's statistics (not a
+    sample, not ghost batches), and the folded model computes what eval computes. Batch-Group Norm
+    keeps its cell statistics in eval (as GroupNorm) and is kept by the fold."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1))
+    x = torch.randn(8, 3, 16, 16) * 2 + 1
+    with torch.no_grad():
+        stock = copy.deepcopy(base).eval()(x)
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    model = bnrewrite.transform(copy.deepcopy(base), recipe, example_inputs=(x,), lower=lower, **options)
+    model.train()
+    for _ in range(3):
+        model(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(x)
+        folded = bnrewrite.fold_for_inference(model)(x)
+    torch.testing.assert_close(folded, evaluated, rtol=1e-5, atol=1e-5)
+    if recipe.startswith("bgn"):
+        assert not torch.allclose(evaluated, stock, atol=1e-3)  # group statistics, not per channel
+        assert actions(bnrewrite.fold_for_inference(model)) == ["kept"]
+    else:
+        torch.testing.assert_close(evaluated, stock, rtol=1e-5, atol=1e-5)
+
+
 class LinearOn3D(nn.Module):
     """Linear over the last dim, BatchNorm1d over dim 1: the channels do not line up."""
 

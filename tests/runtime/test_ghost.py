@@ -205,3 +205,24 @@ def test_bad_size():
 def test_describe_shows_ghost_batches():
     info = GhostBatchNorm(3, size=4).describe((9, 3, 8, 8))
     assert info["ghost_size"] == 4 and info["ghost_batches"] == "2 x 4 + 1 x 1" and "note" in info
+
+
+@pytest.mark.parametrize("n,size", [(6, 2), (5, 2), (4, 8)])
+def test_channels_last_in_channels_last_out_with_the_same_values(n, size):
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, 5, 4)
+    plain, cl = GhostBatchNorm(3, size=size), GhostBatchNorm(3, size=size)
+    want = plain(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n=5, size=2: the single-example warning
+        got = cl(x.to(memory_format=torch.channels_last))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_without_running_stats_is_stock_batchnorm_on_the_whole_batch():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4) * 2 + 1
+    ghost = GhostBatchNorm(3, size=2, track_running_stats=False).eval()
+    stock = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    torch.testing.assert_close(ghost(x), stock(x), rtol=0, atol=0)

@@ -239,6 +239,17 @@ def test_eval_is_stock_batchnorm_on_running_stats():
     torch.testing.assert_close(x * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1), ref(x))
 
 
+@pytest.mark.parametrize("strategy, options", [("fs", {"ratio": 1 / 32}), ("bs", {"n": 2}), ("ns", {"n": 2})])
+def test_eval_without_running_stats_is_stock_batchnorm_on_the_whole_batch(strategy, options):
+    """Stock BatchNorm with track_running_stats=False uses the batch's statistics in eval too; a
+    sampled module does the same over the whole batch, not its sample (eval must not depend on a draw)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16) * 3 + 1
+    m = SampledBatchNorm(3, strategy=strategy, track_running_stats=False, **options).eval()
+    stock = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    torch.testing.assert_close(m(x), stock(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- the sample shapes
 def test_fs_patch_area_and_aspect():
     assert patch_shape((56, 56), 1 / 32) == (10, 10)  # paper's FS-1/32 on a 56x56 map ≈ 3.2%

@@ -156,7 +156,7 @@ class FusedSampledMixin(_FusedForward):
     """Training forward of a SampledBatchNorm through the fused op (same spec, same schedule)."""
 
     def fused_ready(self, x: torch.Tensor) -> bool:
-        return (self.uses_batch_stats() and self.strategy != "frs" and 2 <= x.dim() <= 5
+        return (self.training and self.strategy != "frs" and 2 <= x.dim() <= 5
                 and self.fused_activation() is not None and not self.sync_active()
                 and not self.traced_for_inductor())
 
