@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ExportError, InputError
+from .errors import ExportError, InputError, warn_at_caller
 from .runtime.base import is_batchnorm
 
 NORMALISATION_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
@@ -191,6 +191,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
     if dynamic_batch and any(t.dim() == 0 for t in inputs):
         raise InputError("dynamic_batch=True needs every input to have a batch dim (dim 0); "
                          "pass dynamic_batch=False for scalar inputs")
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
+        raise InputError(f"tolerance must be a number > 0, got {tolerance!r}")
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 9):
+        raise InputError(f"opset must be None (the exporter's default) or an int >= 9, got {opset!r}")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise InputError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
     path = os.fspath(path)
@@ -222,14 +226,44 @@ def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, provid
         # torch.export specialises a size-1 dim to the constant 1; trace on batch 2 instead
         trace_inputs = tuple(torch.cat([t, t]) for t in inputs)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    used = _export(model, trace_inputs, path, dynamic_batch, opset, exporter)
-    summary = inspect_onnx(path)
-    report = ExportReport(path=path, node_counts=summary["node_counts"], max_abs_error=None, max_rel_error=None,
-                          providers=[], exporter=used, opset=summary["opset"], folded=folded,
-                          fold_report=fold_report)
-    if verify:
-        _verify(model, inputs, path, dynamic_batch, providers, tolerance, report)
-    return report
+    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    errors = []
+    for i, kind in enumerate(order):
+        try:
+            traced = _export(model, trace_inputs, path, dynamic_batch, opset, kind)
+        except Exception as exc:  # noqa: BLE001 - report every exporter's failure together
+            errors.append(f"{kind}: {_first_line(exc)}")
+            continue
+        summary = inspect_onnx(path)
+        report = ExportReport(path=path, node_counts=summary["node_counts"], max_abs_error=None, max_rel_error=None,
+                              providers=[], exporter=kind, opset=summary["opset"], folded=folded,
+                              fold_report=fold_report)
+        try:
+            if verify:
+                _verify(model, inputs, path, dynamic_batch, providers, tolerance, report)
+            if traced:
+                _warn_traced_constants(traced)
+            return report
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a TorchScript export onnxruntime cannot load
+            if i == len(order) - 1:
+                if errors:
+                    raise ExportError(f"{_first_line(exc)} (earlier: {' | '.join(errors)})") from None
+                raise _as_export_error(exc, path) from None
+            errors.append(f"{kind}: exported, but {_first_line(exc)}")
+    raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: " + " | ".join(errors))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _as_export_error(exc: BaseException, path: str) -> ExportError:
+    if isinstance(exc, ExportError):
+        return exc
+    return ExportError(f"{path}: onnxruntime could not run the exported model: {_first_line(exc)}")
 
 
 def _has_normalisation(model: nn.Module) -> bool:
@@ -247,37 +281,51 @@ class _Wrapper(nn.Module):
         return self.inner(*args)
 
 
-def _export(model, inputs, path, dynamic_batch, opset, exporter) -> str:
-    errors = []
-    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-    for kind in order:
-        try:
-            with _quiet():
-                if kind == "dynamo":
-                    batch = torch.export.Dim("batch", min=1)
-                    shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
-                    program = torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=shapes,
-                                                opset_version=opset, verbose=False, optimize=True,
-                                                external_data=False)
-                    program.save(path)
-                else:
-                    names = [f"input_{i}" for i in range(len(inputs))]
-                    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
-                    torch.onnx.export(_Wrapper(model).train(model.training), inputs, path, dynamo=False, input_names=names,
-                                      dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
-            return kind
-        except Exception as exc:  # noqa: BLE001 - report every exporter's failure together
-            errors.append(f"{kind}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-    raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: " + " | ".join(errors))
+def _export(model, inputs, path, dynamic_batch, opset, kind) -> list[str]:
+    """Write ``path`` with one exporter (``"torchscript"`` or ``"dynamo"``); returns the tracer's
+    warnings (see :func:`_quiet`)."""
+    traced: list[str] = []
+    with _quiet(traced):
+        if kind == "dynamo":
+            batch = torch.export.Dim("batch", min=1)
+            shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
+            program = torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=shapes,
+                                        opset_version=opset, verbose=False, optimize=True,
+                                        external_data=False)
+            program.save(path)
+        else:
+            names = [f"input_{i}" for i in range(len(inputs))]
+            axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+            torch.onnx.export(_Wrapper(model).train(model.training), inputs, path, dynamo=False, input_names=names,
+                              dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
+    return traced
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The exporters print progress lines and deprecation warnings; the report says what matters."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def _quiet(traced: list[str]):
+    """The exporters print progress lines and deprecation warnings; the report says what matters.
+
+    Except the TorchScript tracer's warnings, collected into ``traced``: a TracerWarning says that
+    Python control flow or a Python number came from a tensor's value, so the ONNX graph holds
+    what this example input took — maybe wrong for other inputs, which verification (run on the
+    same rows) cannot see."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         with contextlib.redirect_stdout(io.StringIO()):
             yield
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            text = f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0]}"
+            if text not in traced:
+                traced.append(text)
+
+
+def _warn_traced_constants(traced: list[str]) -> None:
+    shown = "\n  ".join(traced[:5]) + (f"\n  (+{len(traced) - 5} more)" if len(traced) > 5 else "")
+    warn_at_caller("export: the TorchScript tracer recorded values of this example input as constants, so the ONNX "
+                   "model may be right for this input only (data-dependent control flow or sizes):\n  "
+                   f"{shown}\ncheck the model on other inputs, or export with exporter='dynamo', which refuses "
+                   "data-dependent branches instead")
 
 
 def _providers(requested: list[str] | None) -> list[str]:
@@ -310,9 +358,17 @@ def _verify(model, inputs, path, dynamic_batch, providers, tolerance, report: Ex
     worst_abs, worst_rel = 0.0, 0.0
     failed: list[str] = []
     for batch in batches:
-        with torch.no_grad():
-            expected = [t.detach().cpu().float().numpy() for t in pytree.tree_leaves(model(*batch))
-                        if isinstance(t, torch.Tensor)]
+        try:
+            with torch.no_grad():
+                outputs = model(*batch)
+        except Exception as exc:  # noqa: BLE001 - only the second, checking batch size gets here
+            if batch is inputs:
+                raise
+            raise InputError(f"{type(model).__name__} does not run at batch size {batch[0].shape[0]} "
+                             f"({_first_line(exc)}), so its export cannot have a dynamic batch dim: export "
+                             "with dynamic_batch=False (CLI: --static-batch)") from None
+        expected = [t.detach().cpu().float().numpy() for t in pytree.tree_leaves(outputs)
+                    if isinstance(t, torch.Tensor)]
         feeds = {name: t.detach().cpu().numpy() for name, t in zip(feeds_names, batch)}
         got = session.run(None, feeds)
         if len(got) != len(expected):

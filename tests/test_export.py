@@ -1,5 +1,6 @@
 """export_onnx / inspect_onnx against real onnxruntime."""
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -124,7 +125,63 @@ def test_both_exporters_export_eval_mode(tmp_path, exporter):
 
 def test_mismatch_raises_export_error_with_the_error(tmp_path):
     with pytest.raises(ExportError, match="max abs"):
-        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", tolerance=-1.0)
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", tolerance=1e-30,
+                              exporter="torchscript")
+
+
+@pytest.mark.parametrize("bad", [{"tolerance": -1.0}, {"tolerance": 0}, {"opset": 5}, {"opset": "17"}])
+def test_bad_tolerance_or_opset_is_an_input_error(tmp_path, bad):
+    with pytest.raises(InputError, match=next(iter(bad))):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "b.onnx", **bad)
+
+
+def test_example_weighing_of_several_sites_exports_a_model_onnxruntime_loads(tmp_path):
+    """The TorchScript exporter's constant folding wrote a graph onnxruntime rejects (a Mul input
+    that no node produces) once two example-weighted sites share the pattern; the export falls
+    back to the dynamo exporter and the result matches the folded model."""
+    model = small_net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = bnrewrite.export_onnx(model, x, tmp_path / "w.onnx", example_weight=0.25)
+    folded = bnrewrite.fold_for_inference(model, example_weight=0.25)
+    with torch.no_grad():
+        want = folded(x).numpy()
+    np.testing.assert_allclose(ort_run(tmp_path / "w.onnx", x.numpy())[0], want, rtol=1e-4, atol=1e-5)
+    assert report.max_rel_error <= 1e-4 and "BatchNormalization" not in report.node_counts
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 36, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).reshape(4, -1))
+
+
+def test_model_with_a_fixed_batch_size_says_to_export_a_static_batch(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(InputError, match=r"does not run at batch size 5 .*dynamic_batch=False \(CLI: --static-batch\)"):
+        bnrewrite.export_onnx(FixedBatch().eval(), x, tmp_path / "f.onnx")
+    assert bnrewrite.export_onnx(FixedBatch().eval(), x, tmp_path / "f.onnx", dynamic_batch=False).max_rel_error < 1e-4
+
+
+def test_tracer_constants_are_a_warning_naming_the_model_line(tmp_path):
+    """Verification runs on the example's rows and cannot see a branch the trace froze: say so."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if x.mean() > 0 else -y
+
+    with pytest.warns(UserWarning, match=r"may be right for this input only(.|\n)*test_export.py:\d+") as record:
+        bnrewrite.export_onnx(Branchy().eval(), torch.rand(2, 3, 8, 8), tmp_path / "t.onnx", exporter="torchscript")
+    assert any(w.filename == __file__ for w in record if "may be right" in str(w.message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no such warning where nothing is data-dependent
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "s.onnx", exporter="torchscript")
 
 
 class DataDependent(nn.Module):
