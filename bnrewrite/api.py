@@ -56,7 +56,9 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
         recipe: ``+``-joined components, e.g. ``"fs+vdn"``, ``"ghost:size=16"`` (see README).
         example_inputs: a tuple of example inputs; records shapes and materialises lazy modules.
         include, exclude: module-name globs (``"layer1.*"``) that pick the sites to rewrite.
-        inplace: rewrite ``model`` itself instead of a deep copy.
+        inplace: skip the deep copy: the result reuses ``model``'s parameters and submodules and the
+            rewrite changes some of them, so ``model`` itself can no longer be called (it raises)
+            unless the result *is* ``model``.
         **options: variant-specific arguments the recipe's passes take (e.g. ``data_stats``
             for ``vdn``, ``seed`` for the sampling schedules), and ``lower``: ``"reference"``
             (default: plain-torch ops), ``"auto"`` (fused Triton ops when the model is on a CUDA
@@ -90,6 +92,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     captured = capture(work)
     sites = find_sites(captured, example_inputs)
     selected = _select(sites, include, exclude)
+    _refuse_rewritten_sites(captured.root, selected)
     context = RewriteContext(captured=captured, example_inputs=example_inputs, options=dict(options))
     from .registry import VARIANTS
 
@@ -116,7 +119,34 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
         selected=[s.name for s in selected]))
     if captured.top_error is not None:
         object.__setattr__(result, "_bnrewrite_capture_error", captured.top_error)
+    if inplace and result is not model:
+        model.register_forward_pre_hook(_refuse_rewritten_original)
     return result
+
+
+def _refuse_rewritten_sites(root: nn.Module, selected: list[Site]) -> None:
+    """A site an earlier transform rewrote would be wrapped again (fs of fs) or lose what it
+    relies on (cbn's wired producer input): one recipe per model, on the original."""
+    done = {}
+    for site in selected:
+        if not site.functional:
+            module = root.get_submodule(site.name)
+            if getattr(module, "is_bnrewrite_norm", False):
+                done.setdefault(site.name, type(module).__name__)
+    if done:
+        names = list(done)
+        shown = ", ".join(f"{n} ({done[n]})" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise InputError(f"transform: {shown} were already rewritten by an earlier bnrewrite.transform; transform "
+                         "the original model once, with the combined recipe (e.g. 'fs+vdn'), or leave those sites "
+                         "out with exclude=")
+
+
+def _refuse_rewritten_original(module: nn.Module, args) -> None:
+    # its nested BatchNorms were swapped in place but not its own children or forward: running it
+    # would silently train a mix of stock and rewritten layers
+    raise InputError(f"this {type(module).__name__} was rewritten by bnrewrite.transform(..., inplace=True), which "
+                     "returned a new module sharing its layers; call the module transform returned (or use "
+                     "inplace=False to keep the original usable)")
 
 
 @dataclass

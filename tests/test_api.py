@@ -85,6 +85,19 @@ def test_inplace_and_copy():
     assert {id(p) for p in out2.parameters()} == {id(p) for p in model.parameters()}
 
 
+def test_inplace_original_refuses_to_run_half_rewritten():
+    """inplace=True on resnet18: nested BNs are swapped inside the shared blocks, the top-level
+    bn1 only in the returned GraphModule; the original must not silently run that mix."""
+    model = torchvision.models.resnet18(weights=None)
+    out = bnrewrite.transform(model, "fs", inplace=True)
+    assert out is not model and type(model.layer1[0].bn1).__name__ == "SampledBatchNorm"
+    with pytest.raises(InputError, match="rewritten by bnrewrite.transform.*inplace=True.*call the module transform "
+                                         "returned"):
+        model(torch.randn(2, 3, 32, 32))
+    assert out(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    copy.deepcopy(model)  # the guard is a plain function: the original still copies and pickles
+
+
 def test_state_dict_round_trip_strict_both_ways():
     torch.manual_seed(0)
     stock = torchvision.models.resnet18(weights=None)
@@ -141,3 +154,21 @@ def test_example_inputs_the_model_rejects_are_an_input_error(capsys):
     assert "FX-traced" not in capsys.readouterr().err
     out = bnrewrite.transform(model, "fs", example_inputs=(torch.randn(2, 3, 8, 8),))
     assert out.get_submodule("1").__class__.__name__ == "SampledBatchNorm"
+
+
+@pytest.mark.parametrize("first, second", [("cbn", "cbn:k=4,burnin=5"), ("fs", "ghost"), ("ghost:size=2", "bgn")])
+def test_transforming_a_transformed_model_again_is_an_input_error(first, second):
+    x = torch.randn(2, 3, 32, 32)
+    once = bnrewrite.transform(torchvision.models.resnet18(weights=None), first, example_inputs=(x,))
+    with pytest.raises(InputError, match=r"bn1 \(\w+\).* already rewritten by an earlier bnrewrite.transform.*"
+                                         r"combined recipe"):
+        bnrewrite.transform(once, second, example_inputs=(x,))
+
+
+def test_sites_left_out_the_first_time_can_be_rewritten_later():
+    x = torch.randn(2, 3, 32, 32)
+    part = bnrewrite.transform(torchvision.models.resnet18(weights=None), "fs", include=["layer1.*"])
+    rest = bnrewrite.transform(part, "ghost:size=2", exclude=["layer1.*"], example_inputs=(x,))
+    kinds = {name: type(m).__name__ for name, m in rest.named_modules() if name in ("bn1", "layer1.0.bn1")}
+    assert kinds == {"bn1": "GhostBatchNorm", "layer1.0.bn1": "SampledBatchNorm"}
+    assert rest(x).shape == (2, 1000)
