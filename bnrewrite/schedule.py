@@ -54,7 +54,8 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
         batches: an iterable of batches; each is the input tensor, or a tuple/list whose first
             item is the input (what a ``DataLoader`` of ``(x, y)`` yields; a tuple first item is
             unpacked as several inputs). A re-iterable (list, DataLoader) is cycled until
-            ``steps`` batches have run.
+            ``steps`` batches have run. A single tensor is one batch, run ``steps`` times (iterating
+            it would feed its rows one by one, without the batch dim).
         steps: number of forward passes (paper: 200).
 
     Returns the number of forward passes run. Example::
@@ -68,6 +69,8 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
 
     if int(steps) < 0:
         raise InputError(f"warm_up_statistics: steps must be >= 0, got {steps}")
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
     modes = {m: m.training for m in model.modules()}
     done = 0
     try:

@@ -53,6 +53,16 @@ def test_fold_json_report(tmp_path, model_spec, capsys):
                  "--format", "json", "--example-weight", "0.5"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["counts"] == {"example-weighted": 1} and data["example_weight"] == 0.5
+    # the example-weighted output differs from plain eval on purpose: reported as a change, not an error
+    assert data["max_rel_change_by_example_weighing"] > 0 and "max_rel_error_vs_unfolded" not in data
+
+
+def test_fold_with_example_weighing_labels_the_difference_as_its_effect(tmp_path, model_spec, capsys):
+    assert main(["fold", model_spec, "--out", str(tmp_path / "f.pt"), "--input-shape", "2,3,8,8",
+                 "--example-weight", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "change from the unfolded eval output made by example weighing (alpha=0.5, intended)" in text
+    assert "difference to the unfolded eval output" not in text
 
 
 def test_export_prints_report_and_inspect_lists_ops(tmp_path, model_spec, capsys):
