@@ -1,4 +1,4 @@
-"""``bnrewrite`` command line: inspect | fold | export | bench | demo.
+"""``bnrewrite`` command line: inspect | fold | export | demo.
 
 Imports of torch and friends happen inside the commands so ``bnrewrite --help`` stays fast.
 """
@@ -167,7 +167,8 @@ def cmd_inspect(args) -> int:
     import torch
 
     example = (torch.randn(*shape),) if shape else None
-    transformed = transform(model, args.recipe, example_inputs=example, **_inspection_options(args, shape))
+    transformed = transform(model, args.recipe, example_inputs=example, include=args.include, exclude=args.exclude,
+                            **_inspection_options(args, shape))
     info = getattr(transformed, "bnrewrite_info", None)
     rows = site_rows(transformed, shape)
     if info:
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower", choices=["reference", "auto", "fused"], default="reference",
                    help="lower sites to the fused Triton ops: reference (default, no), auto (CUDA models), "
                         "fused (always); shows which sites were lowered and fused with an activation")
+    p.add_argument("--include", action="append", default=None, metavar="GLOB",
+                   help="rewrite only the sites whose name matches (repeatable), as transform(include=)")
+    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                   help="leave the sites whose name matches stock (repeatable), as transform(exclude=)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
     p.set_defaults(func=cmd_inspect)
     _add_optional_commands(sub)
@@ -287,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands defined next to the features they drive (fold/export, bench, demo)."""
+    """Commands defined next to the features they drive (fold/export, demo)."""
     for module_name in ("bnrewrite.cli_fold_export", "bnrewrite.cli_demo"):
         try:
             module = __import__(module_name, fromlist=["add_commands"])

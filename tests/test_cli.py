@@ -94,3 +94,12 @@ def test_inspect_two_tower_lists_each_site_once(capsys):
     first = data["sites"][0]
     assert first["name"] == "bn1" and first["input_shape"] == [2, 64, 32, 32] and first["consumer"] == "ReLU"
     assert all(r["details"]["calls"] == 2 and not r["shared"] for r in data["sites"])
+
+
+def test_inspect_include_and_exclude_globs(capsys):
+    assert main(["inspect", "torchvision:resnet18", "--recipe", "fs", "--input-shape", "2,3,32,32",
+                 "--exclude", "layer4.*", "--exclude", "bn1", "--format", "json"]) == 0
+    rows = {r["name"]: r["rewritten_to"] for r in json.loads(capsys.readouterr().out)["sites"]}
+    assert rows["bn1"] == rows["layer4.1.bn2"] == "(excluded)" and rows["layer3.0.bn1"] == "SampledBatchNorm"
+    assert main(["inspect", "torchvision:resnet18", "--recipe", "fs", "--include", "layer9.*"]) == 2
+    assert "glob 'layer9.*' matches no BatchNorm site" in capsys.readouterr().err

@@ -8,25 +8,33 @@ and per layer (a stream id from the layer's qualified name), so layers sample in
 
 Options (all components): ``every`` re-draws every N training steps (0: only on
 ``bnrewrite.new_epoch``, the paper's once-per-epoch schedule); ``momentum`` of the running
-statistics (None keeps the BatchNorm's own; App. D found 0.3 better than 0.1 for sampled BN);
+statistics, as for every component (``keep`` the BatchNorm's own, ``cumulative`` PyTorch's
+``momentum=None``, or a number; ``none`` is read as ``keep``, the meaning it had here before;
+App. D found 0.3 better than 0.1 for sampled BN);
 ``sync`` all-reduces the sampled sums under ``torch.distributed`` (§4.3).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
 from ..capture import set_submodule
+from ..runtime.base import check_momentum_option, resolve_momentum
 from ..runtime.sampled import SampledBatchNorm, SmallSampleCheck, layer_stream
 from ..sites import module_sites
 
 
-def _check_common(every: int, momentum: float | None) -> None:
-    if every < 0:
-        raise ValueError(f"every must be >= 0 (0 = re-draw only on new_epoch), got {every}")
-    if momentum is not None and not 0.0 < momentum <= 1.0:
-        raise ValueError(f"momentum must be in (0, 1] or none (keep the BatchNorm's own), got {momentum}")
+Momentum = float | Literal["keep", "cumulative"] | None
+
+
+def _check_common(options) -> None:
+    if options.every < 0:
+        raise ValueError(f"every must be >= 0 (0 = re-draw only on new_epoch), got {options.every}")
+    if options.momentum is None:
+        object.__setattr__(options, "momentum", "keep")
+    check_momentum_option(options.momentum)
 
 
 def _check_ratio(ratio: float | None) -> None:
@@ -42,7 +50,7 @@ class RowSamplingOptions:
     n: int | None = None
     ratio: float | None = None
     every: int = 0
-    momentum: float | None = None
+    momentum: Momentum = "keep"
     sync: bool = False
 
     def __post_init__(self):
@@ -51,7 +59,7 @@ class RowSamplingOptions:
         if self.n is not None and self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         _check_ratio(self.ratio)
-        _check_common(self.every, self.momentum)
+        _check_common(self)
 
 
 @dataclass(frozen=True)
@@ -70,12 +78,12 @@ class FsOptions:
 
     ratio: float = 1.0 / 32
     every: int = 0
-    momentum: float | None = None
+    momentum: Momentum = "keep"
     sync: bool = False
 
     def __post_init__(self):
         _check_ratio(self.ratio)
-        _check_common(self.every, self.momentum)
+        _check_common(self)
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,7 @@ def _rewrite(module: nn.Module, sites, strategy: str, options, context) -> nn.Mo
         kwargs = {"n": getattr(options, "n", None), "ratio": options.ratio}
         sampled = SampledBatchNorm.from_batchnorm(bn, strategy=strategy, every=options.every, seed=seed,
                                                   stream=layer_stream(site.name), sync=options.sync, **kwargs)
-        if options.momentum is not None:
-            sampled.momentum = float(options.momentum)
+        sampled.momentum = resolve_momentum(options.momentum, sampled.momentum)
         sampled.site_name = site.name
         set_submodule(module, site.name, sampled)
         sampled.__dict__["small_sample_check"] = check

@@ -84,6 +84,17 @@ def test_options_reach_the_modules():
     assert "fs falls back to bs" in out.b3.describe((32, 6))["note"]
 
 
+@pytest.mark.parametrize("word, expected", [("keep", 0.25), ("none", 0.25), ("cumulative", None), ("0.3", 0.3)])
+@pytest.mark.parametrize("component", ["ns:n=2", "bs:n=2", "fs", "frs"])
+def test_momentum_takes_the_same_words_as_every_component(component, word, expected):
+    """keep / cumulative as for ghost, bgn, cbn; 'none' stays the alias of keep it was here."""
+    model = SmallNet()
+    model.b1.momentum = 0.25
+    out = bnrewrite.transform(model, f"{component},momentum={word}" if ":" in component else
+                              f"{component}:momentum={word}")
+    assert out.b1.momentum == expected
+
+
 def test_include_exclude_and_functional_kept():
     model = SmallNet()
     out = bnrewrite.transform(model, "fs", exclude="b3")
