@@ -333,6 +333,11 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
     return root
 
 
+def _qualified(site: Site, target: str) -> str:
+    """A module name inside the site's graph (a leaf region's GraphModule) as a name in the model."""
+    return f"{site.graph}.{target}" if site.graph and target else target
+
+
 def _label(site: Site) -> str:
     return site.name + (f"@{site.call_index}" if site.shared else "")
 
@@ -664,14 +669,14 @@ def _fold_module_site(gm: fx.GraphModule, site: Site, options: FoldOptions, cont
                                                  site.num_features, context)
         if action is not None:
             _replace_call(gm, node, _as_module(post), norm, context)
-            context.report.records.append(FoldRecord(label, kind, action, target))
+            context.report.records.append(FoldRecord(label, kind, action, _qualified(site, target)))
             return
     else:
         reason = "example weighing uses per-example statistics" if inf.kind != "batch" else \
             "track_running_stats=False: eval uses batch statistics"
     new, action = _replacement(inf, _stats_of(norm, site.name), options, ndim, reason, norm)
     name = _replace_call(gm, node, _as_module([new] + post), norm, context)
-    context.report.records.append(FoldRecord(label, kind, action, name, reason))
+    context.report.records.append(FoldRecord(label, kind, action, _qualified(site, name), reason))
 
 
 def _functional_args(node: fx.Node) -> dict:
@@ -742,7 +747,7 @@ def _fold_functional_site(gm: fx.GraphModule, site: Site, options: FoldOptions, 
     for n in inputs:
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
-    context.report.records.append(FoldRecord(label, "F.batch_norm", action, target, reason))
+    context.report.records.append(FoldRecord(label, "F.batch_norm", action, _qualified(site, target), reason))
 
 
 def _fold_eager_site(root: nn.Module, site: Site, options: FoldOptions, context: FoldContext) -> None:

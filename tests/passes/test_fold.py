@@ -305,6 +305,7 @@ def test_untraceable_top_folds_captured_regions_and_swaps_eager_sites():
     folded = check(Untraceable(), torch.randn(2, 3, 6, 6))
     by_site = {r.site: r for r in folded.bnrewrite_fold_report.records}
     assert by_site["block.bn"].action == "into-producer"
+    assert by_site["block.bn"].target == "block.conv"  # named in the model, not inside the region's graph
     assert by_site["bn"].action == "channel-affine"
     assert isinstance(folded.get_submodule("bn"), ChannelAffine)
 
