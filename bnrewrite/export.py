@@ -17,6 +17,8 @@ import collections
 import contextlib
 import io
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -311,13 +313,36 @@ def _quiet(traced: list[str]):
     same rows) cannot see."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _native_stdout_discarded(), contextlib.redirect_stdout(io.StringIO()):
             yield
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
             text = f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0]}"
             if text not in traced:
                 traced.append(text)
+
+
+@contextlib.contextmanager
+def _native_stdout_discarded():
+    """Also silence what C++ writes to file descriptor 1: the TorchScript exporter prints the whole
+    IR graph there when it gives up (vgg11_bn at 32×32: 64 lines), before the dynamo exporter is tried."""
+    fd = 1  # C++ writes to the process's fd 1 whatever sys.stdout is (pytest, notebooks replace that)
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no fd 1 at all
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), fd)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
 
 
 def _warn_traced_constants(traced: list[str]) -> None:

@@ -242,3 +242,22 @@ def test_cuda_model_exports_and_verifies(tmp_path):
     model = small_net().cuda()
     report = bnrewrite.export_onnx(model, torch.randn(2, 3, 8, 8, device="cuda"), tmp_path / "g.onnx")
     assert report.max_rel_error <= 1e-4
+
+
+class PoolsUp(nn.Module):
+    """AdaptiveAvgPool2d to a larger map than its input: the TorchScript exporter gives up (and its
+    C++ side prints the whole IR graph to stdout); the dynamo exporter handles it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.pool = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d((7, 7))
+
+    def forward(self, x):
+        return self.pool(self.bn(self.conv(x)))
+
+
+def test_exporter_fallback_prints_nothing_on_stdout(tmp_path, capfd):
+    report = bnrewrite.export_onnx(PoolsUp().eval(), torch.randn(2, 3, 3, 3), tmp_path / "p.onnx")
+    out = capfd.readouterr().out
+    assert report.exporter == "dynamo" and report.max_rel_error <= 1e-4
+    assert "Torch IR graph" not in out and out == ""
