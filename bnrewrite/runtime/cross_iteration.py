@@ -60,6 +60,7 @@ in :meth:`CrossIterationBatchNorm.describe`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Literal
@@ -295,7 +296,10 @@ def choose_store(weight_numel: int, input_numel: int, output_numel: int, positio
 
 def run_producer(producer: nn.Module, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """producer(u) with the given weights (its own padding mode, stride, groups…), no autocast."""
-    with torch.autocast(u.device.type, enabled=False):
+    # devices without autocast (meta) cannot even disable it
+    off = torch.autocast(u.device.type, enabled=False) if torch.amp.is_autocast_available(u.device.type) \
+        else contextlib.nullcontext()
+    with off:
         if isinstance(producer, nn.Linear):
             return nn.functional.linear(u, weight, bias)
         return producer._conv_forward(u, weight, bias)
@@ -597,10 +601,22 @@ class CrossIterationBatchNorm(BatchNormState):
             self.cbn_sq_mean_offset = torch.zeros(h, self.num_features, **factory)
 
     def _fits_input_store(self, x: torch.Tensor, producer_input: torch.Tensor) -> bool:
-        """A batch the ``inputs`` ring can hold: same shapes, at most as many rows."""
+        """A batch the ``inputs`` ring can hold, after growing it to more rows if need be: the same
+        per-example shapes of the producer's input and output."""
         stored_u, stored_x = self.cbn_input.shape[1:], self.cbn_output.shape[1:]
         return (x.shape[1:] == stored_x[1:] and producer_input.shape[1:] == stored_u[1:]
-                and x.shape[0] <= stored_x[0] and producer_input.shape[0] == x.shape[0])
+                and producer_input.shape[0] == x.shape[0])
+
+    def _grow_input_store(self, rows: int) -> None:
+        """Room for ``rows`` examples per slot: a batch larger than the first one. The stored
+        iterations keep their rows (the new ones are zero padding, not counted: ``cbn_rows``)."""
+        if rows <= self.cbn_input.shape[1]:
+            return
+        for key in ("cbn_input", "cbn_output"):
+            old = getattr(self, key)
+            grown = old.new_zeros((old.shape[0], rows) + tuple(old.shape[2:]))
+            grown[:, :old.shape[1]] = old
+            setattr(self, key, grown)
 
     def _switch_to_gradient_store(self, x: torch.Tensor, producer_input: torch.Tensor) -> None:
         warnings.warn(
@@ -767,8 +783,11 @@ class CrossIterationBatchNorm(BatchNormState):
                 "site with naive-cbn")
         if self.cbn_mean is None:
             self._allocate(x, producer_input if compensating else None)
-        elif self.cbn_input is not None and not self._fits_input_store(x, producer_input):
-            self._switch_to_gradient_store(x, producer_input)
+        elif self.cbn_input is not None:
+            if self._fits_input_store(x, producer_input):
+                self._grow_input_store(x.shape[0])
+            else:
+                self._switch_to_gradient_store(x, producer_input)
         k = self._resolved_window
         in_burnin = self._steps < self.burnin
         moments = None

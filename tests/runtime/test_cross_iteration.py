@@ -1,6 +1,7 @@
 """CrossIterationBatchNorm against autograd Jacobians and the paper's formulas written out here
 (cross-iteration-bn.txt Eqs. 7–12, Alg. 1, App. B)."""
 import copy
+import warnings
 import io
 
 import pytest
@@ -476,6 +477,37 @@ def test_inputs_store_holds_a_smaller_last_batch_and_matches_the_gradient_store(
     torch.testing.assert_close(pair["inputs"][1].running_var, pair["gradients"][1].running_var, rtol=1e-10, atol=0)
 
 
+def test_inputs_store_grows_for_a_batch_larger_than_the_first_and_matches_the_gradient_store():
+    """The ring is sized at the first training step; a later, larger batch (a short first batch,
+    or a bigger one after evaluation) grows it, keeping the window (it restarted on stock BN before)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).to(D)
+    pair = {}
+    for store in ("inputs", "gradients"):
+        producer = copy.deepcopy(conv)
+        bn = CrossIterationBatchNorm(6, window=3, store=store).to(D)
+        bn.attach_producer(producer, "conv")
+        pair[store] = (producer, bn)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "switching to store='gradients'"
+        for rows in (2, 2, 3, 4, 2, 4):
+            u = torch.randn(rows, 4, 5, 5, dtype=D) + 0.3
+            outputs = {}
+            for store, (producer, bn) in pair.items():
+                y = bn(producer(u), u)
+                y.square().sum().backward()
+                outputs[store] = y.detach()
+                with torch.no_grad():
+                    for p in producer.parameters():
+                        p -= 0.05 * p.grad
+                        p.grad = None
+            torch.testing.assert_close(outputs["inputs"], outputs["gradients"], rtol=1e-10, atol=1e-10)
+    bn = pair["inputs"][1]
+    assert bn.resolved_store == "inputs" and bn._filled == 2 and bn.cbn_input.shape[1] == 4
+    assert sorted(bn.cbn_rows.tolist()) == [2, 4]
+
+
 def test_inputs_store_switches_to_gradients_when_the_input_shape_changes():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1).to(D)
@@ -704,3 +736,16 @@ def test_backward_option_reaches_the_module_and_is_validated():
         bnrewrite.parse_recipe("cbn:backward=full")
     with pytest.raises(InputError, match="backward"):
         CrossIterationBatchNorm(4, backward="full")
+
+
+def test_inputs_store_history_runs_on_the_meta_device():
+    """Shape checks on ``meta`` (no autocast there): the producer re-run must not ask for autocast."""
+    conv = nn.Conv2d(3, 4, 3)
+    bn = CrossIterationBatchNorm(4, window=3, store="inputs")
+    bn.attach_producer(conv, "conv")
+    u = torch.randn(2, 3, 6, 6)
+    bn(conv(u), u)
+    conv.to("meta"), bn.to("meta")
+    u = u.to("meta")
+    y = bn(conv(u), u)
+    assert y.device.type == "meta" and y.shape == (2, 4, 4, 4)
