@@ -238,6 +238,15 @@ class FoldContext:
     private: set = field(default_factory=set)  # fx nodes whose module this pass owns
     kept: set = field(default_factory=set)     # ids of norm modules left in place on purpose
     uses: dict = field(default_factory=dict)   # id(module) -> places that may call it
+    # id(norm) -> its inference map, read before any weight is changed: a runtime module's map may
+    # depend on its producer's weights (Extreme Norm's running mean is ΣW·μ̄ + b), and folding an
+    # earlier site forward into that producer changes them
+    inferences: dict = field(default_factory=dict)
+
+    def inference(self, norm: nn.Module, name: str) -> "_Inference":
+        if id(norm) not in self.inferences:
+            self.inferences[id(norm)] = _inference_of(norm, name)
+        return self.inferences[id(norm)]
 
 
 # ============================================================================ public entry point
@@ -317,6 +326,10 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
     eager: list[Site] = []
     for site in sites:
         (eager.append(site) if site.graph is None else by_graph.setdefault(site.graph, []).append(site))
+        if not site.functional:
+            norm = root.get_submodule(site.name)
+            if getattr(norm, "foldable", True) is not False:
+                context.inference(norm, site.name)  # every map before the first weight changes
     for prefix, graph_sites in by_graph.items():
         gm = root.get_submodule(prefix) if prefix else root
         for site in graph_sites:
@@ -399,6 +412,11 @@ def _ndim_of(norm: nn.Module | None, label: str, context: FoldContext) -> int | 
     dims = getattr(norm, "dims", None)
     if dims in (2, 3):
         return dims + 2
+    kind = getattr(norm, "source_kind", "")  # a runtime module remembers the BatchNorm it replaced
+    if kind.endswith("2d"):
+        return 4
+    if kind.endswith("3d"):
+        return 5
     return None
 
 
@@ -590,27 +608,27 @@ def _replace_call(gm: fx.GraphModule, node: fx.Node, new: nn.Module | None, norm
     return name
 
 
-def _channel_dim_matches(layer: nn.Module, label: str, context: FoldContext) -> tuple[bool, str]:
-    """A Linear's features are the last dim: it meets a norm's channel dim only on 2-D input."""
+def _channel_dim_matches(layer: nn.Module, label: str, context: FoldContext, ndim: int | None) -> tuple[bool, str]:
+    """A Linear's features are the last dim: it meets a norm's channel dim only on 2-D input.
+    ``ndim``: the norm's input rank when known (example shapes, or BatchNorm2d/3d by type)."""
     if not isinstance(layer, nn.Linear):
         return True, ""
     shape = context.shapes.get(label)
-    if shape is None:
+    ndim = len(shape) if shape is not None else ndim
+    if ndim is None or ndim == 2:
         return True, ""  # (N, C) is the BatchNorm1d-after-Linear pattern; pass example_inputs to check
-    if len(shape) == 2:
-        return True, ""
-    return False, f"Linear acts on the last dim but the norm normalises dim 1 of a {len(shape)}-D input"
+    return False, f"Linear acts on the last dim but the norm normalises dim 1 of a {ndim}-D input"
 
 
 # ---------------------------------------------------------------------------- site handlers
 def _try_neighbours(gm: fx.GraphModule, node: fx.Node, src, inf: _Inference, has_post: bool,
-                    label: str, num_features: int | None, context: FoldContext):
+                    label: str, num_features: int | None, context: FoldContext, ndim: int | None = None):
     """Fold into the producer, else into the consumer. Returns (action, target, reason)."""
     reason = ""
     if isinstance(src, fx.Node) and src.op == "call_module":
         producer = gm.get_submodule(src.target)
         if isinstance(producer, _CONV + _CONV_T + (nn.Linear,)):
-            ok, why = _channel_dim_matches(producer, label, context)
+            ok, why = _channel_dim_matches(producer, label, context, ndim)
             groups = getattr(producer, "groups", 1)
             if len(src.users) > 1:
                 users = ", ".join(u.name for u in src.users if u is not node)
@@ -635,7 +653,7 @@ def _try_neighbours(gm: fx.GraphModule, node: fx.Node, src, inf: _Inference, has
         if user.op == "call_module" and user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
             consumer = gm.get_submodule(user.target)
             if isinstance(consumer, _CONV + (nn.Linear,)):
-                ok, why = _channel_dim_matches(consumer, label, context)
+                ok, why = _channel_dim_matches(consumer, label, context, ndim)
                 padding = getattr(consumer, "padding", (0,))
                 zero_pad = padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
                 if isinstance(consumer, nn.Linear) or zero_pad:
@@ -661,12 +679,12 @@ def _fold_module_site(gm: fx.GraphModule, site: Site, options: FoldOptions, cont
         context.report.records.append(FoldRecord(label, kind, "kept", node.target,
                                                  "eval output depends on the batch's statistics (foldable=False)"))
         return
-    inf = _inference_of(norm, site.name)
+    inf = context.inference(norm, site.name)
     post = _post_children(norm)
     ndim = _ndim_of(norm, label, context)
     if options.example_weight == 0 and inf.kind != "batch":
         action, target, reason = _try_neighbours(gm, node, node.args[0], inf, bool(post), label,
-                                                 site.num_features, context)
+                                                 site.num_features, context, ndim)
         if action is not None:
             _replace_call(gm, node, _as_module(post), norm, context)
             context.report.records.append(FoldRecord(label, kind, action, _qualified(site, target)))
@@ -759,7 +777,7 @@ def _fold_eager_site(root: nn.Module, site: Site, options: FoldOptions, context:
         context.report.records.append(FoldRecord(site.name, kind, "kept", site.name,
                                                  "eval output depends on the batch's statistics (foldable=False)"))
         return
-    inf = _inference_of(norm, site.name)
+    inf = context.inference(norm, site.name)
     reason = "called from eager code that torch.fx could not trace"
     new, action = _replacement(inf, _stats_of(norm, site.name), options, _ndim_of(norm, _label(site), context),
                                reason, norm)

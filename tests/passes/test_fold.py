@@ -475,6 +475,52 @@ def test_variants_without_running_stats_fold_to_their_eval_output(recipe, lower)
         torch.testing.assert_close(evaluated, stock, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", ["brn:micro=2", "two-tower", "bn", "fs"])
+@pytest.mark.parametrize("layout", ["linear", "conv1x1"])
+def test_folding_a_site_forward_does_not_change_the_next_sites_map(recipe, layout):
+    """BN (no producer) -> Linear/1x1 conv -> BN: the first folds forward into the layer that is the
+    second's producer. Extreme Norm's map depends on its producer's weights (running mean
+    ΣW·μ̄ + b), so every map must be read before any weight changes (was 10-26% off)."""
+    torch.manual_seed(0)
+    if layout == "linear":
+        base = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        x = torch.randn(8, 16) * 3 + 1
+    else:
+        base = nn.Sequential(nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8 * 16, 3))
+        x = torch.randn(8, 16, 4, 4) * 3 + 1
+    model = bnrewrite.transform(base, recipe, example_inputs=(x,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        folded = bnrewrite.fold_for_inference(model)
+        got = folded(x)
+    assert actions(folded)[:2] == ["into-consumer", "into-producer"]
+    assert rel_err(want, got) <= 1e-5, rel_err(want, got)
+
+
+@pytest.mark.parametrize("recipe", [None, "fs", "brn"])
+@pytest.mark.parametrize("features, shape", [(8, (4, 8, 16, 8)), (6, (2, 8, 4, 6))])
+def test_batchnorm2d_before_a_linear_over_the_last_dim_is_not_folded_into_it(recipe, features, shape):
+    """Without example shapes a BatchNorm2d's rank is known from its type: a Linear after it acts on
+    the width, not the channels (was folded as (N, C): 58% off, or a raw size-mismatch error)."""
+    model = randomise(nn.Sequential(nn.BatchNorm2d(8), nn.Linear(features, 5)))
+    if recipe:
+        model = bnrewrite.transform(model, recipe)
+    model.eval()
+    x = torch.randn(*shape)
+    folded = bnrewrite.fold_for_inference(model)
+    with torch.no_grad():
+        assert rel_err(model(x), folded(x)) <= 1e-5
+    assert actions(folded) == ["channel-affine"]
+    assert "4-D input" in folded.bnrewrite_fold_report.records[0].reason
+
+
 class LinearOn3D(nn.Module):
     """Linear over the last dim, BatchNorm1d over dim 1: the channels do not line up."""
 
