@@ -628,6 +628,17 @@ class CrossIterationBatchNorm(BatchNormState):
         self._next = 0
         self._allocate(x, producer_input)
 
+    def _stop_compensating(self, why: str) -> None:
+        """Run naive-cbn from now on (warned once, shown by ``describe``); the stored statistics
+        stay, the stored gradients or inputs are dropped."""
+        warnings.warn(f"cbn site {self.site_name or '?'}: {why}; it runs naive-cbn (no Taylor compensation)",
+                      stacklevel=4)
+        self.compensate = False
+        self.note = why
+        for key in GRADIENT_KEYS + INPUT_KEYS:
+            setattr(self, key, None)
+        self._resolved_store = None
+
     def reset_history(self) -> None:
         """Forget the stored iterations (``bnrewrite.reset_history(model)`` calls this)."""
         self._filled = 0
@@ -781,6 +792,11 @@ class CrossIterationBatchNorm(BatchNormState):
                 f"CrossIterationBatchNorm{self.site_label} (producer {self.producer_name}) compensates with the producer's "
                 "input: call it as module(x, producer_input), as the cbn pass wires it, or rewrite the "
                 "site with naive-cbn")
+        if compensating and isinstance(self.producer, nn.Linear) and producer_input.dim() != 2:
+            self._stop_compensating(
+                f"producer Linear {self.producer_name} got a {producer_input.dim()}-D input: it acts on the last dim, "
+                "not on the BatchNorm's channels (dim 1), so App. B's closed forms do not apply")
+            compensating = False
         if self.cbn_mean is None:
             self._allocate(x, producer_input if compensating else None)
         elif self.cbn_input is not None:

@@ -749,3 +749,22 @@ def test_inputs_store_history_runs_on_the_meta_device():
     u = u.to("meta")
     y = bn(conv(u), u)
     assert y.device.type == "meta" and y.shape == (2, 4, 4, 4)
+
+
+def test_linear_producer_on_a_3d_input_runs_naive_cbn_with_a_warning():
+    """Linear(16 -> 6) on (N, 6, 16): its outputs are the last dim, the BN normalises dim 1 (also 6):
+    App. B does not apply. naive-cbn, not a raw size-mismatch error from the closed forms."""
+    torch.manual_seed(0)
+    fc = nn.Linear(16, 6).to(D)
+    bn = CrossIterationBatchNorm(6, window=2).to(D)
+    bn.attach_producer(fc, "fc")
+    bn.site_name = "bn"
+    naive = CrossIterationBatchNorm(6, window=2, compensate=False).to(D)
+    u = torch.randn(4, 6, 16, dtype=D)
+    with pytest.warns(UserWarning, match="bn: producer Linear fc got a 3-D input.*runs naive-cbn"):
+        bn(fc(u), u)
+    naive(fc(u))
+    for _ in range(2):
+        u = torch.randn(4, 6, 16, dtype=D)
+        torch.testing.assert_close(bn(fc(u), u), naive(fc(u)))
+    assert bn.describe()["variant"] == "naive-cbn" and "3-D input" in bn.describe()["note"]
