@@ -68,7 +68,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedPatternError
+from ..errors import InputError, UnsupportedPatternError, warn_at_caller
 from .base import BatchNormState, batch_moments
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -631,8 +631,7 @@ class CrossIterationBatchNorm(BatchNormState):
     def _stop_compensating(self, why: str) -> None:
         """Run naive-cbn from now on (warned once, shown by ``describe``); the stored statistics
         stay, the stored gradients or inputs are dropped."""
-        warnings.warn(f"cbn site {self.site_name or '?'}: {why}; it runs naive-cbn (no Taylor compensation)",
-                      stacklevel=4)
+        warn_at_caller(f"cbn site {self.site_name or '?'}: {why}; it runs naive-cbn (no Taylor compensation)")
         self.compensate = False
         self.note = why
         for key in GRADIENT_KEYS + INPUT_KEYS:
