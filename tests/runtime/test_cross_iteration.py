@@ -449,20 +449,16 @@ def test_describe_reports_history_memory():
     assert naive.describe((3, 6, 4, 3))["history_bytes"] == 3 * 2 * 6 * 4
 
 
-def test_inputs_store_holds_a_smaller_last_batch_and_matches_the_gradient_store():
-    """A batch with fewer rows (the last one of an epoch) is zero-padded in the ``inputs`` ring and
-    only its real rows count; every step equals the ``gradients`` store."""
-    torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).to(D)
+def _train_both_stores(conv, window, batches, stores=STORES):
+    """SGD steps of conv -> CBN with each store on the same batches; every step's output must be
+    the same (the stores hold different things for the same Eqs. 7-8). Returns store -> module."""
     pair = {}
-    for store in STORES:
+    for store in stores:
         producer = copy.deepcopy(conv)
-        bn = CrossIterationBatchNorm(6, window=4, store=store).to(D)
+        bn = CrossIterationBatchNorm(conv.out_channels, window=window, store=store).to(D)
         bn.attach_producer(producer, "conv")
         pair[store] = (producer, bn)
-    torch.manual_seed(1)
-    for step in range(7):
-        u = torch.randn(2 if step in (2, 5) else 3, 4, 7, 6, dtype=D) + 0.3
+    for u in batches:
         outputs = {}
         for store, (producer, bn) in pair.items():
             y = bn(producer(u), u)
@@ -473,8 +469,19 @@ def test_inputs_store_holds_a_smaller_last_batch_and_matches_the_gradient_store(
                     p -= 0.05 * p.grad
                     p.grad = None
         torch.testing.assert_close(outputs["inputs"], outputs["gradients"], rtol=1e-10, atol=1e-10)
-    assert pair["inputs"][1].cbn_rows.tolist() == [3, 3, 2]  # the ring's slots hold steps 6, 4 and 5
-    torch.testing.assert_close(pair["inputs"][1].running_var, pair["gradients"][1].running_var, rtol=1e-10, atol=0)
+    return {store: bn for store, (_, bn) in pair.items()}
+
+
+def test_inputs_store_holds_a_smaller_last_batch_and_matches_the_gradient_store():
+    """A batch with fewer rows (the last one of an epoch) is zero-padded in the ``inputs`` ring and
+    only its real rows count; every step equals the ``gradients`` store."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).to(D)
+    torch.manual_seed(1)
+    batches = [torch.randn(2 if step in (2, 5) else 3, 4, 7, 6, dtype=D) + 0.3 for step in range(7)]
+    bns = _train_both_stores(conv, 4, batches)
+    assert bns["inputs"].cbn_rows.tolist() == [3, 3, 2]  # the ring's slots hold steps 6, 4 and 5
+    torch.testing.assert_close(bns["inputs"].running_var, bns["gradients"].running_var, rtol=1e-10, atol=0)
 
 
 def test_inputs_store_grows_for_a_batch_larger_than_the_first_and_matches_the_gradient_store():
@@ -482,28 +489,11 @@ def test_inputs_store_grows_for_a_batch_larger_than_the_first_and_matches_the_gr
     or a bigger one after evaluation) grows it, keeping the window (it restarted on stock BN before)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1).to(D)
-    pair = {}
-    for store in ("inputs", "gradients"):
-        producer = copy.deepcopy(conv)
-        bn = CrossIterationBatchNorm(6, window=3, store=store).to(D)
-        bn.attach_producer(producer, "conv")
-        pair[store] = (producer, bn)
     torch.manual_seed(1)
+    batches = [torch.randn(rows, 4, 5, 5, dtype=D) + 0.3 for rows in (2, 2, 3, 4, 2, 4)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "switching to store='gradients'"
-        for rows in (2, 2, 3, 4, 2, 4):
-            u = torch.randn(rows, 4, 5, 5, dtype=D) + 0.3
-            outputs = {}
-            for store, (producer, bn) in pair.items():
-                y = bn(producer(u), u)
-                y.square().sum().backward()
-                outputs[store] = y.detach()
-                with torch.no_grad():
-                    for p in producer.parameters():
-                        p -= 0.05 * p.grad
-                        p.grad = None
-            torch.testing.assert_close(outputs["inputs"], outputs["gradients"], rtol=1e-10, atol=1e-10)
-    bn = pair["inputs"][1]
+        bn = _train_both_stores(conv, 3, batches, ("inputs", "gradients"))["inputs"]
     assert bn.resolved_store == "inputs" and bn._filled == 2 and bn.cbn_input.shape[1] == 4
     assert sorted(bn.cbn_rows.tolist()) == [2, 4]
 
