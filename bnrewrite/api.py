@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .capture import Capture, Region, capture
-from .errors import InputError
+from .errors import InputError, warn_at_caller
 from .recipe import Recipe, parse_recipe
 from .sites import Site, find_sites, run_example_inputs
 
@@ -186,11 +185,11 @@ def _warn_unchanged(model: nn.Module) -> None:
     BatchNorm" of such a model would be wrong."""
     functional = [s.name for s in find_sites(capture(copy.deepcopy(model))) if s.functional]
     if functional:
-        warnings.warn(f"{type(model).__name__} has no BatchNorm module, only functional F.batch_norm call(s) "
-                      f"({', '.join(functional)}), which stay stock BatchNorm: make them nn.BatchNorm modules "
-                      "to rewrite them; returned unchanged", stacklevel=3)
+        warn_at_caller(f"{type(model).__name__} has no BatchNorm module, only functional F.batch_norm call(s) "
+                       f"({', '.join(functional)}), which stay stock BatchNorm: make them nn.BatchNorm modules "
+                       "to rewrite them; returned unchanged")
     else:
-        warnings.warn(f"{type(model).__name__} has no BatchNorm: returned unchanged", stacklevel=3)
+        warn_at_caller(f"{type(model).__name__} has no BatchNorm: returned unchanged")
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -608,13 +608,11 @@ def _replace_call(gm: fx.GraphModule, node: fx.Node, new: nn.Module | None, norm
     return name
 
 
-def _channel_dim_matches(layer: nn.Module, label: str, context: FoldContext, ndim: int | None) -> tuple[bool, str]:
+def _channel_dim_matches(layer: nn.Module, ndim: int | None) -> tuple[bool, str]:
     """A Linear's features are the last dim: it meets a norm's channel dim only on 2-D input.
-    ``ndim``: the norm's input rank when known (example shapes, or BatchNorm2d/3d by type)."""
+    ``ndim``: the norm's input rank when known (:func:`_ndim_of`: example shapes, or the BN type)."""
     if not isinstance(layer, nn.Linear):
         return True, ""
-    shape = context.shapes.get(label)
-    ndim = len(shape) if shape is not None else ndim
     if ndim is None or ndim == 2:
         return True, ""  # (N, C) is the BatchNorm1d-after-Linear pattern; pass example_inputs to check
     return False, f"Linear acts on the last dim but the norm normalises dim 1 of a {ndim}-D input"
@@ -622,13 +620,13 @@ def _channel_dim_matches(layer: nn.Module, label: str, context: FoldContext, ndi
 
 # ---------------------------------------------------------------------------- site handlers
 def _try_neighbours(gm: fx.GraphModule, node: fx.Node, src, inf: _Inference, has_post: bool,
-                    label: str, num_features: int | None, context: FoldContext, ndim: int | None = None):
+                    label: str, num_features: int | None, context: FoldContext, ndim: int | None):
     """Fold into the producer, else into the consumer. Returns (action, target, reason)."""
     reason = ""
     if isinstance(src, fx.Node) and src.op == "call_module":
         producer = gm.get_submodule(src.target)
         if isinstance(producer, _CONV + _CONV_T + (nn.Linear,)):
-            ok, why = _channel_dim_matches(producer, label, context, ndim)
+            ok, why = _channel_dim_matches(producer, ndim)
             groups = getattr(producer, "groups", 1)
             if len(src.users) > 1:
                 users = ", ".join(u.name for u in src.users if u is not node)
@@ -653,7 +651,7 @@ def _try_neighbours(gm: fx.GraphModule, node: fx.Node, src, inf: _Inference, has
         if user.op == "call_module" and user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
             consumer = gm.get_submodule(user.target)
             if isinstance(consumer, _CONV + (nn.Linear,)):
-                ok, why = _channel_dim_matches(consumer, label, context, ndim)
+                ok, why = _channel_dim_matches(consumer, ndim)
                 padding = getattr(consumer, "padding", (0,))
                 zero_pad = padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
                 if isinstance(consumer, nn.Linear) or zero_pad:
@@ -746,7 +744,8 @@ def _fold_functional_site(gm: fx.GraphModule, site: Site, options: FoldOptions, 
     src = args["input"]
     inputs = [n for n in node.all_input_nodes if n is not src]
     if options.example_weight == 0:
-        action, target, reason = _try_neighbours(gm, node, src, inf, False, label, rm.numel(), context)
+        action, target, reason = _try_neighbours(gm, node, src, inf, False, label, rm.numel(), context,
+                                                 _ndim_of(None, label, context))
     else:
         action, target, reason = None, "", "example weighing uses per-example statistics"
     if action is not None:

@@ -63,6 +63,17 @@ def _train(model, steps=3, seed=1):
     return torch.stack(outs)
 
 
+def _assert_same_buffers_and_eval(low, ref, buffer_atol, rtol, atol):
+    """Buffers (running statistics, histories) equal, then eval outputs equal; returns the eval input."""
+    for (name, b), c in zip(low.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=buffer_atol, msg=name)
+    low.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 12, 10)
+    torch.testing.assert_close(low(x), ref(x), rtol=rtol, atol=atol)
+    return x
+
+
 RECIPES = ["bn", "fs", "bs:n=4", "ns:n=3", "fs:ratio=1/4,every=2", "vdn:n=2", "fs+vdn:n=2"]
 
 
@@ -76,12 +87,7 @@ def test_lowered_model_trains_like_reference(recipe):
     torch.testing.assert_close(_train(low), _train(ref), rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(low.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
-    for (name, b), c in zip(low.named_buffers(), ref.buffers()):
-        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6, msg=name)
-    low.eval()
-    ref.eval()
-    x = torch.randn(2, 3, 12, 10)
-    torch.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-6)
+    _assert_same_buffers_and_eval(low, ref, buffer_atol=1e-6, rtol=1e-5, atol=1e-6)
 
 
 def test_lowered_bn_equals_stock_batchnorm_and_keeps_its_state_dict():
@@ -255,12 +261,7 @@ def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(rec
     assert "lowered=triton" in repr(norms[0])
     torch.testing.assert_close(_train(low, steps=4), _train(ref, steps=4), rtol=1e-4, atol=1e-5)
     assert len(calls) == 4 * 3  # every site from the second step on (the first fills the window)
-    for (name, b), c in zip(low.named_buffers(), ref.buffers()):
-        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
-    low.eval()
-    ref.eval()
-    x = torch.randn(2, 3, 12, 10)
-    torch.testing.assert_close(low(x), ref(x), rtol=1e-4, atol=1e-5)
+    x = _assert_same_buffers_and_eval(low, ref, buffer_atol=1e-5, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bnrewrite.fold_for_inference(low)(x), low(x), rtol=1e-4, atol=1e-5)
 
 
