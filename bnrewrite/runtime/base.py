@@ -141,6 +141,17 @@ class BatchNormState(nn.Module):
             self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
             self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
+    def update_running_stats_from_batch(self, x: torch.Tensor) -> None:
+        """Running statistics from the whole batch, for variants that normalise with other
+        statistics (ghost batches, batch groups) but, like stock BN, estimate the inference
+        statistics from every value. One value per channel says nothing about the variance:
+        the averages are left alone then."""
+        count = x.numel() // self.num_features
+        if self.training and self.track_running_stats and count > 1:
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, dim=self.reduce_dims(x), unbiased=False)
+            self.update_running_stats(mean, var, count)
+
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """y = (x - mean) / sqrt(var + eps) * weight + bias, broadcast over the channel dim."""
         shape = [1, -1] + [1] * (x.dim() - 2)

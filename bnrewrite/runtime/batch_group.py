@@ -94,11 +94,7 @@ class BatchGroupNorm(BatchNormState):
         if self.affine:
             shape = [1, -1] + [1] * (x.dim() - 2)
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        count = x.numel() // self.num_features
-        if self.track_running_stats and count > 1:
-            with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=self.reduce_dims(x), unbiased=False)
-            self.update_running_stats(mean, var, count)
+        self.update_running_stats_from_batch(x)
         return y
 
     def _normalize_cells(self, grouped: torch.Tensor, examples: int) -> torch.Tensor:

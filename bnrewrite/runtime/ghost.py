@@ -69,12 +69,7 @@ class GhostBatchNorm(BatchNormState):
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous(memory_format=torch.channels_last)  # the ghost-batch views come out NCHW
-        count = x.numel() // self.num_features
-        # one value per channel says nothing about the variance: leave the averages alone
-        if self.track_running_stats and count > 1:
-            with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=self.reduce_dims(x), unbiased=False)
-            self.update_running_stats(mean, var, count)
+        self.update_running_stats_from_batch(x)
         return y
 
     def _normalize_ghost_batches(self, x: torch.Tensor) -> torch.Tensor:
