@@ -88,7 +88,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     # itself (what its own first forward would do) before the copy
     _materialise_lazy(model, example_inputs)
     work = model if inplace else copy.deepcopy(model)
-    captured = capture(work)
+    captured = capture(work, example_inputs=example_inputs)
     sites = find_sites(captured, example_inputs)
     selected = _select(sites, include, exclude)
     _refuse_rewritten_sites(captured.root, selected)
@@ -216,9 +216,9 @@ def inspect_sites(model: nn.Module, example_inputs=None) -> list[Site]:
         >>> sites[0].name, sites[0].producer.kind, sites[0].consumer.kind, sites[0].input_shape
         ('bn1', 'Conv2d', 'ReLU', (1, 64, 32, 32))
     """
-    captured = capture(copy.deepcopy(model))
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    captured = capture(copy.deepcopy(model), example_inputs=example_inputs)
     return find_sites(captured, example_inputs)
 
 

@@ -11,13 +11,15 @@ direct child of an eager module, where it can still be swapped).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
 
-from .errors import CaptureError
+from .errors import CaptureError, InputError, warn_at_caller
 from .runtime.base import is_batchnorm
 
 
@@ -114,6 +116,8 @@ class CapturedGraphModule(fx.GraphModule):
     primary_training = True
 
     def __call__(self, *args, **kwargs):
+        for guard in self.__dict__.get("argument_guards", ()):
+            guard.check(args, kwargs)
         twin = self.__dict__.get("mode_twin")
         if twin is not None and self.training != self.primary_training:
             return twin(*args, **kwargs)
@@ -164,8 +168,81 @@ def graph_module_keeping_state(root: nn.Module, graph: fx.Graph, class_name: str
         if name not in own_buffers:  # fx's _tensor_constantN: plain tensors the code closes over
             gm._non_persistent_buffers_set.add(name)
     gm.primary_training = training
+    gm.__dict__["original_class_name"] = root.__dict__.get("original_class_name", type(root).__name__)
     gm.train(root.training)
     return gm
+
+
+@dataclass
+class ArgumentGuard:
+    """A ``forward`` argument that defaults to None whose trace holds for one kind of value only.
+
+    fx traces an argument as a Proxy, which ``arg is not None`` always finds set and
+    ``isinstance(arg, torch.Tensor)`` never does, so a graph traced that way silently
+    differs from the original for the other kind of call. :func:`trace_region` traces such
+    arguments both ways and keeps one graph; the guard turns a call the graph does not hold
+    for into an :class:`InputError` instead of a wrong result."""
+
+    name: str
+    index: int  # position in forward's signature, self excluded
+    must_be_none: bool
+    module: str
+    reason: str
+
+    def check(self, args: tuple, kwargs: dict) -> None:
+        value = args[self.index] if self.index < len(args) else kwargs.get(self.name)
+        if (value is None) == self.must_be_none:
+            return
+        if not self.must_be_none:
+            remedy = f"Pass a value for {self.name!r}"
+        elif "does not read" in self.reason:
+            remedy = (f"If forward ignores {self.name!r}, call it without; if it reads it behind an isinstance() "
+                      "test, torch.fx cannot capture that: rewrite the test as `is not None`")
+        else:
+            remedy = ("Give an example value for it (positionally) in the example_inputs of bnrewrite.transform / "
+                      "fold_for_inference, so that it is traced as an input")
+        raise InputError(f"{self.module}.forward was captured for calls {'without' if self.must_be_none else 'with'} "
+                         f"{self.name!r} ({self.reason}); this call is {'with' if self.must_be_none else 'without'} "
+                         f"it, which the traced graph does not hold for. {remedy}")
+
+
+def _optional_arguments(module: nn.Module) -> dict[str, int]:
+    """forward's arguments that default to None, with their positions (self excluded)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: i for i, p in enumerate(params)
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _structure(graph: fx.Graph) -> list:
+    """The graph's computation with placeholders named by position and fx's
+    ``_assert_is_none`` checks left out, so traces with and without concrete None compare."""
+    names: dict[fx.Node, tuple] = {}
+    body = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            names[node] = ("input", len(names))
+        elif node.op == "call_function" and node.target is _assert_is_none:
+            continue
+        else:
+            names[node] = ("node", len(body))
+            body.append((node.op, node.target, fx.node.map_arg(node.args, names.get),
+                         fx.node.map_arg(node.kwargs, names.get)))
+    return body
+
+
+def _without_none_checks(graph: fx.Graph, names: list[str]) -> fx.Graph:
+    """Drop fx's ``_assert_is_none`` nodes (raw AssertionErrors): ArgumentGuard checks instead.
+    fx renames a concrete argument's placeholder (``mask_1``); ``names`` (forward's argument
+    names, in order) restores the signature, so keyword calls still work."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _assert_is_none:
+            graph.erase_node(node)
+    for node, name in zip([n for n in graph.nodes if n.op == "placeholder"], names):
+        node.target = name
+    return graph
 
 
 def _mode_source(module: nn.Module, training: bool) -> nn.Module:
@@ -176,22 +253,28 @@ def _mode_source(module: nn.Module, training: bool) -> nn.Module:
     return module
 
 
-def _trace_in_mode(module: nn.Module, training: bool, leaves: set[str]) -> tuple[fx.Graph, dict[str, str]]:
+def _trace_in_mode(module: nn.Module, training: bool, leaves: set[str],
+                   concrete_args: dict | None = None) -> tuple[fx.Graph, dict[str, str]]:
     source = _mode_source(module, training)
     modes = {m: m.training for m in source.modules()}
     source.train(training)
     try:
         tracer = RegionTracer(leaves)
-        graph = tracer.trace(source)
+        graph = tracer.trace(source, concrete_args=concrete_args)
     finally:
         for m, mode in modes.items():
             m.training = mode
     return graph, tracer.failed
 
 
-def trace_region(module: nn.Module, primary_training: bool = True) -> tuple[CapturedGraphModule, dict[str, str]]:
+def trace_region(module: nn.Module, primary_training: bool = True,
+                 given_inputs: frozenset[int] | None = None) -> tuple[CapturedGraphModule, dict[str, str]]:
     """Trace ``module`` in train and eval mode with failing submodules as leaves (the same
-    leaves for both); raises if its own forward fails. See :class:`CapturedGraphModule`."""
+    leaves for both); raises if its own forward fails. See :class:`CapturedGraphModule`.
+
+    ``given_inputs``: for the model itself, the positions of forward's arguments that its
+    ``example_inputs`` give values for (None for a leaf region); see
+    :func:`_specialise_optional_arguments`."""
     leaves: set[str] = set()
     failed: dict[str, str] = {}
     while True:
@@ -204,11 +287,79 @@ def trace_region(module: nn.Module, primary_training: bool = True) -> tuple[Capt
         if set(new) <= leaves:
             break
         leaves |= set(new)
+    graphs, guards = _specialise_optional_arguments(module, graphs, leaves, given_inputs)
     gm = graph_module_keeping_state(module, graphs[primary_training], training=primary_training)
     other = graphs[not primary_training]
     if other.python_code("self").src != graphs[primary_training].python_code("self").src:
         gm.__dict__["mode_twin"] = graph_module_keeping_state(module, other, training=not primary_training)
+    if guards:
+        gm.__dict__["argument_guards"] = guards
     return gm, failed
+
+
+def _specialise_optional_arguments(module: nn.Module, graphs: dict[bool, fx.Graph], leaves: set[str],
+                                   given_inputs: frozenset[int] | None) -> tuple[dict[bool, fx.Graph], list[ArgumentGuard]]:
+    """Settle the forward arguments that default to None (``mask=None``), which a Proxy trace
+    gets wrong for one kind of call (see :class:`ArgumentGuard`).
+
+    Each one the caller has no example value for is traced once more as concrete None. If
+    that trace fails, the argument is needed and the Proxy trace stands. If it equals the
+    Proxy trace, the graph does not read it: calls must leave it None. If it differs, its
+    None-ness picks a code path: the model itself keeps the None trace (its default call), a
+    leaf region (called by eager code with whatever its caller passes) keeps the Proxy trace,
+    and calls of the other kind are refused."""
+    label = module.__dict__.get("original_class_name", type(module).__name__)
+    optional = _optional_arguments(module)
+    # the caller's example values were traced as inputs: calls must give them too
+    guards = [ArgumentGuard(n, i, False, label, "traced from the example input given for it")
+              for n, i in optional.items() if i in (given_inputs or ())]
+    _warn_unread_examples(graphs, [g.index for g in guards], label)
+    branching = {}
+    for name, index in optional.items():
+        if index in (given_inputs or ()):
+            continue
+        none_graphs = _trace_with_none(module, graphs, leaves, [name])
+        if none_graphs is None:
+            continue
+        if all(_structure(none_graphs[t]) == _structure(graphs[t]) for t in graphs):
+            guards.append(ArgumentGuard(name, index, True, label, "its traced graph does not read it, and torch.fx "
+                                        "cannot see uses behind isinstance() tests"))
+        else:
+            branching[name] = index
+    if not branching:
+        return graphs, guards
+    branches = "whether it is None picks a code path, and a trace holds one path"
+    none_graphs = _trace_with_none(module, graphs, leaves, list(branching)) if given_inputs is not None else None
+    if none_graphs is None:  # a leaf region, or the arguments are needed together
+        return graphs, guards + [ArgumentGuard(n, i, False, label, branches) for n, i in branching.items()]
+    names = list(inspect.signature(module.forward).parameters)
+    return ({t: _without_none_checks(g, names) for t, g in none_graphs.items()},
+            guards + [ArgumentGuard(n, i, True, label, branches) for n, i in branching.items()])
+
+
+def _trace_with_none(module: nn.Module, graphs: dict[bool, fx.Graph], leaves: set[str],
+                     names: list[str]) -> dict[bool, fx.Graph] | None:
+    """Both modes traced with ``names`` as concrete None; None when the code needs a value."""
+    traced = {}
+    for training in graphs:
+        try:
+            traced[training], fails = _trace_in_mode(module, training, leaves, dict.fromkeys(names))
+        except Exception:  # noqa: BLE001 - the code needs a value for one of them
+            return None
+        if not set(fails) <= leaves:
+            return None
+    return traced
+
+
+def _warn_unread_examples(graphs: dict[bool, fx.Graph], indices: list[int], label: str) -> None:
+    """An example value the traced graph never reads: forward ignores it, or reads it behind an
+    isinstance() test, which a Proxy never passes. Only the user can tell which."""
+    for index in indices:
+        nodes = [[n for n in g.nodes if n.op == "placeholder"][index] for g in graphs.values()]
+        if all(not node.users for node in nodes):
+            warn_at_caller(f"{label}.forward: the traced graph does not read the example input given for "
+                           f"{nodes[0].target!r}. If forward uses it behind an isinstance() test, torch.fx "
+                           "cannot trace that, and the rewritten model ignores it")
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -221,16 +372,19 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
         setattr(twin, child, new)
 
 
-def capture(model: nn.Module, *, training: bool = True, _prefix: str = "",
+def capture(model: nn.Module, *, training: bool = True, example_inputs: tuple | None = None, _prefix: str = "",
             _regions: list[Region] | None = None) -> Capture:
     """Capture ``model``: a GraphModule at the top when it traces, with every leaf region
     captured separately (recursively), and eager modules only where nothing else works.
 
     ``training`` picks the mode whose graph passes rewrite (train for ``transform``, eval
-    for folding); the other mode's graph is kept as a twin when it differs."""
+    for folding); the other mode's graph is kept as a twin when it differs.
+    ``example_inputs``: the model's example inputs, if any (forward's arguments they give
+    values for are traced as inputs, see :func:`_specialise_optional_arguments`)."""
     regions = [] if _regions is None else _regions
     try:
-        gm, failed = trace_region(model, training)
+        given = frozenset(i for i, v in enumerate(example_inputs or ()) if v is not None)
+        gm, failed = trace_region(model, training, None if _prefix else given)
     except Exception as exc:  # noqa: BLE001 - the model's own forward is untraceable
         reason = _first_line(exc)
         for child_name, child in list(model.named_children()):

@@ -97,3 +97,99 @@ def test_shared_submodule_replacement_reaches_the_twin():
     marker = nn.Identity()
     set_submodule(cap.root, "main", marker)
     assert cap.root.main is marker and cap.root.__dict__["mode_twin"].main is marker
+
+
+class OptionalArguments(nn.Module):
+    """The usual optional-argument idioms, which a Proxy trace gets wrong for one kind of call:
+    ``arg is not None`` is always true of a Proxy, ``isinstance(arg, Tensor)`` never."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, shift=None, bias=None):
+        y = self.bn(self.conv(x))
+        if shift is not None:
+            y = y + shift
+        if isinstance(bias, torch.Tensor):
+            y = y + bias
+        return y
+
+
+class DataDependentCaller(nn.Module):
+    """An untraceable root (a branch on data) that calls a block with its optional argument."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        mask = torch.ones(1, 4, 1, 1) * 2
+        return self.block(x, shift=mask) if x.sum() > -1e9 else self.block(x)
+
+
+@pytest.mark.parametrize("recipe", ["bn", "fs:ratio=1/2", "cbn:k=2"])
+def test_optional_arguments_default_call_is_exact_and_other_calls_are_refused(recipe):
+    torch.manual_seed(0)
+    net = OptionalArguments()
+    model = bnrewrite.transform(net, recipe)
+    x = torch.randn(4, 3, 6, 6)
+    net.eval(), model.eval()
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    torch.testing.assert_close(model(x, shift=None, bias=None), net(x), rtol=0, atol=0)
+    # traced with shift=None: the `is not None` branch is not in the graph
+    with pytest.raises(bnrewrite.InputError, match="'shift'.*example_inputs"):
+        model(x, torch.ones(1))
+    # bias is read only behind isinstance(), which no trace passes
+    with pytest.raises(bnrewrite.InputError, match="'bias'"):
+        model(x, bias=torch.full((1, 4, 1, 1), 100.0))
+    folded = bnrewrite.fold_for_inference(model)
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(bnrewrite.InputError, match="'shift'"):
+        folded(x, shift=torch.ones(1))
+
+
+def test_optional_argument_given_an_example_is_traced_as_an_input():
+    torch.manual_seed(0)
+    net = OptionalArguments().eval()
+    x = torch.randn(2, 3, 6, 6)
+    model = bnrewrite.transform(net, "bn", example_inputs=(x, torch.zeros(1, 4, 1, 1))).eval()
+    shift = torch.randn(1, 4, 1, 1)
+    torch.testing.assert_close(model(x, shift), net(x, shift), rtol=0, atol=0)
+    with pytest.raises(bnrewrite.InputError, match="'shift'.*example input"):
+        model(x)
+    # an example for an argument read only behind isinstance() cannot be traced: say so
+    with pytest.warns(UserWarning, match="does not read the example input given for 'bias'"):
+        bnrewrite.transform(net, "bn", example_inputs=(x, None, torch.zeros(1, 4, 1, 1)))
+
+
+class UnreadArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, context=None):
+        return self.bn(x)
+
+
+def test_optional_argument_the_graph_does_not_read_must_stay_none():
+    model = bnrewrite.transform(UnreadArgument(), "bn")
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(model(x), UnreadArgument()(x))
+    with pytest.raises(bnrewrite.InputError, match="'context'.*does not read it"):
+        model(x, context=x)
+
+
+def test_leaf_region_with_an_optional_argument_keeps_its_callers_call():
+    torch.manual_seed(0)
+    net = DataDependentCaller(OptionalArguments())
+    model = bnrewrite.transform(net, "fs:ratio=1/2")
+    cap_block = model.block
+    assert isinstance(cap_block, CapturedGraphModule)
+    x = torch.randn(4, 3, 6, 6)
+    net.eval(), model.eval()
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    # the region was traced with a value for shift (as its caller passes one)
+    with pytest.raises(bnrewrite.InputError, match="'shift'"):
+        cap_block(x)

@@ -294,7 +294,7 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
     if not any(is_batchnorm(m) for m in work.modules()) and not _has_functional_bn(work):
         object.__setattr__(work, "bnrewrite_fold_report", report)
         return work
-    captured = capture(work, training=False)
+    captured = capture(work, training=False, example_inputs=example_inputs)
     for _, gm in captured.graph_modules():
         # the train-mode twin still calls the norms; an inference model only has the eval graph
         gm.__dict__.pop("mode_twin", None)
