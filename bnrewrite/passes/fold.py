@@ -9,9 +9,10 @@ moves that map into a neighbouring linear layer wherever doing so is exact:
   whose output channels are weight dim 1 per group, ``Linear`` followed by ``BatchNorm1d``):
   ``W' = scale * W``, ``b' = scale * b + shift``, always exact;
 * **into the consumer** (pre-activation nets: BN directly before a ``Linear`` or a ``Conv``
-  with zero padding): ``W'[:, i] = W[:, i] * scale[i]``, ``b' = b + W · shift``. With
-  padding the border would see padded zeros instead of padded ``shift``, so it is not exact
-  and the site stays a :class:`ChannelAffine`;
+  with zero padding; a ``Linear`` only when the norm's input is known to be ``(N, C)``):
+  ``W'[:, i] = W[:, i] * scale[i]``, ``b' = b + W · shift``. With padding the border would
+  see padded zeros instead of padded ``shift``, so it is not exact and the site stays a
+  :class:`ChannelAffine`;
 * otherwise (after an add, a concat, a pooling; a producer whose output other nodes read
   too; a functional ``F.batch_norm``) the site becomes a :class:`ChannelAffine` (ONNX
   ``Mul`` + ``Add``) or a :class:`ChannelMix` (a channel matrix), never a BatchNorm.
@@ -43,6 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..capture import capture, set_submodule
 from ..errors import InputError, UnsupportedPatternError
@@ -261,7 +265,8 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
             affine; α > 0 replaces each by an :class:`ExampleWeightedNorm` (plain ops).
         example_inputs: optional tuple of inputs; gives the input rank of ``BatchNorm1d``
             sites next to a ``Linear`` (folding needs the channel dim to be the last one)
-            and of sites whose rank the module type does not say.
+            and of sites whose rank the module type does not say. Without them the shapes
+            ``transform(..., example_inputs=)`` recorded in ``model.bnrewrite_info`` are used.
 
     Returns the folded module in eval mode, with ``bnrewrite_fold_report`` (a
     :class:`FoldReport`: one record per site, what it folded into and why).
@@ -288,6 +293,15 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
                for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))):
             raise InputError(f"'{name}' ({type(module).__name__}) is a lazy module that has not seen an input: "
                              "run the model once on an example batch before folding")
+        # the old hook-based norms recompute the weight on every call (a folded weight would be lost)
+        # and their computed weight is a non-leaf tensor that deepcopy refuses
+        hook = next((h for h in module._forward_pre_hooks.values()
+                     if isinstance(h, (WeightNorm, SpectralNorm))), None)
+        if hook is not None:
+            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            raise InputError(f"'{name}' ({type(module).__name__}) uses the deprecated hook-based "
+                             f"torch.nn.utils.{kind}, which cannot be copied or folded into: apply "
+                             f"torch.nn.utils.parametrizations.{kind} instead")
     work = copy.deepcopy(model)
     work.eval()
     report = FoldReport(example_weight=options.example_weight)
@@ -299,11 +313,19 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
         # the train-mode twin still calls the norms; an inference model only has the eval graph
         gm.__dict__.pop("mode_twin", None)
     sites = find_sites(captured, example_inputs)
-    context = FoldContext(root=captured.root, report=report)
+    context = FoldContext(root=captured.root, report=report, shapes=_recorded_shapes(model))
     result = fold_sites(captured.root, sites, options, context)
     result.eval()
     object.__setattr__(result, "bnrewrite_fold_report", report)
     return result
+
+
+def _recorded_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Site label -> input shape that ``transform(..., example_inputs=)`` recorded in
+    ``model.bnrewrite_info``; ``example_inputs`` given to the fold take precedence."""
+    info = getattr(model, "bnrewrite_info", None)
+    return {s["name"] + (f"@{s['call_index']}" if s.get("shared") else ""): tuple(s["input_shape"])
+            for s in getattr(info, "sites", ()) if s.get("input_shape") is not None}
 
 
 def _has_functional_bn(model: nn.Module) -> bool:
@@ -508,6 +530,16 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 def _set_weight_bias(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
+    """A parametrized weight/bias (weight_norm, ...) is recomputed on every access, so a write into
+    it would be lost: it is made a plain Parameter first (what deployment wants anyway)."""
+    if parametrize.is_parametrized(layer):
+        # a deepcopy shares the injected Parametrized<Layer> class with the source model, and removal
+        # deletes the property from that class: give this copy a class of its own first
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(layer, name):
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
     dtype, device = layer.weight.dtype, layer.weight.device
     with torch.no_grad():
         layer.weight.copy_(w.to(dtype))
@@ -608,13 +640,19 @@ def _replace_call(gm: fx.GraphModule, node: fx.Node, new: nn.Module | None, norm
     return name
 
 
-def _channel_dim_matches(layer: nn.Module, ndim: int | None) -> tuple[bool, str]:
+def _channel_dim_matches(layer: nn.Module, ndim: int | None, assume_2d: bool = True) -> tuple[bool, str]:
     """A Linear's features are the last dim: it meets a norm's channel dim only on 2-D input.
-    ``ndim``: the norm's input rank when known (:func:`_ndim_of`: example shapes, or the BN type)."""
+    ``ndim``: the norm's input rank when known (:func:`_ndim_of`: example shapes, shapes
+    ``transform`` recorded, or the BN type). An unknown rank is taken as 2-D for a producer
+    (``Linear`` -> ``BatchNorm1d``, the usual pattern) but not for a consumer: a ``BatchNorm1d``
+    before a ``Linear`` is as often ``(N, C, L)`` with the Linear over ``L``."""
     if not isinstance(layer, nn.Linear):
         return True, ""
-    if ndim is None or ndim == 2:
+    if ndim == 2 or (ndim is None and assume_2d):
         return True, ""  # (N, C) is the BatchNorm1d-after-Linear pattern; pass example_inputs to check
+    if ndim is None:
+        return False, ("Linear acts on the last dim and the norm's input rank is unknown (2-D or 3-D): "
+                       "pass example_inputs to fold it")
     return False, f"Linear acts on the last dim but the norm normalises dim 1 of a {ndim}-D input"
 
 
@@ -651,7 +689,7 @@ def _try_neighbours(gm: fx.GraphModule, node: fx.Node, src, inf: _Inference, has
         if user.op == "call_module" and user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
             consumer = gm.get_submodule(user.target)
             if isinstance(consumer, _CONV + (nn.Linear,)):
-                ok, why = _channel_dim_matches(consumer, ndim)
+                ok, why = _channel_dim_matches(consumer, ndim, assume_2d=False)
                 padding = getattr(consumer, "padding", (0,))
                 zero_pad = padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
                 if isinstance(consumer, nn.Linear) or zero_pad:

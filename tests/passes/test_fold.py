@@ -1,5 +1,6 @@
 """fold_for_inference: every pattern against stock eval-mode PyTorch, and example weighing
 (four-things-bn §3.1, Eq. 3) against the formula written out here."""
+import contextlib
 import copy
 
 import pytest
@@ -42,12 +43,12 @@ def actions(folded):
     return [r.action for r in folded.bnrewrite_fold_report.records]
 
 
-def check(model, *inputs, expected_actions=None, tol=1e-5):
+def check(model, *inputs, expected_actions=None, tol=1e-5, shapes=False):
     randomise(model)
     before = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         want = model(*inputs)
-    folded = bnrewrite.fold_for_inference(model)
+    folded = bnrewrite.fold_for_inference(model, example_inputs=inputs if shapes else None)
     with torch.no_grad():
         got = folded(*inputs)
     assert rel_err(want, got) <= tol, rel_err(want, got)
@@ -130,7 +131,41 @@ def test_preactivation_bn_folds_into_unpadded_conv(groups):
 
 def test_preactivation_bn_folds_into_linear():
     model = PreAct(nn.Linear(4, 6), 4)
-    check(model, torch.randn(5, 3), expected_actions=["into-consumer"])
+    check(model, torch.randn(5, 3), expected_actions=["into-consumer"], shapes=True)
+
+
+@pytest.mark.parametrize("shapes", [None, "example_inputs", "transform"])
+@pytest.mark.parametrize("channels,length", [(3, 5), (5, 5)], ids=["L!=C", "L==C"])
+def test_bn1d_over_channels_before_a_linear_over_the_length_is_not_folded_into_it(channels, length, shapes):
+    """BatchNorm1d on (N, C, L) then Linear over L: the Linear does not act on the channels. Without
+    shapes the rank of a BatchNorm1d is unknown, so it is not folded forward either (was a raw
+    size-mismatch error for L != C, and silently 100%+ off for L == C, even with the shapes
+    transform recorded)."""
+    model = randomise(nn.Sequential(nn.BatchNorm1d(channels), nn.Linear(length, 4)))
+    x = torch.randn(2, channels, length)
+    with torch.no_grad():
+        want = model(x)
+    if shapes == "transform":
+        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
+    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+    assert actions(folded) == ["channel-affine"]
+    assert "Linear acts on the last dim" in folded.bnrewrite_fold_report.records[0].reason
+
+
+@pytest.mark.parametrize("shapes", ["example_inputs", "transform"])
+def test_bn1d_on_2d_input_folds_into_the_following_linear_when_the_rank_is_known(shapes):
+    model = randomise(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 4)))
+    x = torch.randn(6, 5)
+    with torch.no_grad():
+        want = model(x)
+    if shapes == "transform":
+        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
+    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+    assert actions(folded) == ["into-consumer"]
 
 
 def test_preactivation_bn_before_padded_conv_stays_affine_and_says_why():
@@ -231,6 +266,77 @@ def test_shared_producer_is_cloned_before_folding():
     assert torch.equal(want[1], got[1])
     assert actions(folded) == ["into-producer"]
     assert folded.bnrewrite_fold_report.records[0].target != "conv"
+
+
+# ---------------------------------------------------------------------------- parametrized layers
+class Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _parametrize(layer, how):
+    if how == "weight_norm":
+        return torch.nn.utils.parametrizations.weight_norm(layer)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
+    if how == "weight+bias":
+        torch.nn.utils.parametrize.register_parametrization(layer, "bias", Doubled())
+    return layer
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "custom", "weight+bias"])
+@pytest.mark.parametrize("recipe", [None, "bn", "fs", "cbn:k=2"])
+def test_parametrized_producer_is_folded_into_a_plain_weight(recipe, how):
+    """A parametrized weight is recomputed on every access: the fold makes it a plain Parameter
+    before writing (the write was lost while the bias was updated: 0.56 off, every recipe). The
+    source model keeps its parametrization."""
+    torch.manual_seed(0)
+    model = ConvBNReLU()
+    _parametrize(model.conv, how)
+    x = torch.randn(4, 3, 8, 8)
+    if recipe:
+        model = bnrewrite.transform(model, recipe, example_inputs=(x,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    randomise(model)
+    with torch.no_grad():
+        want = model(x)
+    folded = bnrewrite.fold_for_inference(model)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # the source model still works as before
+    assert actions(folded) == ["into-producer"]
+    assert torch.nn.utils.parametrize.is_parametrized(model.get_submodule("conv"))
+    assert not torch.nn.utils.parametrize.is_parametrized(folded.get_submodule("conv"))
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "weight+bias"])
+def test_parametrized_consumer_is_folded_into_a_plain_weight(how):
+    model = PreAct(_parametrize(nn.Conv2d(4, 8, 3, padding=0), how), 4)
+    check(model, torch.randn(2, 3, 7, 7), expected_actions=["into-consumer"])
+    assert torch.nn.utils.parametrize.is_parametrized(model.layer)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_norm_is_an_input_error(kind):
+    model = ConvBNReLU()
+    with pytest.warns(FutureWarning) if kind == "weight_norm" else contextlib.nullcontext():
+        getattr(torch.nn.utils, kind)(model.conv)
+    model.eval()(torch.randn(1, 3, 8, 8))
+    with pytest.raises(InputError, match=f"'conv'.*parametrizations.{kind}"):
+        bnrewrite.fold_for_inference(model)
 
 
 # ---------------------------------------------------------------------------- functional / eager
