@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
 from .errors import CaptureError, InputError, warn_at_caller
+from .errors import first_line as _first_line
 from .runtime.base import is_batchnorm
 
 
@@ -44,11 +45,6 @@ class Capture:
         for name, module in self.root.named_modules(remove_duplicate=False):
             if isinstance(module, fx.GraphModule):
                 yield name, module
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 class RegionTracer(fx.Tracer):

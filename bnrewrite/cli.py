@@ -15,7 +15,7 @@ MODEL_HELP = ("torchvision:NAME, timm:NAME, path/to/file.py:factory (a function 
 # ---------------------------------------------------------------------------- model loading
 def load_model(spec: str):
     """Build the model named by ``spec`` (see MODEL_HELP); never downloads weights."""
-    from .errors import InputError
+    from .errors import InputError, first_line
 
     kind, sep, name = spec.partition(":")
     if sep and kind == "torchvision":
@@ -39,24 +39,75 @@ def load_model(spec: str):
         import torch
 
         try:
-            return torch.load(spec, weights_only=False)
+            model = torch.load(spec, weights_only=False)
         except FileNotFoundError:
             raise InputError(f"no such file: {spec}") from None
+        except Exception as exc:  # noqa: BLE001 - unpickling can fail in many ways: a bad file for the user
+            raise InputError(f"{spec} is not a file torch.load can read ({first_line(exc)})") from None
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"{spec} holds an object of type {type(model).__name__}, not a whole module (a "
+                             "state_dict?): save the model with torch.save(model, path), or give path/to/file.py:factory")
+        return model
     path, sep, factory = spec.rpartition(":")
     if sep and path.endswith(".py"):
-        import importlib.util
-        import os
-
-        if not os.path.exists(path):
-            raise InputError(f"no such file: {path}")
-        module_spec = importlib.util.spec_from_file_location("bnrewrite_user_model", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        fn = getattr(module, factory, None)
-        if fn is None:
-            raise InputError(f"{path} has no '{factory}'")
-        return fn()
+        return _call_factory(path, factory)
     raise InputError(f"cannot load model '{spec}': use {MODEL_HELP}")
+
+
+def _call_factory(path: str, factory: str):
+    """``factory()`` from the Python file ``path``; anything that goes wrong names the file or factory."""
+    import importlib.util
+    import inspect
+    import os
+
+    from torch import nn
+
+    from .errors import InputError, first_line
+
+    if not os.path.exists(path):
+        raise InputError(f"no such file: {path}")
+    module_spec = importlib.util.spec_from_file_location("bnrewrite_user_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise InputError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed to import
+        raise InputError(f"importing {path} failed: {first_line(exc)}") from None
+    fn = getattr(module, factory, None)
+    if fn is None:
+        raise InputError(f"{path} has no '{factory}'")
+    name = f"{path}:{factory}"
+    if not callable(fn):
+        raise InputError(f"{name} is of type {type(fn).__name__}, not a function returning the model")
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:
+        raise InputError(f"{name} must be callable with no arguments ({exc})") from None
+    except ValueError:  # no signature to check (some builtins): just call it
+        pass
+    try:
+        model = fn()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        raise InputError(f"{name}() raised {first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{name}() returned an object of type {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def example_input(shape):
+    """``torch.randn(*shape)``, or None without a shape; a shape too large to allocate is an InputError."""
+    import torch
+
+    from .errors import InputError, first_line
+
+    if shape is None:
+        return None
+    try:
+        return torch.randn(*shape)
+    except (RuntimeError, MemoryError, TypeError) as exc:
+        raise InputError(f"--input-shape {','.join(map(str, shape))}: cannot allocate an example input of that "
+                         f"size ({first_line(exc)}); use a smaller shape") from None
 
 
 def parse_shape(text: str | None):
@@ -76,11 +127,9 @@ def parse_shape(text: str | None):
 # ---------------------------------------------------------------------------- inspect
 def site_rows(model, shape):
     """Transform-free report rows for a (possibly transformed) model."""
-    import torch
-
     from .api import inspect_sites
 
-    example = (torch.randn(*shape),) if shape else None
+    example = (example_input(shape),) if shape else None
     sites = inspect_sites(model, example)
     rows = []
     for site in sites:
@@ -164,9 +213,7 @@ def cmd_inspect(args) -> int:
 
     model = load_model(args.model)
     shape = parse_shape(args.input_shape)
-    import torch
-
-    example = (torch.randn(*shape),) if shape else None
+    example = (example_input(shape),) if shape else None
     transformed = transform(model, args.recipe, example_inputs=example, include=args.include, exclude=args.exclude,
                             **_inspection_options(args, shape))
     info = getattr(transformed, "bnrewrite_info", None)
@@ -223,7 +270,7 @@ def cmd_inspect(args) -> int:
 
 def _inspection_options(args, shape) -> dict:
     """Transform options a recipe needs that an inspection has no data for: vdn gets unit
-    data statistics (the graph and the sites do not depend on their values)."""
+    data statistics (:func:`unit_data_stats`)."""
     from .recipe import parse_recipe
 
     names = parse_recipe(args.recipe).names()
@@ -232,10 +279,20 @@ def _inspection_options(args, shape) -> dict:
         options["seed"] = args.seed
     if args.lower != "reference":
         options["lower"] = args.lower
-    if "vdn" in names:
-        channels = shape[1] if shape and len(shape) > 1 else 3
-        options["data_stats"] = ([0.0] * channels, [1.0] * channels)
+    options.update(unit_data_stats(args.recipe, shape))
     return options
+
+
+def unit_data_stats(recipe: str, shape) -> dict:
+    """``data_stats`` for a vdn recipe where the command has no training data: zero mean, unit std per
+    input channel. Only training uses the virtual rows drawn from them: the graph and the sites
+    (inspect) and the eval forward (fold, export) do not depend on their values."""
+    from .recipe import parse_recipe
+
+    if "vdn" not in parse_recipe(recipe).names():
+        return {}
+    channels = shape[1] if shape and len(shape) > 1 else 3
+    return {"data_stats": ([0.0] * channels, [1.0] * channels)}
 
 
 def _inspect_onnx(args) -> int:

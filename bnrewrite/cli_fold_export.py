@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 
-from .cli import MODEL_HELP, _emit, load_model, parse_shape
+from .cli import MODEL_HELP, _emit, example_input, load_model, parse_shape, unit_data_stats
 
 
 def _prepare(args):
     """Load the model, apply ``--recipe`` (so a recipe's runtime modules are what gets folded)."""
-    import torch
-
     model = load_model(args.model)
     shape = parse_shape(args.input_shape)
-    example = (torch.randn(*shape),) if shape else None
+    example = (example_input(shape),) if shape else None
     if args.recipe != "bn":
         from .api import transform
 
-        model = transform(model, args.recipe, example_inputs=example)
+        model = transform(model, args.recipe, example_inputs=example, **unit_data_stats(args.recipe, shape))
     return model.eval(), example
 
 
@@ -37,7 +35,7 @@ def cmd_fold(args) -> int:
             want, got = model(*example), folded(*example)
         if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor):
             check = float((want - got).abs().max() / want.abs().max().clamp_min(1e-12))
-    torch.save(folded, args.out)
+    _save(folded, args.out)
     if args.format == "json":
         key = "max_rel_change_by_example_weighing" if args.example_weight else "max_rel_error_vs_unfolded"
         text = json.dumps({"model": args.model, "out": args.out, key: check,
@@ -53,6 +51,21 @@ def cmd_fold(args) -> int:
                 text += f"\nmax relative difference to the unfolded eval output: {check:.3g}"
     _emit(text, None)
     return 0
+
+
+def _save(module, out: str) -> None:
+    """``torch.save``, creating the folder of ``out`` as ``export`` does."""
+    import os
+
+    import torch
+
+    from .errors import InputError
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        torch.save(module, out)
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"--out {out}: cannot write the folded model there ({exc})") from None
 
 
 def cmd_export(args) -> int:

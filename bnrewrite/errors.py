@@ -30,6 +30,12 @@ def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``: a wrapped exception, in one line of a bnrewrite error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class BnRewriteError(Exception):
     """Base class of every error bnrewrite raises on purpose."""
 

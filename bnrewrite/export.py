@@ -28,11 +28,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ExportError, InputError, warn_at_caller
+from .errors import first_line as _first_line
 from .runtime.base import is_batchnorm
 
 NORMALISATION_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
                      "GroupNormalization", "MeanVarianceNormalization")
 DEFAULT_TOLERANCE = 1e-4
+STATIC_BATCH_HINT = "export cannot have a dynamic batch dim: export with dynamic_batch=False (CLI: --static-batch)"
 
 
 # ============================================================================ reports
@@ -197,6 +199,12 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
         raise InputError(f"tolerance must be a number > 0, got {tolerance!r}")
     if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 9):
         raise InputError(f"opset must be None (the exporter's default) or an int >= 9, got {opset!r}")
+    if opset is not None:
+        import onnx
+
+        if opset > onnx.defs.onnx_opset_version():
+            raise InputError(f"opset {opset} is newer than any this onnx {onnx.__version__} knows (the newest is "
+                             f"{onnx.defs.onnx_opset_version()})")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise InputError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
     path = os.fspath(path)
@@ -211,6 +219,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
         model = fold_for_inference(model, example_weight=example_weight, example_inputs=inputs)
         folded = True
         fold_report = getattr(model, "bnrewrite_fold_report", None)
+    if dynamic_batch:
+        _check_batch_independent_trace(model)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -237,6 +247,10 @@ def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, provid
             errors.append(f"{kind}: {_first_line(exc)}")
             continue
         summary = inspect_onnx(path)
+        if opset is not None and summary["opset"] != opset:
+            # the dynamo exporter keeps its own opset when it cannot convert to the requested one
+            errors.append(f"{kind}: wrote opset {summary['opset']}, not the requested opset {opset}")
+            continue
         report = ExportReport(path=path, node_counts=summary["node_counts"], max_abs_error=None, max_rel_error=None,
                               providers=[], exporter=kind, opset=summary["opset"], folded=folded,
                               fold_report=fold_report)
@@ -257,9 +271,18 @@ def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, provid
     raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: " + " | ".join(errors))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+def _check_batch_independent_trace(model: nn.Module) -> None:
+    """A BatchGroupNorm without running statistics is kept by the fold (its eval normalises with the
+    batch's statistics) and splits the batch into example groups by its size in Python: the traced
+    graph holds the example's batch size, and onnxruntime would fail on any other."""
+    from .runtime.batch_group import BatchGroupNorm
+
+    kept = [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, BatchGroupNorm) and not m.foldable]
+    if kept:
+        raise InputError(f"BatchGroupNorm site(s) {', '.join(repr(n) for n in kept)} (track_running_stats=False) "
+                         "stay in the folded model and group the examples by the batch size in Python, so the "
+                         f"traced graph holds the example's batch size and the {STATIC_BATCH_HINT}")
 
 
 def _as_export_error(exc: BaseException, path: str) -> ExportError:
@@ -390,8 +413,7 @@ def _verify(model, inputs, path, dynamic_batch, providers, tolerance, report: Ex
             if batch is inputs:
                 raise
             raise InputError(f"{type(model).__name__} does not run at batch size {batch[0].shape[0]} "
-                             f"({_first_line(exc)}), so its export cannot have a dynamic batch dim: export "
-                             "with dynamic_batch=False (CLI: --static-batch)") from None
+                             f"({_first_line(exc)}), so its {STATIC_BATCH_HINT}") from None
         expected = [t.detach().cpu().float().numpy() for t in pytree.tree_leaves(outputs)
                     if isinstance(t, torch.Tensor)]
         feeds = {name: t.detach().cpu().numpy() for name, t in zip(feeds_names, batch)}

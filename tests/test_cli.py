@@ -71,6 +71,41 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert err.startswith("bnrewrite: error:") and message in err and "Traceback" not in err
 
 
+BAD_MODEL_FILE = """import torch.nn as nn
+def small(): return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+def raises(): raise RuntimeError("factory exploded")
+def needs_arg(n): return small()
+def not_a_module(): return 3
+notcallable = 3
+"""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fold", "{d}/sd.pt", "--out", "{d}/o.pt"], "{d}/sd.pt holds an object of type OrderedDict, not a whole module"),
+    (["inspect", "{d}/corrupt.pt"], "{d}/corrupt.pt is not a file torch.load can read (UnpicklingError"),
+    (["inspect", "{d}/m.py:raises"], "{d}/m.py:raises() raised RuntimeError: factory exploded"),
+    (["inspect", "{d}/m.py:needs_arg"], "{d}/m.py:needs_arg must be callable with no arguments"),
+    (["inspect", "{d}/m.py:notcallable"], "{d}/m.py:notcallable is of type int, not a function"),
+    (["inspect", "{d}/m.py:not_a_module"], "{d}/m.py:not_a_module() returned an object of type int, not an nn.Module"),
+    (["inspect", "{d}/broken.py:small"], "{d}/broken.py:1: syntax error"),
+    (["inspect", "{d}/m.py:small", "--input-shape", "99999999,3,999,999"],
+     "--input-shape 99999999,3,999,999: cannot allocate an example input"),
+    (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--opset", "99", "--out", "{d}/o.onnx"],
+     "opset 99 is newer than any this onnx"),
+])
+def test_bad_model_inputs_are_one_clear_line(argv, message, tmp_path, capsys):
+    import torch
+    from torch import nn
+
+    (tmp_path / "m.py").write_text(BAD_MODEL_FILE)
+    (tmp_path / "broken.py").write_text("def small(:\n")
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "corrupt.pt").write_text("x")
+    assert main([a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnrewrite: error:") and message.format(d=tmp_path) in err and "Traceback" not in err
+
+
 def test_inspect_shows_lowering(capsys):
     pytest.importorskip("triton")
     assert main(["inspect", "torchvision:resnet18", "--recipe", "fs", "--lower", "fused", "--input-shape", "none"]) == 0

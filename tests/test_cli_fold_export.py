@@ -93,3 +93,43 @@ def test_export_errors_are_clean(tmp_path, model_spec, capsys):
     assert "example_weight" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
     assert "no such ONNX file" in capsys.readouterr().err
+
+
+def test_fold_creates_the_folder_of_out(tmp_path, model_spec, capsys):
+    out = tmp_path / "new" / "dir" / "folded.pt"
+    assert main(["fold", model_spec, "--out", str(out), "--input-shape", "2,3,8,8"]) == 0
+    assert out.exists() and f"saved {out}" in capsys.readouterr().out
+
+
+def _original_eval(model_spec):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("net", model_spec.rpartition(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.small().eval()
+
+
+@pytest.mark.parametrize("recipe", ["vdn", "fs+vdn"])
+def test_fold_and_export_a_vdn_recipe(tmp_path, model_spec, recipe, capsys):
+    """vdn's data statistics only feed the training-time virtual rows: the CLI gives it unit ones,
+    as inspect does, and the folded/exported model computes the stock eval output."""
+    out = tmp_path / "v.pt"
+    assert main(["fold", model_spec, "--recipe", recipe, "--out", str(out), "--input-shape", "2,3,8,8"]) == 0
+    assert "max relative difference" in capsys.readouterr().out
+    folded = torch.load(out, weights_only=False).eval()
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        want = _original_eval(model_spec)(x)
+        torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-6)
+    onnx_path = tmp_path / "v.onnx"
+    assert main(["export", model_spec, "--recipe", recipe, "--out", str(onnx_path), "--input-shape", "2,3,8,8",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_rel_error"] <= 1e-4 and data["normalisation_nodes"] == {}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)

@@ -135,6 +135,25 @@ def test_bad_tolerance_or_opset_is_an_input_error(tmp_path, bad):
         bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "b.onnx", **bad)
 
 
+def test_opset_newer_than_onnx_knows_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match=f"opset 99 is newer .* newest is {onnx.defs.onnx_opset_version()}"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "b.onnx", opset=99)
+
+
+def test_file_of_another_opset_than_requested_is_an_export_error(tmp_path, monkeypatch):
+    """The dynamo exporter keeps its own opset when it cannot convert to the requested one: an
+    exporter that writes another opset than asked fails (auto falls back), naming both."""
+    from bnrewrite import export as export_module
+
+    real = export_module._export
+    monkeypatch.setattr(export_module, "_export", lambda m, i, p, d, opset, kind: real(m, i, p, d, None, kind))
+    with pytest.raises(ExportError, match=r"torchscript: wrote opset 17, not the requested opset 21 \| "
+                                          r"dynamo: wrote opset \d+, not the requested opset 21"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "o.onnx", opset=21)
+    report = bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "o.onnx", opset=17)
+    assert report.opset == 17 and onnx.load(str(tmp_path / "o.onnx")).opset_import[0].version == 17
+
+
 def test_example_weighing_of_several_sites_exports_a_model_onnxruntime_loads(tmp_path):
     """The TorchScript exporter's constant folding wrote a graph onnxruntime rejects (a Mul input
     that no node produces) once two example-weighted sites share the pattern; the export falls
@@ -163,6 +182,22 @@ def test_model_with_a_fixed_batch_size_says_to_export_a_static_batch(tmp_path):
     with pytest.raises(InputError, match=r"does not run at batch size 5 .*dynamic_batch=False \(CLI: --static-batch\)"):
         bnrewrite.export_onnx(FixedBatch().eval(), x, tmp_path / "f.onnx")
     assert bnrewrite.export_onnx(FixedBatch().eval(), x, tmp_path / "f.onnx", dynamic_batch=False).max_rel_error < 1e-4
+
+
+def test_kept_batch_group_norm_says_to_export_a_static_batch(tmp_path):
+    """bgn without running statistics stays in the folded model and groups the examples by the
+    batch size: a dynamic batch is refused up front, naming the site; a static one exports."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+    model = bnrewrite.transform(net, "bgn:groups=2,examples=2").eval()
+    x = torch.randn(4, 3, 6, 6)
+    with pytest.raises(InputError, match=r"BatchGroupNorm site\(s\) '1' \(track_running_stats=False\).*"
+                                         r"dynamic_batch=False \(CLI: --static-batch\)"):
+        bnrewrite.export_onnx(model, x, tmp_path / "g.onnx")
+    assert not (tmp_path / "g.onnx").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's constants: this example's batch size, as asked
+        report = bnrewrite.export_onnx(model, x, tmp_path / "g.onnx", dynamic_batch=False)
+    assert report.max_rel_error <= 1e-4
 
 
 def test_tracer_constants_are_a_warning_naming_the_model_line(tmp_path):
