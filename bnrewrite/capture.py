@@ -119,6 +119,35 @@ class CapturedGraphModule(fx.GraphModule):
             return twin(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        # the twin is not a child (it must not appear in state_dict or modules()), so .to(),
+        # .double(), to_empty()... reach it only through here
+        result = super()._apply(fn, recurse)
+        twin = self.__dict__.get("mode_twin")
+        if twin is not None:
+            twin._apply(fn, recurse=False)
+            self._share_state_with_twin()
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._share_state_with_twin()  # load_state_dict(assign=True) replaces the tensors
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("twin_shared_state", ()):
+            self._share_state_with_twin()
+
+    def _share_state_with_twin(self) -> None:
+        """Point the twin's copies of the model's own parameters and buffers at the root's."""
+        twin = self.__dict__.get("mode_twin")
+        if twin is None:
+            return
+        for name in self.__dict__.get("twin_shared_state", ()):
+            for key in ("_parameters", "_buffers"):
+                if name in self.__dict__[key]:
+                    twin.__dict__[key][name] = self.__dict__[key][name]
+
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
         _restore_state(res, self.__dict__, lambda v: copy.deepcopy(v, memo))
@@ -287,7 +316,8 @@ def trace_region(module: nn.Module, primary_training: bool = True,
     gm = graph_module_keeping_state(module, graphs[primary_training], training=primary_training)
     other = graphs[not primary_training]
     if other.python_code("self").src != graphs[primary_training].python_code("self").src:
-        gm.__dict__["mode_twin"] = graph_module_keeping_state(module, other, training=not primary_training)
+        # the model's own tensors are one state for both graphs; fx's _tensor_constantN are per graph
+        _attach_twin(gm, graph_module_keeping_state(module, other, training=not primary_training), module)
     if guards:
         gm.__dict__["argument_guards"] = guards
     return gm, failed
@@ -432,5 +462,13 @@ def keep_eval_graph(gm: nn.Module) -> bool:
     if gm.__dict__.get("mode_twin") is None:
         graph = fx.Graph()
         graph.output(graph.graph_copy(gm.graph, {}))
-        gm.__dict__["mode_twin"] = graph_module_keeping_state(gm, graph, training=False)
+        # a copy of gm's own graph: its constants too are gm's
+        _attach_twin(gm, graph_module_keeping_state(gm, graph, training=False), gm)
     return True
+
+
+def _attach_twin(gm: CapturedGraphModule, twin: CapturedGraphModule, owner: nn.Module) -> None:
+    """Make ``twin`` gm's mode twin, sharing ``owner``'s own parameters and buffers with it."""
+    gm.__dict__["mode_twin"] = twin
+    gm.__dict__["twin_shared_state"] = tuple(dict(owner.named_parameters(recurse=False))) + \
+        tuple(dict(owner.named_buffers(recurse=False)))

@@ -193,3 +193,40 @@ def test_leaf_region_with_an_optional_argument_keeps_its_callers_call():
     # the region was traced with a value for shift (as its caller passes one)
     with pytest.raises(bnrewrite.InputError, match="'shift'"):
         cap_block(x)
+
+
+class OwnBuffer(nn.Module):
+    """A model with a tensor of its own (an input scale), next to its submodules."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1, 3, 1, 1))
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x * self.scale)))
+
+
+@pytest.mark.parametrize("recipe", ["brn", "two-tower"])  # both keep the eval graph as a mode twin
+@pytest.mark.parametrize("how", ["double+load", "load(assign=True)", "setattr"])
+def test_mode_twin_sees_the_models_own_tensors_after_to_load_and_assignment(recipe, how):
+    torch.manual_seed(0)
+    checkpoint = OwnBuffer().state_dict()
+    checkpoint["scale"] = torch.full((1, 3, 1, 1), 5.0)
+    model = bnrewrite.transform(OwnBuffer(), recipe)
+    assert model.__dict__.get("mode_twin") is not None
+    x = torch.randn(4, 3, 8, 8)
+    if how == "double+load":
+        model.double()
+        model.load_state_dict(checkpoint, strict=True)
+        x = x.double()
+    elif how == "load(assign=True)":
+        model.load_state_dict(checkpoint, strict=True, assign=True)
+    else:
+        model.load_state_dict(OwnBuffer().state_dict(), strict=True)
+        model.scale = checkpoint["scale"].clone()
+    stock = OwnBuffer().to(x.dtype)
+    stock.load_state_dict(bnrewrite.stock_state_dict(model))
+    model.eval(), stock.eval()
+    torch.testing.assert_close(model(x), stock(x))
