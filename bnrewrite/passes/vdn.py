@@ -54,6 +54,13 @@ def _input_placeholder(gm: fx.GraphModule) -> fx.Node:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise CaptureError(f"vdn: the graph of {type(gm).__name__} has no input placeholder to add virtual rows to")
+    # Alg. 3 prepends virtual samples to the one input batch; rows for a second input (a
+    # mask, another image) are not defined, and the batch sizes would not line up
+    others = [str(n.target) for n in placeholders[1:] if n.users]
+    if others:
+        raise InputError(f"vdn: {type(gm).__name__}.forward takes other inputs besides {placeholders[0].target!r} "
+                         f"({', '.join(others)}), and virtual rows (Alg. 3) are defined for one input batch only. "
+                         "Use the recipe without vdn, or give vdn a model whose forward takes one input")
     return placeholders[0]
 
 
@@ -71,6 +78,7 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
     gm = require_graph(module, "vdn")
     if hasattr(gm, INPUT_NAME):
         raise InputError(f"vdn: {type(gm).__name__} already has virtual rows ({INPUT_NAME}); apply vdn once")
+    placeholder = _input_placeholder(gm)
 
     selected: set[str] = set()
     for site in sites:
@@ -114,7 +122,6 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
     gm.add_module(INPUT_NAME, injector)
     gm.add_module(OUTPUT_NAME, stripper)
     graph = gm.graph
-    placeholder = _input_placeholder(gm)
     with graph.inserting_after(placeholder):
         augmented = graph.call_module(INPUT_NAME, (placeholder,))
     placeholder.replace_all_uses_with(augmented, delete_user_cb=lambda user: user is not augmented)

@@ -606,7 +606,18 @@ class VirtualRowsInput(nn.Module):
         self.num_virtual = int(num_virtual)
         self.register_buffer("mean", stats.mean.to(torch.float32).clone(), persistent=False)
         self.register_buffer("std", stats.std.to(torch.float32).clone(), persistent=False)
+        # no checkpoint holds them, so a model built on the meta device and materialised with
+        # to_empty() would train on garbage statistics: keep the values, and refill from them
+        self.data_stats = (self.mean.detach().cpu().clone(), self.std.detach().cpu().clone())
         self.last_rows: tuple[int, int] | None = None  # (virtual, total) of the current forward
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        with torch.no_grad():
+            for buffer, value in zip((self.mean, self.std), self.data_stats):
+                if buffer.device.type != "meta" and value.device.type != "meta":
+                    buffer.copy_(value)
+        return result
 
     def make_virtual(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.mean.numel():

@@ -13,6 +13,7 @@ from torch import nn
 import bnrewrite
 from bnrewrite.errors import CaptureError, InputError
 from bnrewrite.runtime.sampled import SampledBatchNorm
+from tests import models
 from tests.models import UntraceableRoot
 
 
@@ -229,3 +230,37 @@ def test_one_virtual_row_is_refused_at_transform_time_when_shapes_are_known():
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(InputError, match="site '1'.*vdn:n=2"):
         bnrewrite.transform(model, "vdn:n=1", data_stats=([0.0] * 5, [1.0] * 5), example_inputs=(torch.randn(4, 5),))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x, y):
+        return self.bn(self.a(x) + self.b(y))
+
+
+@pytest.mark.parametrize("recipe", ["vdn:n=2", "fs+vdn"])
+def test_second_model_input_is_refused_at_transform_time(recipe):
+    # Alg. 3 defines virtual rows for one input batch; adding them to x alone would misalign the batch
+    with pytest.raises(InputError, match=r"other inputs besides 'x' \(y\)"):
+        bnrewrite.transform(TwoInputs(), recipe, data_stats=([0.0] * 3, [1.0] * 3))
+
+
+def test_data_statistics_survive_meta_device_init_and_to_empty():
+    """Build on meta, transform, to_empty(), load a checkpoint: the data statistics are in no
+    checkpoint, so they must come back from the module itself, not from uninitialised memory."""
+    torch.manual_seed(0)
+    checkpoint = models.ConvBNReLU().state_dict()
+    stats = bnrewrite.dataset_stats(torch.randn(64, 3, 8, 8) * 3 + 5)
+    with torch.device("meta"):
+        model = models.ConvBNReLU()
+    model = bnrewrite.transform(model, "vdn:n=2", data_stats=stats)
+    model.to_empty(device="cpu")
+    model.load_state_dict(checkpoint, strict=True)
+    injector = model.bnrewrite_vdn_input
+    torch.testing.assert_close(injector.mean, stats.mean.float())
+    torch.testing.assert_close(injector.std, stats.std.float())
+    model.double()
+    torch.testing.assert_close(injector.mean, stats.mean.double(), rtol=1e-6, atol=1e-6)
