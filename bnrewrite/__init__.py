@@ -30,6 +30,7 @@ _LAZY = {
     "tune_example_weight": ("bnrewrite.tuning", "tune_example_weight"),
     "reset_history": ("bnrewrite.schedule", "reset_history"),
     "warm_up_statistics": ("bnrewrite.schedule", "warm_up_statistics"),
+    "update_bn": ("bnrewrite.schedule", "update_bn"),
 }
 
 __all__ = sorted(list(_LAZY) + ["BnRewriteError", "CaptureError", "ExportError", "InputError",

@@ -63,12 +63,53 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
         model = bnrewrite.transform(model, "brn:micro=2+rot")
         bnrewrite.warm_up_statistics(model, loader, steps=200)
     """
-    import torch
-
     from .errors import InputError
 
     if int(steps) < 0:
         raise InputError(f"warm_up_statistics: steps must be >= 0, got {steps}")
+    done = _forward_passes(model, batches, int(steps), cycle=True)
+    if done == 0 and steps > 0:
+        raise InputError("warm_up_statistics got no batches: pass an iterable of input tensors or (x, y) pairs")
+    return done
+
+
+def update_bn(batches, model: nn.Module) -> int:
+    """``torch.optim.swa_utils.update_bn`` for rewritten models: recompute every running mean and
+    variance as the plain average over one pass of ``batches`` (e.g. after weight averaging).
+
+    swa_utils finds BatchNorm by ``isinstance(m, _BatchNorm)``, which runtime modules are not,
+    so on a rewritten model it silently changes nothing. Here every stock BatchNorm and every
+    runtime module that tracks running statistics is reset and switched to the cumulative
+    average (``momentum=None``) for the pass, then its momentum is restored. Each variant
+    computes the statistics it would in training (a sampled BN from its sample). ``batches``
+    as in :func:`warm_up_statistics`, run once (not cycled). Returns the number of batches run.
+    Example::
+
+        swa_model = torch.optim.swa_utils.AveragedModel(model)
+        ... training with swa_model.update_parameters(model) ...
+        bnrewrite.update_bn(loader, swa_model)
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    norms = [m for m in model.modules()
+             if (isinstance(m, _BatchNorm) or getattr(m, "is_bnrewrite_norm", False))
+             and getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None]
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    try:
+        return _forward_passes(model, batches, None, cycle=False)
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+
+
+def _forward_passes(model: nn.Module, batches, steps: int | None, cycle: bool) -> int:
+    """Train-mode forward passes under no_grad, restoring every module's mode afterwards; at
+    most ``steps`` (None: no limit), cycling a re-iterable when ``cycle``."""
+    import torch
+
     if isinstance(batches, torch.Tensor):
         batches = [batches]
     modes = {m: m.training for m in model.modules()}
@@ -76,21 +117,19 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
     try:
         model.train()
         with torch.no_grad():
-            while done < steps:
+            while steps is None or done < steps:
                 before = done
                 iterator = iter(batches)
                 for batch in iterator:
-                    if done >= steps:
+                    if steps is not None and done >= steps:
                         break
                     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
                     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
                     model(*inputs)
                     done += 1
-                if done == before or iterator is batches:
-                    break  # empty, or a one-shot iterator that is now exhausted
+                if not cycle or done == before or iterator is batches:
+                    break  # one pass asked for, empty, or a one-shot iterator that is now exhausted
     finally:
         for module, mode in modes.items():
             module.training = mode
-    if done == 0 and steps > 0:
-        raise InputError("warm_up_statistics got no batches: pass an iterable of input tensors or (x, y) pairs")
     return done

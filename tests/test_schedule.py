@@ -36,3 +36,28 @@ def test_warm_up_runs_steps_forward_passes_like_stock_train_mode(form):
 def test_no_batches_is_an_input_error():
     with pytest.raises(InputError, match="got no batches"):
         bnrewrite.warm_up_statistics(_net(), [], steps=2)
+
+
+@pytest.mark.parametrize("recipe", ["bn", "fs:ratio=1", "ns:n=64", "ghost:size=64", "cbn:k=1", "bgn:groups=64,examples=64"])
+def test_update_bn_recomputes_running_statistics_like_swa_utils_on_stock(recipe):
+    """Where a variant's training statistics equal stock BN's, update_bn must give exactly
+    torch.optim.swa_utils.update_bn's statistics of the stock model (which skips runtime modules)."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=0.3), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    model = bnrewrite.transform(copy.deepcopy(stock), recipe)
+    batches = [(torch.randn(4, 3, 6, 6) * 2 + 1, torch.zeros(4)) for _ in range(5)]
+    for x, _ in batches[:2]:  # unequal running statistics before the update
+        model(x * 3)
+    before = [m.running_mean.clone() for m in model.modules() if hasattr(m, "running_mean")]
+    assert bnrewrite.update_bn(batches, model) == 5
+    torch.optim.swa_utils.update_bn(batches, stock)
+    ours = [m for m in model.modules() if getattr(m, "is_bnrewrite_norm", False) or isinstance(m, nn.BatchNorm2d)]
+    ref = [m for m in stock.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(ours) == len(ref) == 2
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+    assert [m.momentum for m in ours] == [0.3, 0.1]
+    assert not torch.equal(before[0], ours[0].running_mean)
+    assert model.training
