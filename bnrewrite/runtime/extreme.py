@@ -473,7 +473,18 @@ class RotatedExtremeNorm(ExtremeNorm):
         ref = layer.running_mean
         new.register_buffer("rotation", matrix.to(dtype=ref.dtype, device=ref.device))
         new.rotation_kind = used
+        new.rotation_seed = int(seed)
         return new
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # a stock checkpoint has no rotation: R is a function of (kind, seed, site), so rebuild it
+        # rather than trust the buffer, which after to_empty() (meta-device init) is garbage
+        if prefix + "rotation" not in state_dict and self.rotation.device.type != "meta":
+            matrix, _ = rotation_matrix(self.rotation_kind, self.num_features,
+                                        getattr(self, "rotation_seed", 0), self.site_name)
+            with torch.no_grad():
+                self.rotation.copy_(matrix)
 
     def _rotate(self, q: torch.Tensor) -> torch.Tensor:
         return torch.einsum("ji,bi...->bj...", self.rotation, q)

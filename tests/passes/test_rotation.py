@@ -171,3 +171,25 @@ def test_resnet18_fold_with_rotation():
 def test_bad_combinations(recipe):
     with pytest.raises(RecipeError):
         bnrewrite.transform(Net(), recipe)
+
+
+@pytest.mark.parametrize("recipe", ["brn+rot", "brn+rot:kind=random,seed=3", "two-tower+rot"])
+def test_rotation_is_rebuilt_after_meta_init_to_empty_and_a_stock_checkpoint(recipe):
+    """A stock checkpoint has no rotation key; after to_empty() the buffer holds uninitialised
+    memory, so loading must rebuild R from (kind, seed, layer), exactly as transform drew it."""
+    torch.manual_seed(0)
+    checkpoint = Net().state_dict()
+    reference = bnrewrite.transform(Net(), recipe)
+    reference.load_state_dict(checkpoint, strict=True)
+    with torch.device("meta"):
+        model = Net()
+    model = bnrewrite.transform(model, recipe)
+    model.to_empty(device="cpu")
+    model.load_state_dict(checkpoint, strict=True)
+    rotated = [(a, b) for a, b in zip(model.modules(), reference.modules()) if isinstance(a, RotatedExtremeNorm)]
+    assert len(rotated) == 3  # 8 (Hadamard), 6 (random: not a power of 2), 16 channels
+    for ours, ref in rotated:
+        torch.testing.assert_close(ours.rotation, ref.rotation, rtol=0, atol=0)
+    x = torch.randn(4, 3, 8, 8)
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
