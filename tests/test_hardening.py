@@ -2,6 +2,7 @@
 ``fold_for_inference``; and bad inputs (NaN/Inf, batch of one, empty batch, wrong rank)."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -176,3 +177,111 @@ def test_empty_batch_in_eval(recipe):
     model = _small(recipe).eval()
     out = model(torch.randn(0, 2, 6, 6))
     assert out.shape == (0, 3)
+
+
+def _site_model(recipe, bn, channels=4):
+    options = {"data_stats": ([0.0] * channels, [1.0] * channels)} if "vdn" in recipe else {}
+    return bnrewrite.transform(nn.Sequential(bn), recipe, **options)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("recipe", [r for r in ALL_RECIPES if r != "bn"])
+@pytest.mark.parametrize("dims, good, bad", [(1, [(4, 4), (4, 4, 6)], [(4, 4, 6, 6)]),
+                                             (2, [(4, 4, 6, 6)], [(4, 4, 6), (4, 4, 6, 6, 6)]),
+                                             (3, [(4, 4, 3, 3, 3)], [(4, 4, 3, 3)])])
+def test_wrong_rank_is_an_input_error_as_in_stock(recipe, mode, dims, good, bad):
+    """Stock BatchNorm{1,2,3}d raise on any other input rank (train and eval); the variant that
+    replaced one says so, naming the site, the expected and the given shape."""
+    stock = BN[dims](4).train(mode == "train")
+    model = _site_model(recipe.replace("vdn", "vdn:n=2"), BN[dims](4)).train(mode == "train")  # n=2: (N, C) ok
+    for shape in good:
+        assert model(torch.randn(*shape)).shape == shape
+    for shape in bad:
+        with pytest.raises(ValueError):
+            stock(torch.randn(*shape))
+        with pytest.raises(bnrewrite.InputError, match=r"'0' \(replacing BatchNorm%dd\) expects \(N, 4" % dims) as info:
+            model(torch.randn(*shape))
+        assert "got shape (" in str(info.value) and str(shape[1:])[1:] in str(info.value)  # vdn adds rows
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_empty_batch_in_training_is_stock(recipe):
+    """Stock BN in training returns an empty output for N = 0, counts num_batches_tracked and keeps
+    its running statistics. Every variant does the same, and moves none of its own state: a run
+    with an empty batch between two steps equals the run without it (CBN history, sampling
+    schedule, Extreme-Norm EMAs and μ̄ restart, VDN's draws)."""
+    a = _small(recipe + ":every=1" if recipe in ("ns", "bs", "fs", "frs") else recipe)  # re-draw every step
+    b = copy.deepcopy(a)
+    x1, x2 = torch.randn(4, 2, 6, 6), torch.randn(4, 2, 6, 6)
+    empty = torch.randn(0, 2, 6, 6, requires_grad=True)
+    out = a(empty)  # first (μ̄ unknown for Extreme Norm, no CBN window yet) and between steps
+    assert out.shape == (0, 3) and out.dtype == torch.float32
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+    for model in (a, b):
+        torch.manual_seed(1)
+        model(x1)
+    a(empty)
+    torch.manual_seed(2)
+    y_a = a(x2)
+    torch.manual_seed(2)
+    y_b = b(x2)
+    torch.testing.assert_close(y_a, y_b, rtol=0, atol=0)
+    state_a, state_b = _buffers(a), _buffers(b)
+    assert state_a.keys() == state_b.keys()
+    for key, value in state_b.items():
+        expected = value + 2 if key.endswith("num_batches_tracked") else value  # two empty steps counted
+        torch.testing.assert_close(state_a[key], expected, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("recipe", [r for r in ALL_RECIPES if "vdn" not in r])
+def test_empty_batch_in_training_keeps_the_layout(recipe):
+    stock = nn.BatchNorm2d(4).train()
+    model = _site_model(recipe, nn.BatchNorm2d(4)).train()
+    x = torch.randn(0, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    got, expected = model(x), stock(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype and got.stride() == expected.stride()
+
+
+ONE_VALUE_ERRORS = {"ns", "bs", "fs", "frs", "cbn", "naive-cbn", "bgn", "fs+vdn"}
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_one_value_per_channel_in_training(recipe):
+    """(1, C) into a BatchNorm1d in training: stock BN's ValueError. Variants that would take batch
+    statistics from it raise it as an InputError naming the site, before any state moves (cbn's
+    first step is stock BN; bgn's cells are single values, nn.GroupNorm's error). Defined: ghost
+    (a ghost batch of one example uses the running statistics, documented), Extreme Normalization
+    (forward with the moving averages; the paper's single-example training) -- both then equal
+    eval -- and vdn (statistics of its virtual rows)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    options = {"data_stats": ([0.0] * 6, [1.0] * 6)} if "vdn" in recipe else {}
+    model = bnrewrite.transform(net, recipe.replace("vdn", "vdn:n=2"), **options)
+    x = torch.randn(1, 6)
+    if recipe == "bn":
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            model(x)
+        return
+    if recipe in ONE_VALUE_ERRORS:
+        before = _buffers(model)
+        with pytest.raises(bnrewrite.InputError, match=r"'1'.*(one value|more than 1 value) per channel"):
+            model(x)
+        after = _buffers(model)
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+        return
+    for _ in range(3):
+        model(torch.randn(8, 6))
+    model.eval()
+    expected = model(x)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ghost's one-example warning
+        got = model(x)
+    assert torch.isfinite(got).all()
+    if "vdn" not in recipe:
+        torch.testing.assert_close(got, expected)

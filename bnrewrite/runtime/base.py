@@ -49,6 +49,9 @@ class BatchNormState(nn.Module):
     # passes and the fold pass look at this instead of isinstance checks per variant
     is_bnrewrite_norm = True
     site_name = ""  # qualified name of the site; passes set it, error messages use it
+    # spatial dims of the BatchNorm*d this replaced (1, 2, 3): its input rank, checked as stock
+    # BatchNorm does; None (SyncBatchNorm, built directly) checks only (N, C, ...)
+    dims: int | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
@@ -92,6 +95,9 @@ class BatchNormState(nn.Module):
         new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                   track_running_stats=bn.track_running_stats, **options)
         new.source_kind = src_kind
+        from ..sites import _bn_dims
+
+        new.dims = _bn_dims(bn)
         if bn.affine:
             new.weight = bn.weight
             new.bias = bn.bias
@@ -121,10 +127,32 @@ class BatchNormState(nn.Module):
         return f" '{self.site_name}'" if self.site_name else ""
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() < 2 or x.shape[1] != self.num_features:
+        rank, dims = x.dim(), self.dims
+        if (rank < 2 or x.shape[1] != self.num_features
+                or (dims is not None and rank != dims + 2 and not (dims == 1 and rank == 2))):
             from ..errors import InputError
-            raise InputError(f"{type(self).__name__}{self.site_label} expects (N, {self.num_features}, ...) input, "
-                             f"got shape {tuple(x.shape)}")
+            c = self.num_features
+            expected = {1: f"(N, {c}) or (N, {c}, L)", 2: f"(N, {c}, H, W)",
+                        3: f"(N, {c}, D, H, W)"}.get(dims, f"(N, {c}, ...)")
+            raise InputError(f"{type(self).__name__}{self.site_label} (replacing {self.source_kind}) expects "
+                             f"{expected} input, got shape {tuple(x.shape)}; give it the input the "
+                             f"{self.source_kind} took")
+
+    def empty_batch(self, x: torch.Tensor) -> bool:
+        """True for an input without values (N = 0) where the statistics would come from the batch.
+        Every variant's forward then runs :meth:`stock_forward`, as stock BatchNorm does: an empty
+        output (gradients flow, empty), ``num_batches_tracked`` counts the step, the running
+        statistics stay -- and no variant state moves (CBN history, sampling schedule, EMAs)."""
+        return x.numel() == 0 and self.uses_batch_stats()
+
+    def check_values_per_channel(self, x: torch.Tensor) -> None:
+        """Batch statistics of one value per channel have no variance: stock BatchNorm's ValueError,
+        as an InputError naming the site."""
+        if x.numel() == x.shape[1]:
+            from ..errors import InputError
+            raise InputError(f"{type(self).__name__}{self.site_label}: expected more than 1 value per channel "
+                             f"when training, got input size {tuple(x.shape)}; use a batch of 2 or more "
+                             "examples (or drop_last=True in the DataLoader)")
 
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         """PyTorch's rule: EMA with ``momentum`` (or the cumulative mean when None) of the
@@ -167,6 +195,8 @@ class BatchNormState(nn.Module):
     def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly ``nn.BatchNorm*d.forward`` on this state."""
         bn_training = self.uses_batch_stats()
+        if bn_training:
+            self.check_values_per_channel(x)
         factor = 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -185,7 +215,7 @@ class BatchNormState(nn.Module):
     # ---------------------------------------------------------------- module protocol
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        y = self.forward_train(x) if self.training else self.stock_forward(x)
+        y = self.forward_train(x) if self.training and not self.empty_batch(x) else self.stock_forward(x)
         return self.post_norm(y)
 
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

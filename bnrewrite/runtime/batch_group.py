@@ -43,7 +43,9 @@ them over each channel group. We do the same with BatchNorm's own buffers:
 Small batches: every cell holds at least one example and ``C/groups`` channels; its variance
 is ≥ 0 and ``eps`` > 0 keeps ``rsqrt`` finite, so nothing divides by zero (a cell of a single
 value normalises to exactly 0, i.e. the output is ``bias``). A batch with a single value per
-channel does not update the running statistics (it says nothing about a variance).
+channel does not update the running statistics (it says nothing about a variance); with
+``groups == C`` every cell is then one value and the output does not depend on the input:
+that is an InputError, as ``nn.GroupNorm`` and ``nn.BatchNorm`` raise there.
 
 Channel groups must divide ``C``: a layer whose ``C`` is not a multiple of ``groups`` uses the
 largest divisor of ``C`` that is ≤ ``groups`` (``C=48, groups=32 -> 24``; ``C=3 -> 3``), shown
@@ -82,6 +84,10 @@ class BatchGroupNorm(BatchNormState):
 
     # ---------------------------------------------------------------- training
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == self.num_features:
+            # one value per channel makes every cell one value (output `bias` whatever the input):
+            # nn.GroupNorm's and nn.BatchNorm's error
+            self.check_values_per_channel(x)
         n = x.shape[0]
         grouped = x.reshape(n, self.groups, -1)
         full = (n // self.examples) * self.examples
@@ -109,7 +115,9 @@ class BatchGroupNorm(BatchNormState):
     # ---------------------------------------------------------------- inference
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.uses_batch_stats():
+        if self.empty_batch(x):
+            y = self.stock_forward(x)
+        elif self.uses_batch_stats():
             y = self.forward_train(x)
         elif self.groups == self.num_features:
             y = self.stock_forward(x)

@@ -747,7 +747,7 @@ class CrossIterationBatchNorm(BatchNormState):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        if self.uses_batch_stats():
+        if self.uses_batch_stats() and not self.empty_batch(x):
             return self.forward_train(x, producer_input, post_norm=True)
         return self.post_norm(self.stock_forward(x))
 
@@ -796,6 +796,8 @@ class CrossIterationBatchNorm(BatchNormState):
                 f"producer Linear {self.producer_name} got a {producer_input.dim()}-D input: it acts on the last dim, "
                 "not on the BatchNorm's channels (dim 1), so App. B's closed forms do not apply")
             compensating = False
+        if self._steps < self.burnin or self._filled == 0:
+            self.check_values_per_channel(x)  # this step is stock BN's: refuse before the history moves
         if self.cbn_mean is None:
             self._allocate(x, producer_input if compensating else None)
         elif self.cbn_input is not None:

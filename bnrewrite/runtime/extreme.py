@@ -47,6 +47,7 @@ import math
 import zlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, UnsupportedPatternError
@@ -275,6 +276,11 @@ class ExtremeNorm(BatchNormState):
                 f"ExtremeNorm '{self.site_name}' is in training mode but was called without the input of its "
                 f"producer '{self.producer_name}'. Call the transformed model itself in train mode "
                 "(model.train()), not this layer on its own")
+        if self.empty_batch(x):  # stock BatchNorm's empty batch; tower B (moments given) counts no second step
+            y = self.stock_forward(x) if moments is None else F.batch_norm(x, None, None, self.weight, self.bias,
+                                                                           True, 0.0, self.eps)
+            y = self.post_norm(y)
+            return (y, None, None) if first_tower else y
         if not self.input_mean_known:
             self._restart_input_mean(conv_input)
         aggregated = (None, None)

@@ -629,7 +629,8 @@ class VirtualRowsInput(nn.Module):
         return noise * std + self.mean.to(device=x.device, dtype=x.dtype).reshape(shape)
 
     def forward(self, x):
-        if not self.training or not isinstance(x, torch.Tensor):
+        if not self.training or not isinstance(x, torch.Tensor) or x.numel() == 0:
+            # an empty batch gets no virtual rows: every BatchNorm sees it empty, as stock BN would
             self.last_rows = None
             return x
         out = torch.cat([self.make_virtual(x).detach(), x], dim=0)

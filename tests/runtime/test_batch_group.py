@@ -114,6 +114,10 @@ def test_running_statistics_are_per_channel_like_batch_norm():
 def test_no_nan_at_batch_one_and_two(n, spatial, groups):
     m = _bgn(4, groups, examples=2)
     x = _input(n, 4, spatial).requires_grad_(True)
+    if n == 1 and groups == 4 and spatial in ((), (1, 1)):  # one value per cell: see below
+        with pytest.raises(InputError, match="more than 1 value per channel"):
+            m(x)
+        return
     y = m(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
@@ -123,10 +127,31 @@ def test_no_nan_at_batch_one_and_two(n, spatial, groups):
 
 
 def test_single_value_cell_outputs_bias():
-    m = _bgn(4, 4, examples=1)
+    m = _bgn(4, 4, examples=2)
+    y = m(_input(3, 4, ()))  # the last example group holds one example: cells of one value
+    torch.testing.assert_close(y[2:], m.bias.detach().reshape(1, -1))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_batch_of_one_value_per_cell_is_groupnorms_error(groups):
+    """A batch whose every cell is one value (batch 1, groups = C, one position) normalises every
+    value to 0 whatever the input: nn.GroupNorm (bgn at batch 1) and nn.BatchNorm raise; so does bgn,
+    naming the site, with the running statistics untouched. With C/groups >= 2 values per cell it is
+    nn.GroupNorm."""
+    m = _bgn(4, groups, examples=1)
+    m.site_name = "layer1.bn"
+    x = _input(1, 4, ())
     running = m.running_var.clone()
-    y = m(_input(1, 4, ()))
-    torch.testing.assert_close(y, m.bias.detach().reshape(1, -1).expand_as(y))
+    if groups == 4:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            nn.GroupNorm(4, 4)(x)
+        with pytest.raises(InputError, match="'layer1.bn'.*more than 1 value per channel"):
+            m(x)
+    else:
+        gn = nn.GroupNorm(groups, 4)
+        gn.load_state_dict({"weight": m.weight, "bias": m.bias})
+        torch.testing.assert_close(m(x), gn(x))
     assert torch.equal(m.running_var, running)  # one value per channel: no update
 
 

@@ -126,20 +126,13 @@ class FusedBatchNorm(_FusedForward, BatchNormState):
 
         return super().from_batchnorm(bn, dims=_bn_dims(bn), **options)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        super().check_input(x)
-        if self.dims is not None and x.dim() != self.dims + 2 and not (self.dims == 1 and x.dim() == 2):
-            raise InputError(f"{self.source_kind} (lowered) expects a {self.dims + 2}-D input, got shape "
-                             f"{tuple(x.shape)}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         act = self.fused_activation()
-        if not self.uses_batch_stats() or act is None or x.dim() > 5 or self.traced_for_inductor():
+        if (not self.uses_batch_stats() or act is None or x.dim() > 5 or self.traced_for_inductor()
+                or self.empty_batch(x)):
             return super().forward(x)
-        if x.numel() // x.shape[1] < 2:
-            raise InputError(f"{self.source_kind}: expected more than 1 value per channel when training, "
-                             f"got input size {tuple(x.shape)}")
+        self.check_values_per_channel(x)
         y, *_ = self._run_fused(x, None, act)
         return y
 
@@ -156,7 +149,7 @@ class FusedSampledMixin(_FusedForward):
     """Training forward of a SampledBatchNorm through the fused op (same spec, same schedule)."""
 
     def fused_ready(self, x: torch.Tensor) -> bool:
-        return (self.training and self.strategy != "frs" and 2 <= x.dim() <= 5
+        return (self.training and self.strategy != "frs" and 2 <= x.dim() <= 5 and x.numel() > 0
                 and self.fused_activation() is not None and not self.sync_active()
                 and not self.traced_for_inductor())
 
@@ -172,9 +165,8 @@ class FusedSampledMixin(_FusedForward):
             raise InputError(
                 f"SampledBatchNorm({self.strategy}) on input {shape}: the sample holds one value "
                 "per channel, which has no variance; use a larger n/ratio or batch")
-        if full and x.numel() // x.shape[1] < 2:
-            raise InputError(f"SampledBatchNorm({self.strategy}): expected more than 1 value per channel "
-                             f"when training, got input size {shape}")
+        if full:
+            self.check_values_per_channel(x)
         y, mean, var, count = self._run_fused(x, None if full else spec, self.fused_activation())
         self.last_statistics = None if full else (mean.detach(), var.detach(), count)
         if not full:
