@@ -27,7 +27,8 @@ State (``state_dict``) -- the original BatchNorm keys, all with their stock mean
 * ``running_mean`` = the per-output-channel mean the layer subtracts in eval,
   ``ΣW·μ̄ + b`` (producer weight ``W``, bias ``b``), re-derived from the current weights whenever
   it is read (eval forward, ``inference_affine``, ``state_dict``). Without a producer it *is* ``μ̄``;
-* ``input_mean`` (extra, optional at load, only with a producer): ``μ̄`` per input channel;
+* ``input_mean`` (extra, optional at load, only with a producer, written once ``μ̄`` is known):
+  ``μ̄`` per input channel;
 * ``rotation`` (extra, optional at load, only with ``rot``): ``R``.
 
 ``μ̄`` is unknown right after the transform and after loading a checkpoint without
@@ -423,6 +424,10 @@ class ExtremeNorm(BatchNormState):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._sync_running_mean()  # running_mean always holds ΣW·μ̄ + b for the saved weights
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mean_before_conv and not self.input_mean_known:
+            # μ̄ unknown: the buffer is a placeholder; without the key a reload stays unknown too
+            # (same eval output, and its first training batch restarts μ̄ as this model's would)
+            destination.pop(prefix + "input_mean", None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -330,6 +330,50 @@ def test_stock_checkpoint_loads_strictly_and_own_checkpoint_round_trips():
     assert layer.input_mean_known and torch.all(layer.input_mean == 0.25)
 
 
+class _ConvBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("recipe", ["brn", "two-tower", "brn+rot"])
+def test_checkpoint_saved_before_training_round_trips(recipe):
+    """Saved while μ̄ is unknown (stock weights loaded, no training step yet): no input_mean key, so
+    the reload is unknown too -- same eval output -- and its first training step restarts μ̄ at that
+    batch's mean exactly as the model it was saved from does."""
+    import bnrewrite
+
+    torch.manual_seed(0)
+    stock = _ConvBn()
+    with torch.no_grad():
+        stock.bn.running_mean.uniform_(-1, 1)
+        stock.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 8, 8)
+    a = bnrewrite.transform(_ConvBn(), recipe)
+    a.load_state_dict(stock.state_dict(), strict=True)
+    ckpt = a.state_dict()
+    assert "bn.input_mean" not in ckpt
+    b = bnrewrite.transform(_ConvBn(), recipe)
+    b.load_state_dict(ckpt, strict=True)
+    assert not b.bn.input_mean_known
+    a.eval(), b.eval()
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    if recipe != "brn+rot":
+        torch.testing.assert_close(b(x), stock.eval()(x))  # still the stock running statistics
+    a.train(), b.train()
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    assert b.bn.input_mean_known
+    torch.testing.assert_close(b.bn.input_mean, x.mean((0, 2, 3)))  # restarted at the batch mean (then EMA)
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert "bn.input_mean" in state_b and state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=0, msg=key)
+
+
 def test_training_call_without_producer_input_is_a_clear_error():
     conv, layer = make_layer()
     layer.train()
