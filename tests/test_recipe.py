@@ -1,13 +1,19 @@
 """The recipe language: parsing, typed options, clear errors, and a fuzz test."""
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import bnrewrite
 from bnrewrite.errors import RecipeError
 from bnrewrite.recipe import Recipe, Variant, parse_recipe
+from bnrewrite.registry import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -110,3 +116,32 @@ def test_fuzz_parser_returns_recipe_or_raises_recipe_error(text):
         return
     assert isinstance(result, Recipe)
     assert parse(str(result)) == result
+
+
+def _momentum_components():
+    return sorted(name for name, variant in VARIANTS.items()
+                  if "momentum" in {f.name for f in dataclasses.fields(variant.options)})
+
+
+# each component's stock-BatchNorm setting for a batch of 4 and 4 channels
+STOCK_SETTING = {"ns": "ns:n=4", "bs": "bs:n=4", "fs": "fs:ratio=1", "frs": "frs:ratio=1", "ghost": "ghost:size=4",
+                 "bgn": "bgn:groups=4,examples=4", "cbn": "cbn:k=1", "naive-cbn": "naive-cbn:k=1"}
+
+
+@pytest.mark.parametrize("name", _momentum_components())
+@pytest.mark.parametrize("word, momentum", [("keep", 0.1), ("none", 0.1), ("cumulative", None), ("0.3", 0.3)])
+def test_every_component_takes_the_same_momentum_words(name, word, momentum):
+    """keep / cumulative / a number (and none = keep) for every component that has a momentum; in its
+    stock-BatchNorm setting the running statistics then follow nn.BatchNorm2d(momentum=...)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    stock = copy.deepcopy(base)
+    stock[1].momentum = momentum
+    model = bnrewrite.transform(copy.deepcopy(base), f"{STOCK_SETTING[name]},momentum={word}")
+    site = model.get_submodule("1")
+    assert getattr(site, "is_bnrewrite_norm", False) and site.momentum == momentum
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5)
+        torch.testing.assert_close(model(x), stock(x))
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(site, key), getattr(stock[1], key), msg=key)

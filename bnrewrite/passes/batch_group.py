@@ -14,13 +14,12 @@ through ``fold_for_inference`` and ``bnrewrite.param_groups``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.batch_group import BatchGroupNorm
-from ..runtime.base import check_momentum_option, resolve_momentum
+from ..runtime.base import MomentumOption, check_momentum_option, resolve_momentum
 from ..sites import module_sites
 
 
@@ -31,7 +30,7 @@ class BatchGroupOptions:
 
     groups: int = 32
     examples: int = 2
-    momentum: float | Literal["keep", "cumulative"] = "keep"
+    momentum: MomentumOption = "keep"
 
     def __post_init__(self):
         if self.groups < 1:

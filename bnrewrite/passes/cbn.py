@@ -25,6 +25,7 @@ from typing import Literal
 from torch import fx, nn
 
 from ..capture import set_submodule
+from ..runtime.base import MomentumOption, check_momentum_option, resolve_momentum
 from ..runtime.cross_iteration import COMPENSABLE_TYPES, CrossIterationBatchNorm, warn_uncompensated
 
 
@@ -33,8 +34,7 @@ def _check_common(k, burnin, momentum) -> None:
         raise ValueError(f"k must be a positive int or 'auto', got {k}")
     if burnin < 0:
         raise ValueError(f"burnin must be >= 0 steps, got {burnin}")
-    if momentum != "keep" and not (0.0 < momentum <= 1.0):
-        raise ValueError(f"momentum must be in (0, 1] or 'keep', got {momentum}")
+    check_momentum_option(momentum)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CbnOptions:
     burnin: training steps with k = 1, i.e. stock BN, while weights change fast (§3.3).
     order: Taylor order; only 1 (the paper found order 2 no better, Table 9).
     momentum: EMA factor of the running statistics (fed with the window statistics);
-        ``keep`` = each BatchNorm's own momentum.
+        ``keep`` = each BatchNorm's own momentum, ``cumulative`` = PyTorch's ``momentum=None``.
     grad_stride: 1 (default) computes ∂ν/∂θ exactly (App. B: one extra weight-gradient
         convolution per site and step, the bulk of CBN's cost). s > 1 is an approximation that
         is not in the paper: ∂ν/∂θ is averaged over every s-th output position per spatial dim
@@ -69,7 +69,7 @@ class CbnOptions:
     k: int | Literal["auto"] = "auto"
     burnin: int = 0
     order: int = 1
-    momentum: float | Literal["keep"] = "keep"
+    momentum: MomentumOption = "keep"
     grad_stride: int = 1
     store: Literal["auto", "gradients", "inputs"] = "auto"
     backward: Literal["window", "renorm"] = "window"
@@ -90,7 +90,7 @@ class NaiveCbnOptions:
 
     k: int | Literal["auto"] = "auto"
     burnin: int = 0
-    momentum: float | Literal["keep"] = "keep"
+    momentum: MomentumOption = "keep"
     backward: Literal["window", "renorm"] = "window"
 
     def __post_init__(self):
@@ -150,8 +150,7 @@ def _rewrite(module: nn.Module, sites, options, compensate: bool) -> nn.Module:
             bn, window=window, burnin=options.burnin, compensate=compensate, note=note,
             grad_stride=getattr(options, "grad_stride", 1), store=getattr(options, "store", "auto"),
             backward=options.backward)
-        if options.momentum != "keep":
-            new.momentum = options.momentum
+        new.momentum = resolve_momentum(options.momentum, bn.momentum)
         new.site_name = name
         if producer_site is not None:
             new.attach_producer(module.get_submodule(site.producer.name), site.producer.name)

@@ -13,13 +13,12 @@ land in the first ghost batch only). Inference example weighing (§3.1) is an op
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
 from ..capture import set_submodule
 from ..runtime.ghost import GhostBatchNorm
-from ..runtime.base import check_momentum_option, resolve_momentum
+from ..runtime.base import MomentumOption, check_momentum_option, resolve_momentum
 from ..sites import module_sites
 
 
@@ -30,7 +29,7 @@ class GhostOptions:
     ``cumulative`` is PyTorch's ``momentum=None`` (cumulative average)."""
 
     size: int = 16
-    momentum: float | Literal["keep", "cumulative"] = "keep"
+    momentum: MomentumOption = "keep"
 
     def __post_init__(self):
         if self.size < 2:

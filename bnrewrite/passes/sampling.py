@@ -16,17 +16,14 @@ App. D found 0.3 better than 0.1 for sampled BN);
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
 from ..capture import set_submodule
+from ..runtime.base import MomentumOption as Momentum
 from ..runtime.base import check_momentum_option, resolve_momentum
 from ..runtime.sampled import SampledBatchNorm, SmallSampleCheck, layer_stream
 from ..sites import module_sites
-
-
-Momentum = float | Literal["keep", "cumulative"] | None
 
 
 def _check_common(options) -> None:

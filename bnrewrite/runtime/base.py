@@ -8,6 +8,8 @@ those keys are written by ``state_dict`` but may be absent when loading.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -263,16 +265,20 @@ class BatchNormState(nn.Module):
                 missing_keys.remove(prefix + key)
 
 
+# a recipe's ``momentum`` option, the same words for every component; ``none`` (None) reads as ``keep``
+MomentumOption = float | Literal["keep", "cumulative"] | None
+
+
 def check_momentum_option(momentum) -> None:
-    """Validate a recipe's ``momentum`` option: a float in (0, 1], ``keep`` or ``cumulative``."""
+    """Validate a recipe's ``momentum`` option: a float in (0, 1], ``keep`` (or None) or ``cumulative``."""
     if isinstance(momentum, float) and not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {momentum}")
 
 
 def resolve_momentum(option, current: float | None) -> float | None:
     """The running-statistics momentum a rewritten BatchNorm gets from a recipe's ``momentum``
-    option: ``keep`` = the BatchNorm's own (``current``), ``cumulative`` = PyTorch's ``None``."""
-    if option == "keep":
+    option: ``keep`` (or None) = the BatchNorm's own (``current``), ``cumulative`` = PyTorch's ``None``."""
+    if option is None or option == "keep":
         return current
     if option == "cumulative":
         return None
