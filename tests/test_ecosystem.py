@@ -156,3 +156,22 @@ def test_moves_to_cuda_and_back(recipe):
     loss = F.cross_entropy(cuda(x.cuda()), y.cuda())
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_compiled_ghost_with_a_one_example_ghost_batch_matches_eager():
+    """A last ghost batch of one example is normalised with the running statistics, which the
+    same forward then updates in place: compiled backward must see the values from before."""
+    torch.manual_seed(0)
+    model = bnrewrite.transform(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)), "ghost:size=2")
+    reference = copy.deepcopy(model)
+    x, y = torch.rand(5, 3, 16, 16), torch.randint(0, 10, (5,))  # 5 = 2·2 + 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.warns(UserWarning, match="ghost batch of one example"):
+        F.cross_entropy(compiled(x), y).backward()
+    with pytest.warns(UserWarning, match="ghost batch of one example"):
+        F.cross_entropy(reference(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -572,6 +572,11 @@ class CrossIterationBatchNorm(BatchNormState):
                             device_type, strided)
 
     def _allocate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> None:
+        if torch.is_inference_mode_enabled():
+            # a train-mode forward under inference_mode (a statistics pass) would make the history
+            # inference tensors, which no later step could update in place: allocate normal ones
+            with torch.inference_mode(False):
+                return self._allocate(x, producer_input)
         if self._resolved_window is None:
             self._resolved_window = auto_window(x.shape[0])
         h = self._resolved_window - 1
@@ -612,6 +617,9 @@ class CrossIterationBatchNorm(BatchNormState):
         iterations keep their rows (the new ones are zero padding, not counted: ``cbn_rows``)."""
         if rows <= self.cbn_input.shape[1]:
             return
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):  # see _allocate
+                return self._grow_input_store(rows)
         for key in ("cbn_input", "cbn_output"):
             old = getattr(self, key)
             grown = old.new_zeros((old.shape[0], rows) + tuple(old.shape[2:]))

@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .base import BatchNormState
+from .base import BatchNormState, buffer_snapshot
 
 
 class GhostBatchNorm(BatchNormState):
@@ -96,7 +96,8 @@ class GhostBatchNorm(BatchNormState):
                 f"that is not 1 more than a multiple of {self.size} (or drop_last=True) to avoid this. "
                 "(warned once per layer)", stacklevel=4)
         if self.track_running_stats:
-            return self.normalize(example, self.running_mean.clone(), self.running_var.clone())
+            # snapshots, not clones: the running statistics are updated in place below (see buffer_snapshot)
+            return self.normalize(example, buffer_snapshot(self.running_mean), buffer_snapshot(self.running_var))
         if batch.shape[0] == 1:
             return self.stock_forward(example)  # one value per channel: stock's error, naming the site
         dims = self.reduce_dims(batch)

@@ -758,3 +758,28 @@ def test_linear_producer_on_a_3d_input_runs_naive_cbn_with_a_warning():
         u = torch.randn(4, 6, 16, dtype=D)
         torch.testing.assert_close(bn(fc(u), u), naive(fc(u)))
     assert bn.describe()["variant"] == "naive-cbn" and "3-D input" in bn.describe()["note"]
+
+
+@pytest.mark.parametrize("recipe", ["cbn:k=2", "cbn:k=2,store=inputs", "naive-cbn:k=2", "cbn:k=1"])
+def test_train_mode_forward_under_inference_mode_is_like_no_grad(recipe):
+    """A statistics pass in train mode under torch.inference_mode must leave a model that trains
+    on (as stock BN does), exactly as the same pass under torch.no_grad would."""
+    import bnrewrite
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    models = [bnrewrite.transform(copy.deepcopy(base), recipe) for _ in range(2)]
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for model, mode in zip(models, (torch.inference_mode, torch.no_grad)):
+        with mode():
+            model(x)
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
