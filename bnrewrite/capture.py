@@ -10,6 +10,7 @@ direct child of an eager module, where it can still be swapped).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
@@ -278,14 +279,70 @@ def _mode_source(module: nn.Module, training: bool) -> nn.Module:
     return module
 
 
+@contextlib.contextmanager
+def _noting_checkpoints(tracer: fx.Tracer, found: dict[str, str]):
+    """While tracing, note every ``torch.utils.checkpoint.checkpoint`` call in ``found`` (qualified
+    name of the module whose forward called it -> what it checkpointed). torch.fx traces through
+    checkpoint: the graph runs the checkpointed ops plainly. User code holds its own reference to
+    ``checkpoint``, so the internals it calls are wrapped instead (and restored afterwards)."""
+    import torch.utils.checkpoint as ckpt
+
+    def note(function) -> None:
+        caller = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
+        try:
+            what = tracer.path_of_module(function) if isinstance(function, nn.Module) else None
+        except NameError:
+            what = None
+        what = f"'{what}'" if what else getattr(function, "__qualname__", type(function).__name__)
+        found.setdefault(caller, what)
+
+    saved = []
+    if hasattr(ckpt, "_checkpoint_impl"):  # torch >= 2.8: checkpoint's one entry point
+        impl = ckpt._checkpoint_impl
+
+        def checkpoint_impl(function, args, kwargs, **options):
+            note(function)
+            return function(*args, **kwargs)  # what tracing through checkpoint records anyway
+        saved.append((ckpt, "_checkpoint_impl", impl, checkpoint_impl))
+    else:  # older torch: the reentrant Function and the non-reentrant generator
+        apply = ckpt.CheckpointFunction.apply
+        saved.append((ckpt.CheckpointFunction, "apply", ckpt.CheckpointFunction.__dict__["apply"],
+                      staticmethod(lambda function, *args: (note(function), apply(function, *args))[1])))
+        gen = getattr(ckpt, "_checkpoint_without_reentrant_generator", None)
+        if gen is not None:
+            def generator(function, *args, **kwargs):
+                note(function)
+                return gen(function, *args, **kwargs)
+            saved.append((ckpt, "_checkpoint_without_reentrant_generator", gen, generator))
+    for owner, name, _, new in saved:
+        setattr(owner, name, new)
+    try:
+        yield
+    finally:
+        for owner, name, old, _ in saved:
+            setattr(owner, name, old)
+
+
+def _warn_dropped_checkpoints(found: dict[str, str], label: str, prefix: str) -> None:
+    for caller, what in found.items():
+        name = _join(prefix, caller) if (prefix or caller) else ""
+        where = f"'{name}' (in {label})" if name else label
+        warn_at_caller(f"{where}: its forward calls torch.utils.checkpoint on {what}, which torch.fx traces "
+                       "through: the rewritten graph runs that block without gradient checkpointing. The numbers "
+                       "are unchanged, but the activations are kept for the backward pass (more memory). To "
+                       "checkpoint again, wrap the rewritten submodule's call yourself")
+
+
 def _trace_in_mode(module: nn.Module, training: bool, leaves: set[str],
-                   concrete_args: dict | None = None) -> tuple[fx.Graph, dict[str, str]]:
+                   concrete_args: dict | None = None,
+                   checkpoints: dict[str, str] | None = None) -> tuple[fx.Graph, dict[str, str]]:
     source = _mode_source(module, training)
     modes = {m: m.training for m in source.modules()}
     source.train(training)
     try:
         tracer = RegionTracer(leaves)
-        graph = tracer.trace(source, concrete_args=concrete_args)
+        with _noting_checkpoints(tracer, {} if checkpoints is None else checkpoints):
+            graph = tracer.trace(source, concrete_args=concrete_args)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -293,25 +350,31 @@ def _trace_in_mode(module: nn.Module, training: bool, leaves: set[str],
 
 
 def trace_region(module: nn.Module, primary_training: bool = True,
-                 given_inputs: frozenset[int] | None = None) -> tuple[CapturedGraphModule, dict[str, str]]:
+                 given_inputs: frozenset[int] | None = None,
+                 prefix: str = "") -> tuple[CapturedGraphModule, dict[str, str]]:
     """Trace ``module`` in train and eval mode with failing submodules as leaves (the same
     leaves for both); raises if its own forward fails. See :class:`CapturedGraphModule`.
 
     ``given_inputs``: for the model itself, the positions of forward's arguments that its
     ``example_inputs`` give values for (None for a leaf region); see
-    :func:`_specialise_optional_arguments`."""
+    :func:`_specialise_optional_arguments`. ``prefix``: ``module``'s qualified name in the
+    model, for warnings."""
     leaves: set[str] = set()
     failed: dict[str, str] = {}
     while True:
         graphs = {}
         new = {}
+        checkpoints: dict[str, str] = {}
         for training in (True, False):
-            graphs[training], fails = _trace_in_mode(module, training, leaves)
+            graphs[training], fails = _trace_in_mode(module, training, leaves, checkpoints=checkpoints)
             new.update(fails)
         failed.update(new)
         if set(new) <= leaves:
             break
         leaves |= set(new)
+    # a checkpoint call inside a leaf region is noted when that region is captured on its own
+    checkpoints = {c: w for c, w in checkpoints.items() if not any(c == l or c.startswith(l + ".") for l in leaves)}
+    _warn_dropped_checkpoints(checkpoints, module.__dict__.get("original_class_name", type(module).__name__), prefix)
     graphs, guards = _specialise_optional_arguments(module, graphs, leaves, given_inputs)
     gm = graph_module_keeping_state(module, graphs[primary_training], training=primary_training)
     other = graphs[not primary_training]
@@ -410,7 +473,7 @@ def capture(model: nn.Module, *, training: bool = True, example_inputs: tuple | 
     regions = [] if _regions is None else _regions
     try:
         given = frozenset(i for i, v in enumerate(example_inputs or ()) if v is not None)
-        gm, failed = trace_region(model, training, None if _prefix else given)
+        gm, failed = trace_region(model, training, None if _prefix else given, prefix=_prefix)
     except Exception as exc:  # noqa: BLE001 - the model's own forward is untraceable
         reason = _first_line(exc)
         for child_name, child in list(model.named_children()):

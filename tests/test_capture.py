@@ -230,3 +230,70 @@ def test_mode_twin_sees_the_models_own_tensors_after_to_load_and_assignment(reci
     stock.load_state_dict(bnrewrite.stock_state_dict(model))
     model.eval(), stock.eval()
     torch.testing.assert_close(model(x), stock(x))
+
+
+class _CheckpointBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _CheckpointNet(nn.Module):
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.b = _CheckpointBlock()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.b, x, use_reentrant=self.use_reentrant).mean()
+
+
+class _CheckpointOuter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _CheckpointNet(False)
+
+    def forward(self, x):
+        return self.inner(x) * 2
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpoint_in_forward_is_dropped_with_a_warning(use_reentrant):
+    import warnings
+
+    import torch.utils.checkpoint as ckpt
+
+    impl = ckpt._checkpoint_impl
+    model = _CheckpointNet(use_reentrant)
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.warns(UserWarning) as record:
+        out = bnrewrite.transform(copy.deepcopy(model), "bn")
+    texts = [str(w.message) for w in record if "checkpoint" in str(w.message)]
+    assert len(texts) == 1, texts
+    assert texts[0].startswith("_CheckpointNet: its forward calls torch.utils.checkpoint on 'b'")
+    assert "without gradient checkpointing" in texts[0] and "more memory" in texts[0]
+    assert record[0].filename == __file__
+    assert ckpt._checkpoint_impl is impl  # restored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(out(x), model(x))
+
+
+def test_checkpoint_in_a_submodule_names_the_submodule():
+    with pytest.warns(UserWarning, match=r"^'inner' \(in _CheckpointOuter\): its forward calls torch.utils.checkpoint"):
+        bnrewrite.transform(_CheckpointOuter(), "bn")
+
+
+def test_no_checkpoint_warning_without_checkpoint():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bnrewrite.transform(nn.Sequential(_CheckpointBlock()), "bn")
+    assert not [w for w in record if "checkpoint" in str(w.message)]

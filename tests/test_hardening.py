@@ -285,3 +285,92 @@ def test_one_value_per_channel_in_training(recipe):
     assert torch.isfinite(got).all()
     if "vdn" not in recipe:
         torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+class _CkptBlock(nn.Module):
+    def __init__(self, cin, c):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class _CkptNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b1 = _CkptBlock(3, 8)
+        self.b2 = _CkptBlock(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.b2(self.b1(x)).mean((2, 3)))
+
+
+def _checkpointed_training(recipe, checkpointed, use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    torch.manual_seed(0)
+    model = _CkptNet()
+    if recipe != "stock":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = bnrewrite.transform(model, recipe, seed=0)
+    outputs = []
+    if checkpointed:
+        bn, forward = model.b2.bn, model.b2.bn.forward
+
+        def run(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+            return out
+        # early_stop=False: the non-reentrant recomputation runs to the end, so its output is seen
+        bn.forward = lambda *a, **kw: checkpoint(run, *a, use_reentrant=use_reentrant, early_stop=False, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+    return grads, outputs
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("recipe", ["stock", "bn", "ghost:size=2", "bgn", "fs:ratio=1/4,every=1", "ns:every=1",
+                                    "frs:ratio=1/4,every=1", "bs:every=2"])
+def test_gradient_checkpointing_recomputes_exactly(recipe, use_reentrant):
+    plain, _ = _checkpointed_training(recipe, False, use_reentrant)
+    ckpt, outputs = _checkpointed_training(recipe, True, use_reentrant)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        assert torch.equal(plain[name], ckpt[name]), name
+    # every forward ran twice (first call, recomputation) and gave the same bits
+    assert len(outputs) == 6
+    for first, again in zip(outputs[0::2], outputs[1::2]):
+        assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("recipe", ["cbn:k=2", "naive-cbn:k=2", "brn:micro=2", "two-tower"])
+def test_gradient_checkpointing_of_a_stateful_variant_is_refused(recipe):
+    from bnrewrite.errors import InputError
+
+    for use_reentrant in ([False] if recipe == "two-tower" else [True, False]):  # two-tower passes kwargs
+        with pytest.raises(InputError, match=r"'b2\.bn'.*gradient checkpointing.*recomputes the forward"):
+            _checkpointed_training(recipe, True, use_reentrant)
+
+
+def test_recomputing_is_false_outside_the_backward_pass():
+    from bnrewrite.runtime.base import BatchNormState
+
+    model = bnrewrite.transform(_CkptNet(), "cbn:k=2")
+    x = torch.rand(4, 3, 8, 8)
+    model(x).sum().backward()  # training forward: no refusal
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert not BatchNormState.recomputing()

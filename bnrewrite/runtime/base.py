@@ -54,6 +54,14 @@ class BatchNormState(nn.Module):
     # spatial dims of the BatchNorm*d this replaced (1, 2, 3): its input rank, checked as stock
     # BatchNorm does; None (SyncBatchNorm, built directly) checks only (N, C, ...)
     dims: int | None = None
+    # Gradient checkpointing (torch.utils.checkpoint) re-runs a checkpointed forward during the
+    # backward pass. True: this variant's training forward, run again then, computes what the first
+    # call did (it holds no state the first call advanced, or it holds that state still while
+    # recomputing, see :meth:`recomputing`); running statistics are updated again, as stock
+    # BatchNorm's are. False: its forward depends on state the first call advanced (CBN history,
+    # EMAs), so a recomputation would silently change the gradients: :meth:`check_input` refuses it.
+    checkpoint_recompute_safe = True
+    recompute_state_name = "variant state"  # what a refusal says the first call advanced
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
@@ -139,6 +147,29 @@ class BatchNormState(nn.Module):
             raise InputError(f"{type(self).__name__}{self.site_label} (replacing {self.source_kind}) expects "
                              f"{expected} input, got shape {tuple(x.shape)}; give it the input the "
                              f"{self.source_kind} took")
+        if self.training and not self.checkpoint_recompute_safe and self.recomputing():
+            self._refuse_recomputation()
+
+    @staticmethod
+    def recomputing() -> bool:
+        """True while this forward runs inside the autograd engine's backward pass: gradient
+        checkpointing (``torch.utils.checkpoint``, reentrant or not) recomputing a checkpointed
+        segment. Every forward calls :meth:`check_input` first, which refuses a recomputation for
+        variants with ``checkpoint_recompute_safe = False``; stateful variants that can recompute
+        exactly (samplers: the same draw) ask this to hold their state still. Under torch.compile
+        (whose checkpointing recomputes inside the compiled graph) it is False: no graph break."""
+        if torch.compiler.is_compiling():
+            return False
+        return torch._C._current_graph_task_id() != -1
+
+    def _refuse_recomputation(self) -> None:
+        from ..errors import InputError
+        raise InputError(
+            f"{type(self).__name__}{self.site_label} (replacing {self.source_kind}) was called again during the "
+            "backward pass: gradient checkpointing (torch.utils.checkpoint) recomputes the forward, and this "
+            "variant's training forward depends on state the first call already advanced (the "
+            f"{self.recompute_state_name}), so the recomputed gradients would be silently wrong. Checkpoint "
+            "segments that do not contain this layer, or use a stateless recipe (bn, ghost, bgn, the samplers)")
 
     def empty_batch(self, x: torch.Tensor) -> bool:
         """True for an input without values (N = 0) where the statistics would come from the batch.

@@ -488,6 +488,10 @@ class CrossIterationBatchNorm(BatchNormState):
     keep their original ``state_dict`` keys.
     """
 
+    # the history slot already holds this batch when checkpointing re-runs the forward
+    checkpoint_recompute_safe = False
+    recompute_state_name = "history of past iterations' statistics, which already holds this batch"
+
     optional_state_keys = HISTORY_KEYS
     # "triton" once the lowering pass has chosen the fused kernels for Eqs. 9-12 (used where they
     # run: CUDA tensors, not under torch.compile, backward="window"); None = plain torch ops

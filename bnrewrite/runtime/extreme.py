@@ -162,6 +162,9 @@ class ExtremeNorm(BatchNormState):
     """
 
     optional_state_keys = ("input_mean",)
+    # the EMAs the forward normalises with were already updated with this batch
+    checkpoint_recompute_safe = False
+    recompute_state_name = "moving averages it normalises with, already updated with this batch"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,

@@ -413,8 +413,10 @@ class SampledBatchNorm(BatchNormState):
 
     def advance_schedule(self) -> None:
         """One training step of the ``every=N`` schedule; nothing to count when draws change only
-        on ``new_epoch()`` (the default), which keeps the step free of Python state."""
-        if self.training and self.every > 0:
+        on ``new_epoch()`` (the default), which keeps the step free of Python state. A gradient
+        checkpointing recomputation (:meth:`recomputing`) is the same step again: it counts nothing,
+        so it draws the same sample and recomputes the first call's output bit for bit."""
+        if self.training and self.every > 0 and not self.recomputing():
             self._count_step()
 
     def _check_values_per_channel(self, spec: SampleSpec, shape: tuple[int, ...]) -> None:
@@ -449,7 +451,7 @@ class SampledBatchNorm(BatchNormState):
     def note_sample_size(self, count: int, shape: tuple[int, ...]) -> None:
         """Tell the rewrite's :class:`SmallSampleCheck` (if any) how many values this step's
         statistics came from; eager steps only (it keeps Python state)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.recomputing():  # a recomputation is the same step
             return
         check = self.__dict__.get("small_sample_check")
         if check is not None:
