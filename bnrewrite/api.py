@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .capture import Capture, Region, capture
+from .distributed import deepcopy_model
 from .errors import InputError, warn_at_caller
 from .recipe import Recipe, parse_recipe
 from .sites import Site, find_sites, run_example_inputs
@@ -87,7 +88,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     # lazy modules cannot be copied before their first input: materialise them on the model
     # itself (what its own first forward would do) before the copy
     _materialise_lazy(model, example_inputs)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else deepcopy_model(model)
     captured = capture(work, example_inputs=example_inputs)
     sites = find_sites(captured, example_inputs)
     selected = _select(sites, include, exclude)
@@ -96,9 +97,11 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     from .registry import VARIANTS
 
     result = captured.root
+    synced = [name for name, m in result.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     for component in _pipeline_order(parsed):
         variant = VARIANTS[component.name]
         result = variant.rewrite(result, selected, component.options, context)
+    _warn_per_process(result, synced, parsed)
     lower = context.take("lower", DEFAULT_LOWER)
     compile_path = context.take("compile_path", "inductor")
     if lower != "reference":
@@ -177,6 +180,31 @@ def _pipeline_order(recipe: Recipe):
     from .registry import VARIANTS
 
     return sorted(recipe.components, key=lambda c: _ROLE_ORDER[VARIANTS[c.name].role])
+
+
+def _warn_per_process(result: nn.Module, synced: list[str], recipe: Recipe) -> None:
+    """One warning naming the SyncBatchNorm sites whose rewritten module computes its statistics
+    per process (``synchronises_statistics`` false) instead of over the process group."""
+    notes: dict[str, list[str]] = {}
+    for name in synced:
+        try:
+            module = result.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.SyncBatchNorm) or getattr(module, "synchronises_statistics", True):
+            continue
+        note = getattr(module, "per_process_note", "its statistics are computed within each process")
+        notes.setdefault(f"{type(module).__name__}: {note}", []).append(name)
+    if not notes:
+        return
+    count = sum(len(names) for names in notes.values())
+
+    def shown(names):
+        return ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = "; ".join(f"{shown(names)} ({note})" for note, names in notes.items())
+    warn_at_caller(f"transform '{recipe}': {count} SyncBatchNorm site(s) no longer synchronise statistics across "
+                   f"processes under torch.distributed: {parts}")
 
 
 def _warn_unchanged(model: nn.Module) -> None:

@@ -94,3 +94,17 @@ def synced_moments(x: torch.Tensor, spec, process_group: Any = None) -> tuple[to
     mean = sum(w * m for w, m, _, _ in parts) / total
     var = sum(w * v for w, _, v, _ in parts) / total
     return mean, var, sum(cnt for *_, cnt in parts)
+
+
+def deepcopy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)`` that shares the process groups of its modules (a SyncBatchNorm's
+    or a synced sampler's ``process_group``) instead of copying them: a group is a handle to the
+    communicator, which cannot be copied (or pickled)."""
+    import copy
+
+    memo = {}
+    for module in model.modules():
+        group = getattr(module, "process_group", None)
+        if group is not None:
+            memo[id(group)] = group
+    return copy.deepcopy(model, memo)

@@ -172,3 +172,41 @@ def test_sites_left_out_the_first_time_can_be_rewritten_later():
     kinds = {name: type(m).__name__ for name, m in rest.named_modules() if name in ("bn1", "layer1.0.bn1")}
     assert kinds == {"bn1": "GhostBatchNorm", "layer1.0.bn1": "SampledBatchNorm"}
     assert rest(x).shape == (2, 1000)
+
+
+PER_PROCESS_RECIPES = ["fs:ratio=1/4", "ns:n=2", "bs:n=2", "frs:ratio=1/4", "cbn:k=2", "naive-cbn:k=2", "brn",
+                       "two-tower", "ghost:size=2", "bgn", "vdn"]
+
+
+def _sync_bn_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+
+
+@pytest.mark.parametrize("recipe", PER_PROCESS_RECIPES)
+def test_sync_batchnorm_becoming_per_process_statistics_warns_once(recipe):
+    import warnings
+
+    extra = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = bnrewrite.transform(_sync_bn_net(), recipe, **extra)
+    assert not getattr(t.get_submodule("1"), "synchronises_statistics", True)
+    messages = [str(w.message) for w in caught if "SyncBatchNorm" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "'1'" in messages[0] and "'4'" not in messages[0]  # the plain BatchNorm2d is not listed
+    assert "each process" in messages[0]
+    if recipe.split(":")[0] in ("fs", "ns", "bs", "frs"):
+        assert f"{recipe.split(':')[0]}:sync=true" in messages[0]
+    if "cbn" in recipe:
+        assert "cbn §4.2" in messages[0]
+
+
+@pytest.mark.parametrize("recipe", ["bn", "fs:ratio=1/4,sync=true", "ns:n=2,sync=true", "fs:sync=true+vdn"])
+def test_sync_batchnorm_kept_synchronised_does_not_warn(recipe):
+    import warnings
+
+    extra = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bnrewrite.transform(_sync_bn_net(), recipe, **extra)
+    assert not [str(w.message) for w in caught if "SyncBatchNorm" in str(w.message)]

@@ -119,10 +119,13 @@ def test_fold_and_export_a_vdn_recipe(tmp_path, model_spec, recipe, capsys):
     assert "max relative difference" in capsys.readouterr().out
     folded = torch.load(out, weights_only=False).eval()
     assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    # the training-only virtual-row modules are gone: a plain eval model, scriptable
+    assert not any(getattr(m, "is_training_only", False) for m in folded.modules())
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         want = _original_eval(model_spec)(x)
         torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.jit.script(folded)(x), want, rtol=1e-5, atol=1e-6)
     onnx_path = tmp_path / "v.onnx"
     assert main(["export", model_spec, "--recipe", recipe, "--out", str(onnx_path), "--input-shape", "2,3,8,8",
                  "--format", "json"]) == 0

@@ -96,3 +96,41 @@ def test_synced_sampled_statistics_equal_single_process_large_batch(tmp_path):
         torch.testing.assert_close(got["dx"][1:], single["dx"][WORLD + r * LOCAL:WORLD + (r + 1) * LOCAL])
         torch.testing.assert_close(got["dx"][:1], single["dx"][r:r + 1])
         torch.testing.assert_close(got["rv"], single["rv"])
+
+
+def _subgroup_worker(rank, port, out_dir):
+    """Each rank's SyncBatchNorm synchronises over its own one-rank subgroup only: the sampler
+    with sync=true must reduce over that group, i.e. compute the rank's own sample statistics,
+    not those of the whole world."""
+    import bnrewrite
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        groups = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.SyncBatchNorm(4, process_group=groups[rank])).double()
+        x, _, dy = _data()
+        mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        results = {}
+        for sync in (True, False):
+            model = bnrewrite.transform(net, f"fs:ratio=1/4,sync={str(sync).lower()}")
+            sampled = model.get_submodule("0")
+            if sync:
+                results["group_is_subgroup"] = sampled.process_group is groups[rank]
+            results[sync] = _step(sampled, x[mine], dy[WORLD:][mine])
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_sampler_uses_the_sync_batchnorms_process_group(tmp_path):
+    mp.spawn(_subgroup_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["group_is_subgroup"]
+        assert res[True]["count"] == res[False]["count"] == LOCAL * 16  # this rank's sample only
+        torch.testing.assert_close(res[True]["mean"], res[False]["mean"])
+        torch.testing.assert_close(res[True]["var"], res[False]["var"])
+        torch.testing.assert_close(res[True]["y"], res[False]["y"])

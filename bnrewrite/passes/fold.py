@@ -49,6 +49,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..capture import capture, set_submodule
+from ..distributed import deepcopy_model
 from ..errors import InputError, UnsupportedPatternError
 from ..runtime.base import is_batchnorm
 from ..sites import Site, find_sites
@@ -302,7 +303,7 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
             raise InputError(f"'{name}' ({type(module).__name__}) uses the deprecated hook-based "
                              f"torch.nn.utils.{kind}, which cannot be copied or folded into: apply "
                              f"torch.nn.utils.parametrizations.{kind} instead")
-    work = copy.deepcopy(model)
+    work = deepcopy_model(model)
     work.eval()
     report = FoldReport(example_weight=options.example_weight)
     if not any(is_batchnorm(m) for m in work.modules()) and not _has_functional_bn(work):
@@ -340,6 +341,7 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
     """The fold pass: ``(module, sites, options, context) -> module``, module in eval mode,
     captured with ``capture(module, training=False)`` and without mode twins."""
     root = module
+    _drop_training_only(root, context)
     context.uses = _count_uses(root)
     for site in sites:
         if site.input_shape is not None:
@@ -366,6 +368,33 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
             _fold_eager_site(root, site, options, context)
     _drop_unused_norms(root, context)
     return root
+
+
+def _drop_training_only(root: nn.Module, context: FoldContext) -> None:
+    """Modules that only act in training and are the identity in eval (``is_training_only``,
+    e.g. vdn's virtual-row injector and stripper) leave the inference graph: each call's uses
+    read its input, the node goes, and so does the submodule when no other node calls it."""
+    for _, gm in list(_graph_modules(root)):
+        dropped: set[str] = set()
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or not _has_submodule(gm, node.target):
+                continue
+            if getattr(gm.get_submodule(node.target), "is_training_only", False) is not True:
+                continue
+            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                continue
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped.add(node.target)
+        if not dropped:
+            continue
+        still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for target in dropped - still_called:
+            parent_name, _, child = target.rpartition(".")
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            parent._modules.pop(child, None)
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _qualified(site: Site, target: str) -> str:

@@ -95,7 +95,9 @@ def _rewrite(module: nn.Module, sites, strategy: str, options, context) -> nn.Mo
         bn = module.get_submodule(site.name)
         kwargs = {"n": getattr(options, "n", None), "ratio": options.ratio}
         sampled = SampledBatchNorm.from_batchnorm(bn, strategy=strategy, every=options.every, seed=seed,
-                                                  stream=layer_stream(site.name), sync=options.sync, **kwargs)
+                                                  stream=layer_stream(site.name), sync=options.sync,
+                                                  # a SyncBatchNorm's own group (None: the whole world)
+                                                  process_group=getattr(bn, "process_group", None), **kwargs)
         sampled.momentum = resolve_momentum(options.momentum, sampled.momentum)
         sampled.site_name = site.name
         set_submodule(module, site.name, sampled)

@@ -62,6 +62,11 @@ class BatchNormState(nn.Module):
     # EMAs), so a recomputation would silently change the gradients: :meth:`check_input` refuses it.
     checkpoint_recompute_safe = True
     recompute_state_name = "variant state"  # what a refusal says the first call advanced
+    # under torch.distributed: whether the training statistics are all-reduced over a process
+    # group (as SyncBatchNorm's are) or computed per process; transform warns when a
+    # SyncBatchNorm becomes a per-process module, with the variant's ``per_process_note``
+    synchronises_statistics = False
+    per_process_note = "its statistics are computed within each process"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):

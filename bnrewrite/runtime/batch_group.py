@@ -70,6 +70,8 @@ def channel_groups_for(num_channels: int, groups: int) -> int:
 class BatchGroupNorm(BatchNormState):
     """Batch-Group Norm (§3.4): statistics over groups of channels × groups of examples."""
 
+    per_process_note = "its example groups are taken from each process's own batch"
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, groups: int = 32, examples: int = 2):

@@ -491,6 +491,9 @@ class CrossIterationBatchNorm(BatchNormState):
     # the history slot already holds this batch when checkpointing re-runs the forward
     checkpoint_recompute_safe = False
     recompute_state_name = "history of past iterations' statistics, which already holds this batch"
+    # cbn §4.2: "statistics in CBN are computed within each GPU"
+    per_process_note = ("its statistics are computed within each process, as in the paper (cbn §4.2: k iterations "
+                        "of the process's own batch)")
 
     optional_state_keys = HISTORY_KEYS
     # "triton" once the lowering pass has chosen the fused kernels for Eqs. 9-12 (used where they

@@ -41,6 +41,8 @@ class GhostBatchNorm(BatchNormState):
     * the output keeps the input's memory format (channels_last in, channels_last out).
     """
 
+    per_process_note = "its ghost batches are taken from each process's own batch"
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, size: int = 16):

@@ -260,6 +260,18 @@ class SampledBatchNorm(BatchNormState):
 
     optional_state_keys = ("sample_schedule",)
 
+    @property
+    def synchronises_statistics(self) -> bool:
+        return self.sync
+
+    @property
+    def per_process_note(self) -> str:
+        if self.strategy in ("vdn", "full"):
+            return ("its statistics are computed within each process (vdn has no sync option; "
+                    "'fs:sync=true+vdn' and the other samplers do)")
+        return (f"its sampled statistics are computed within each process; use '{self.strategy}:sync=true' to "
+                "all-reduce them over the SyncBatchNorm's process group (bn-sampling §4.3)")
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  strategy: str = "fs", n: int | None = None, ratio: float | None = None, every: int = 0,
@@ -602,6 +614,7 @@ class VirtualRowsInput(nn.Module):
     ``state_dict`` keys (they come from ``transform(..., data_stats=...)``)."""
 
     is_bnrewrite_leaf = True  # the capture tracer keeps it as one call: its forward reads self.training
+    is_training_only = True  # the identity in eval mode: fold_for_inference drops its calls
 
     def __init__(self, stats: DatasetStats, num_virtual: int):
         super().__init__()
@@ -649,6 +662,7 @@ class VirtualRowsOutput(nn.Module):
     ``num_virtual`` rows. Does nothing when the input module added no rows (eval mode)."""
 
     is_bnrewrite_leaf = True
+    is_training_only = True  # the identity in eval mode (no rows were added): fold drops its calls
 
     def __init__(self, source: VirtualRowsInput):
         super().__init__()

@@ -829,6 +829,49 @@ def test_every_registered_recipe_folds_after_training(recipe):
         assert no_norm_left(folded)
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.fc(h), h
+
+
+@pytest.mark.parametrize("recipe", ["vdn", "fs:ratio=1/4+vdn"])
+@pytest.mark.parametrize("net", ["sequential", "two-heads"])
+def test_vdn_virtual_rows_leave_the_folded_model(recipe, net):
+    """The virtual-row injector and stripper act in training only: the inference model is a plain
+    eval model without them, with the unfolded eval output, and scripts like any folded model."""
+    from bnrewrite.runtime.sampled import VirtualRowsInput, VirtualRowsOutput
+
+    torch.manual_seed(0)
+    if net == "sequential":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    else:
+        model = _TwoHeads()
+    m = bnrewrite.transform(model, recipe, data_stats=([0.3, 0.2, 0.1], [0.4, 0.5, 0.6]))
+    x = torch.rand(4, 3, 32, 32)
+    out = m(x)
+    (out if isinstance(out, torch.Tensor) else out[0]).square().mean().backward()
+    folded = bnrewrite.fold_for_inference(m)
+    assert not any(isinstance(mod, (VirtualRowsInput, VirtualRowsOutput)) for mod in folded.modules())
+    assert not any("vdn" in name for name, _ in folded.named_modules())
+    assert all(n.op != "call_module" or "vdn" not in str(n.target) for n in folded.graph.nodes)
+    assert no_norm_left(folded) and not folded.training
+    m.eval()
+    with torch.no_grad():
+        want = m(x)
+        got = folded(x)
+        scripted = torch.jit.script(folded)(x)
+    for w, g, sc in zip(*((t,) if isinstance(t, torch.Tensor) else t for t in (want, got, scripted))):
+        assert rel_err(w, g) <= 1e-5 and rel_err(w, sc) <= 1e-5
+
+
 def test_example_weighing_uses_a_variants_own_rule():
     """Batch-Group Norm pools its example weighing over channel groups (its
     ``example_weighted_inference``); the fold pass must use that, not the per-channel Eq. 3."""
