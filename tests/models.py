@@ -5,9 +5,9 @@ from torch import nn
 
 
 class ConvBNReLU(nn.Module):
-    def __init__(self, cin=3, cout=8):
+    def __init__(self, cin=3, cout=8, bias=False):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
         self.bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
 

@@ -13,6 +13,7 @@ import bnrewrite
 from bnrewrite.errors import InputError, UnsupportedPatternError
 from bnrewrite.passes.fold import ChannelAffine, ChannelMix, ExampleWeightedNorm
 from bnrewrite.runtime.base import BatchNormState, is_batchnorm
+from tests import models
 
 
 def randomise(model, seed=0):
@@ -283,16 +284,6 @@ def _parametrize(layer, how):
     return layer
 
 
-class ConvBNReLU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
 @pytest.mark.parametrize("how", ["weight_norm", "custom", "weight+bias"])
 @pytest.mark.parametrize("recipe", [None, "bn", "fs", "cbn:k=2"])
 def test_parametrized_producer_is_folded_into_a_plain_weight(recipe, how):
@@ -300,7 +291,7 @@ def test_parametrized_producer_is_folded_into_a_plain_weight(recipe, how):
     before writing (the write was lost while the bias was updated: 0.56 off, every recipe). The
     source model keeps its parametrization."""
     torch.manual_seed(0)
-    model = ConvBNReLU()
+    model = models.ConvBNReLU(bias=True)
     _parametrize(model.conv, how)
     x = torch.randn(4, 3, 8, 8)
     if recipe:
@@ -331,7 +322,7 @@ def test_parametrized_consumer_is_folded_into_a_plain_weight(how):
 
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
 def test_hook_based_weight_norm_is_an_input_error(kind):
-    model = ConvBNReLU()
+    model = models.ConvBNReLU(bias=True)
     with pytest.warns(FutureWarning) if kind == "weight_norm" else contextlib.nullcontext():
         getattr(torch.nn.utils, kind)(model.conv)
     model.eval()(torch.randn(1, 3, 8, 8))

@@ -15,6 +15,7 @@ from torch import nn
 from bnrewrite.errors import InputError, UnsupportedPatternError
 from bnrewrite.runtime.extreme import (ExtremeNorm, RotatedExtremeNorm, hadamard_matrix, random_rotation,
                                        rotation_matrix, scale_grad)
+from tests import models
 
 EPS = 1e-5
 
@@ -330,16 +331,6 @@ def test_stock_checkpoint_loads_strictly_and_own_checkpoint_round_trips():
     assert layer.input_mean_known and torch.all(layer.input_mean == 0.25)
 
 
-class _ConvBn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
 @pytest.mark.parametrize("recipe", ["brn", "two-tower", "brn+rot"])
 def test_checkpoint_saved_before_training_round_trips(recipe):
     """Saved while μ̄ is unknown (stock weights loaded, no training step yet): no input_mean key, so
@@ -348,16 +339,16 @@ def test_checkpoint_saved_before_training_round_trips(recipe):
     import bnrewrite
 
     torch.manual_seed(0)
-    stock = _ConvBn()
+    stock = models.ConvBNReLU(bias=True)
     with torch.no_grad():
         stock.bn.running_mean.uniform_(-1, 1)
         stock.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(4, 3, 8, 8)
-    a = bnrewrite.transform(_ConvBn(), recipe)
+    a = bnrewrite.transform(models.ConvBNReLU(bias=True), recipe)
     a.load_state_dict(stock.state_dict(), strict=True)
     ckpt = a.state_dict()
     assert "bn.input_mean" not in ckpt
-    b = bnrewrite.transform(_ConvBn(), recipe)
+    b = bnrewrite.transform(models.ConvBNReLU(bias=True), recipe)
     b.load_state_dict(ckpt, strict=True)
     assert not b.bn.input_mean_known
     a.eval(), b.eval()
