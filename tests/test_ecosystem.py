@@ -175,3 +175,22 @@ def test_compiled_ghost_with_a_one_example_ghost_batch_matches_eager():
         F.cross_entropy(reference(x), y).backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_channels_last_input_gives_channels_last_output_like_stock(recipe, dims):
+    """Stock BatchNorm keeps a channels_last input's layout, in train and eval; so must every
+    variant (channel-group reshapes and the rotation's einsum come out contiguous otherwise)."""
+    conv, bn = (torch.nn.Conv2d, torch.nn.BatchNorm2d) if dims == 2 else (torch.nn.Conv3d, torch.nn.BatchNorm3d)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    torch.manual_seed(0)
+    stock = torch.nn.Sequential(conv(1, 8, 3, padding=1), bn(8)).to(memory_format=layout)
+    options = {"data_stats": ([0.3], [0.4])} if "vdn" in recipe else {}
+    model = bnrewrite.transform(stock, recipe, **options)
+    x = torch.rand((4, 1) + (6,) * dims).to(memory_format=layout)
+    for training in (True, False):
+        stock.train(training), model.train(training)
+        want = stock(x).is_contiguous(memory_format=layout)
+        assert want
+        assert model(x).is_contiguous(memory_format=layout) == want, f"{recipe}, training={training}"

@@ -321,6 +321,17 @@ def resolve_momentum(option, current: float | None) -> float | None:
     return float(option)
 
 
+def match_memory_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s channels-last layout when ``x`` has one (stock BatchNorm keeps the
+    input's layout; reshapes over channel groups or einsum over channels come out contiguous)."""
+    if x.is_contiguous() or y.dim() != x.dim():
+        return y
+    for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dims and x.is_contiguous(memory_format=layout):
+            return y.contiguous(memory_format=layout)
+    return y
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     """A stock BatchNorm (any subclass, lazy or sync) or a bnrewrite runtime module."""
     return isinstance(module, _BatchNorm) or getattr(module, "is_bnrewrite_norm", False)

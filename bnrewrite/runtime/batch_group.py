@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import BatchNormState
+from .base import BatchNormState, match_memory_format
 
 
 def channel_groups_for(num_channels: int, groups: int) -> int:
@@ -103,7 +103,7 @@ class BatchGroupNorm(BatchNormState):
             shape = [1, -1] + [1] * (x.dim() - 2)
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         self.update_running_stats_from_batch(x)
-        return y
+        return match_memory_format(y, x)
 
     def _normalize_cells(self, grouped: torch.Tensor, examples: int) -> torch.Tensor:
         """``grouped``: ``(k*examples, G, values)``; normalise each (example group, channel group)."""

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, UnsupportedPatternError
-from .base import BatchNormState, buffer_snapshot
+from .base import BatchNormState, buffer_snapshot, match_memory_format
 
 
 # ================================================================================ primitives
@@ -501,11 +501,11 @@ class RotatedExtremeNorm(ExtremeNorm):
                 self.rotation.copy_(matrix)
 
     def _rotate(self, q: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("ji,bi...->bj...", self.rotation, q)
+        return match_memory_format(torch.einsum("ji,bi...->bj...", self.rotation, q), q)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         matrix, shift = self.inference_matrix()
-        return torch.einsum("ji,bi...->bj...", matrix, x) + self._channel_view(shift, x.dim())
+        return match_memory_format(torch.einsum("ji,bi...->bj...", matrix, x) + self._channel_view(shift, x.dim()), x)
 
     def inference_affine(self):
         raise UnsupportedPatternError(

@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .base import BatchNormState, buffer_snapshot
+from .base import BatchNormState, buffer_snapshot, match_memory_format
 
 
 class GhostBatchNorm(BatchNormState):
@@ -69,8 +69,7 @@ class GhostBatchNorm(BatchNormState):
         elif rest == 1:
             pieces.append(self._normalize_single_example(x, x[full:]))
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)  # the ghost-batch views come out NCHW
+        y = match_memory_format(y, x)  # the ghost-batch views come out contiguous
         self.update_running_stats_from_batch(x)
         return y
 
