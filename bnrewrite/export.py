@@ -323,7 +323,42 @@ def _export(model, inputs, path, dynamic_batch, opset, kind) -> list[str]:
             axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
             torch.onnx.export(_Wrapper(model).train(model.training), inputs, path, dynamo=False, input_names=names,
                               dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
+            _read_initializers_directly(path)
     return traced
+
+
+def _read_initializers_directly(path: str) -> None:
+    """Drop the ``Identity`` nodes through which the TorchScript exporter's initializer
+    deduplication reads every copy of an initializer it merged.
+
+    Constants of equal value are merged: under example weighing every site keeps its
+    statistics and γ/β as constants, equal wherever BatchNorms are (a model built with
+    ``weights=None``: γ=1, β=0, mean 0, var 1). The file is valid ONNX, but onnxruntime's
+    level-1 rewrites (EliminateIdentity together with DivMulFusion, which meets rsqrt's
+    ``Div(1, Sqrt)`` times γ) leave a node reading a removed Identity's output, so the session
+    fails to load ("Node input 'onnx::Mul_…' is not a graph input")."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    inits, outputs = {i.name for i in graph.initializer}, {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _rename_inputs(graph, alias)
+    onnx.save(model, path)
+
+
+def _rename_inputs(graph, alias: dict[str, str]) -> None:
+    for node in graph.node:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+        for attr in node.attribute:  # If/Loop bodies may read outer-scope values
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _rename_inputs(g, alias)
 
 
 @contextlib.contextmanager

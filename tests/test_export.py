@@ -155,9 +155,7 @@ def test_file_of_another_opset_than_requested_is_an_export_error(tmp_path, monke
 
 
 def test_example_weighing_of_several_sites_exports_a_model_onnxruntime_loads(tmp_path):
-    """The TorchScript exporter's constant folding wrote a graph onnxruntime rejects (a Mul input
-    that no node produces) once two example-weighted sites share the pattern; the export falls
-    back to the dynamo exporter and the result matches the folded model."""
+    """Several example-weighted sites, each of other statistics: the file matches the folded model."""
     model = small_net().eval()
     x = torch.randn(2, 3, 8, 8)
     report = bnrewrite.export_onnx(model, x, tmp_path / "w.onnx", example_weight=0.25)
@@ -166,6 +164,52 @@ def test_example_weighing_of_several_sites_exports_a_model_onnxruntime_loads(tmp
         want = folded(x).numpy()
     np.testing.assert_allclose(ort_run(tmp_path / "w.onnx", x.numpy())[0], want, rtol=1e-4, atol=1e-5)
     assert report.max_rel_error <= 1e-4 and "BatchNormalization" not in report.node_counts
+
+
+def fresh_two_bn_net():
+    """Two BatchNorms with equal constants (fresh: γ=1, β=0, mean 0, var 1), as in any model
+    built with ``weights=None``."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+
+
+def example_weighted_output(model, x, alpha):
+    """Stock torch, with every BatchNorm2d's output replaced by four-things-bn §3.1 Eq. 3 on its buffers."""
+    def weigh(bn, inputs, _):
+        h, c = inputs[0], [1, -1, 1, 1]
+        mean = alpha * h.mean((2, 3), keepdim=True) + (1 - alpha) * bn.running_mean.reshape(c)
+        ema_sq = (bn.running_var + bn.running_mean ** 2).reshape(c)
+        sq = alpha * (h * h).mean((2, 3), keepdim=True) + (1 - alpha) * ema_sq
+        return (h - mean) / torch.sqrt(sq - mean * mean + bn.eps) * bn.weight.reshape(c) + bn.bias.reshape(c)
+
+    hooks = [m.register_forward_hook(weigh) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            return model.eval()(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", ["fresh_two_bn_net", "resnet18"])
+def test_example_weighing_of_equal_batchnorms_exports_with_torchscript(tmp_path, name):
+    """Equal BatchNorm constants were merged by the TorchScript exporter into one initializer read
+    through Identity nodes, and onnxruntime's default graph optimisations then broke the graph
+    ("Node input 'onnx::Mul_…' is not a graph input"): the file now loads and matches Eq. 3."""
+    if name == "resnet18":
+        model = pytest.importorskip("torchvision").models.resnet18(weights=None).eval()
+        source, alpha = bnrewrite.fold_for_inference(model, example_weight=0.25), 0.0  # folded by the user
+    else:
+        model = fresh_two_bn_net()
+        source, alpha = model, 0.25
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "w.onnx"
+    report = bnrewrite.export_onnx(source, (x,), path, example_weight=alpha, exporter="torchscript")
+    assert report.exporter == "torchscript" and report.opset == 17 and report.max_rel_error <= 1e-4
+    assert "Identity" not in report.node_counts
+    want = example_weighted_output(model, x, 0.25)
+    got = ort_run(path, x.numpy())[0]  # a session of its own, with onnxruntime's default optimisations
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 class FixedBatch(nn.Module):
