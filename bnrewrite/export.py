@@ -8,6 +8,7 @@ and it traces any eager Python (models whose top level torch.fx could not captur
 data-dependent guards. It is deprecated upstream, so when it is missing or fails, ``auto``
 falls back to dynamo; either way the file is then checked in onnxruntime on two batch sizes,
 so a wrong trace cannot pass silently. ``exporter="dynamo"`` / ``"torchscript"`` force one.
+The file reaches ``path`` only once verified: a failed export leaves ``path`` as it was.
 The TorchScript exporter cannot take a ``torch.fx.GraphModule`` directly (it mistakes the fx
 ``graph`` attribute for a TorchScript graph), so the model is wrapped in a plain module.
 """
@@ -17,6 +18,7 @@ import collections
 import contextlib
 import io
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -237,16 +239,35 @@ def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, provid
     if dynamic_batch and any(t.shape[0] == 1 for t in inputs):
         # torch.export specialises a size-1 dim to the constant 1; trace on batch 2 instead
         trace_inputs = tuple(torch.cat([t, t]) for t in inputs)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # write into a private folder beside `path` and move the file into place only once it is verified:
+    # a failed export (or a fallback's rejected first try) never leaves a file at `path` that looks
+    # valid, and a file already there stays as it was. Beside it, so the move is an atomic rename;
+    # a folder rather than a temp file, so the file gets the permissions a plain write would give it
+    staging = tempfile.mkdtemp(prefix=".bnrewrite-export-", dir=folder)
+    try:
+        staged = os.path.join(staging, os.path.basename(path))
+        report = _export_verified(model, inputs, trace_inputs, staged, path, dynamic_batch, opset, verify,
+                                  providers, tolerance, exporter, folded, fold_report)
+        os.replace(staged, path)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_verified(model, inputs, trace_inputs, staged, path, dynamic_batch, opset, verify, providers,
+                     tolerance, exporter, folded, fold_report) -> ExportReport:
+    """Write ``staged`` with the first exporter whose file verifies; ``path`` is the name reported."""
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors = []
     for i, kind in enumerate(order):
         try:
-            traced = _export(model, trace_inputs, path, dynamic_batch, opset, kind)
+            traced = _export(model, trace_inputs, staged, dynamic_batch, opset, kind)
         except Exception as exc:  # noqa: BLE001 - report every exporter's failure together
             errors.append(f"{kind}: {_first_line(exc)}")
             continue
-        summary = inspect_onnx(path)
+        summary = inspect_onnx(staged)
         if opset is not None and summary["opset"] != opset:
             # the dynamo exporter keeps its own opset when it cannot convert to the requested one
             errors.append(f"{kind}: wrote opset {summary['opset']}, not the requested opset {opset}")
@@ -256,7 +277,7 @@ def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, provid
                               fold_report=fold_report)
         try:
             if verify:
-                _verify(model, inputs, path, dynamic_batch, providers, tolerance, report)
+                _verify(model, inputs, staged, dynamic_batch, providers, tolerance, report)
             if traced:
                 _warn_traced_constants(traced)
             return report
@@ -425,13 +446,15 @@ def _providers(requested: list[str] | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _verify(model, inputs, path, dynamic_batch, providers, tolerance, report: ExportReport) -> None:
+def _verify(model, inputs, file, dynamic_batch, providers, tolerance, report: ExportReport) -> None:
+    """Run ``file`` in onnxruntime; messages name ``report.path``, where it is going."""
     import numpy as np
     import onnxruntime as ort
 
+    path = report.path
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(path, sess_options=options, providers=_providers(providers))
+    session = ort.InferenceSession(file, sess_options=options, providers=_providers(providers))
     report.providers = list(session.get_providers())
     feeds_names = [i.name for i in session.get_inputs()]
     batches = [inputs]
@@ -472,5 +495,6 @@ def _verify(model, inputs, path, dynamic_batch, providers, tolerance, report: Ex
     if failed:
         raise ExportError(f"{path}: onnxruntime differs from torch by more than tolerance {tolerance} × "
                           f"max(max |torch|, 0.01): {'; '.join(failed)} (max abs {worst_abs:.3g}, max rel "
-                          f"{worst_rel:.3g}; providers {report.providers}); check the ops listed by "
+                          f"{worst_rel:.3g}; providers {report.providers}); nothing was written: export with "
+                          f"verify=False (CLI --no-verify) to write the file and check its ops with "
                           f"`bnrewrite inspect {path}`")

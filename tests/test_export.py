@@ -1,5 +1,6 @@
 """export_onnx / inspect_onnx against real onnxruntime."""
 import json
+import stat
 import warnings
 
 import numpy as np
@@ -273,6 +274,7 @@ class DataDependent(nn.Module):
 def test_unexportable_model_raises_export_error(tmp_path):
     with pytest.raises(ExportError, match="dynamo"):
         bnrewrite.export_onnx(DataDependent(), torch.randn(2, 3), tmp_path / "d.onnx", exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("bad", [None, (), ("text",)])
@@ -340,3 +342,50 @@ def test_exporter_fallback_prints_nothing_on_stdout(tmp_path, capfd):
     out = capfd.readouterr().out
     assert report.exporter == "dynamo" and report.max_rel_error <= 1e-4
     assert "Torch IR graph" not in out and out == ""
+
+
+class Drifts(nn.Module):
+    """Its output grows with every call, so no file verifies (the trace holds one call's count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.calls = nn.Conv2d(3, 4, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "auto"])
+def test_failed_export_leaves_path_as_it_was(tmp_path, exporter):
+    """A file that fails verification (with auto: both exporters' files) is not left at path; a
+    file that was there before is untouched, and nothing else is left in the folder."""
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="onnxruntime differs from torch"):
+        bnrewrite.export_onnx(Drifts(), torch.randn(2, 3, 8, 8), path, exporter=exporter)
+    assert list(tmp_path.iterdir()) == []
+    path.write_bytes(b"the previous file")
+    with pytest.raises(ExportError, match=f"{path}: onnxruntime differs(.|\n)*nothing was written: export with "
+                                          "verify=False"):  # named by path, not by the file verified
+        bnrewrite.export_onnx(Drifts(), torch.randn(2, 3, 8, 8), path, exporter=exporter)
+    assert path.read_bytes() == b"the previous file" and list(tmp_path.iterdir()) == [path]
+
+
+def test_file_of_another_opset_is_not_left_at_path(tmp_path, monkeypatch):
+    from bnrewrite import export as export_module
+
+    real = export_module._export
+    monkeypatch.setattr(export_module, "_export", lambda m, i, p, d, opset, kind: real(m, i, p, d, None, kind))
+    with pytest.raises(ExportError, match="not the requested opset 21"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "o.onnx", opset=21)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_successful_export_replaces_the_file_with_a_plain_files_mode(tmp_path):
+    path, plain = tmp_path / "m.onnx", tmp_path / "plain"
+    path.write_bytes(b"the previous file")
+    plain.write_bytes(b"")
+    report = bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), path)
+    assert sorted(tmp_path.iterdir()) == [path, plain] and report.path == str(path)
+    assert ort_run(path, np.random.randn(3, 3, 8, 8).astype(np.float32))[0].shape == (3, 3)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
