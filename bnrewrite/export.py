@@ -6,7 +6,8 @@ onnxscript) if that fails. Measured on torchvision models in torch 2.14 (1 CPU t
 TorchScript exporter takes 0.5–1.5 s where dynamo takes 8–35 s (densenet121: 1.0 s vs 34 s),
 and it traces any eager Python (models whose top level torch.fx could not capture) without
 data-dependent guards. It is deprecated upstream, so when it is missing or fails, ``auto``
-falls back to dynamo; either way the file is then checked in onnxruntime on two batch sizes,
+falls back to dynamo (with a warning naming the opset written when none was asked: the exporters'
+defaults differ); either way the file is then checked in onnxruntime on two batch sizes,
 so a wrong trace cannot pass silently. ``exporter="dynamo"`` / ``"torchscript"`` force one.
 The file reaches ``path`` only once verified: a failed export leaves ``path`` as it was.
 The TorchScript exporter cannot take a ``torch.fx.GraphModule`` directly (it mistakes the fx
@@ -280,6 +281,11 @@ def _export_verified(model, inputs, trace_inputs, staged, path, dynamic_batch, o
                 _verify(model, inputs, staged, dynamic_batch, providers, tolerance, report)
             if traced:
                 _warn_traced_constants(traced)
+            if errors and opset is None:
+                # the exporters' default opsets differ (TorchScript 17, dynamo 18+): say which one this file got
+                warn_at_caller(f"export: the TorchScript exporter failed ({errors[0]}), so the {kind} exporter "
+                               f"wrote {path} at its default opset {report.opset}, not the TorchScript exporter's "
+                               "17; pass opset=N to require an opset")
             return report
         except InputError:
             raise

@@ -1,5 +1,6 @@
 """export_onnx / inspect_onnx against real onnxruntime."""
 import json
+import re
 import stat
 import warnings
 
@@ -338,10 +339,46 @@ class PoolsUp(nn.Module):
 
 
 def test_exporter_fallback_prints_nothing_on_stdout(tmp_path, capfd):
-    report = bnrewrite.export_onnx(PoolsUp().eval(), torch.randn(2, 3, 3, 3), tmp_path / "p.onnx")
+    with pytest.warns(UserWarning, match="opset"):
+        report = bnrewrite.export_onnx(PoolsUp().eval(), torch.randn(2, 3, 3, 3), tmp_path / "p.onnx")
     out = capfd.readouterr().out
     assert report.exporter == "dynamo" and report.max_rel_error <= 1e-4
     assert "Torch IR graph" not in out and out == ""
+
+
+def test_fallback_to_dynamo_warns_of_the_opset_it_wrote(tmp_path):
+    """The exporters' default opsets differ (TorchScript 17, dynamo 18+): a fallback says which
+    one the file got, and it is the file's."""
+    path = tmp_path / "p.onnx"
+    with pytest.warns(UserWarning, match=r"TorchScript exporter failed \(torchscript: .*\), so the dynamo exporter "
+                                         r"wrote .*p\.onnx at its default opset (\d+), not the TorchScript "
+                                         r"exporter's 17; pass opset=N") as record:
+        report = bnrewrite.export_onnx(PoolsUp().eval(), torch.randn(2, 3, 3, 3), path)
+    written = next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "")
+    assert report.opset == written > 17 and f"default opset {written}," in str(record[0].message)
+
+
+def test_dynamo_fallback_writes_the_requested_opset_or_no_file(tmp_path, monkeypatch):
+    """opset=17 asked, the TorchScript exporter fails, and the dynamo exporter (opset 18+) cannot
+    convert ReduceMean's axes down to 17: an ExportError naming both opsets, and no opset-18 file."""
+    from bnrewrite import export as export_module
+
+    real = export_module._export
+
+    def torchscript_fails(model, inputs, path, dynamic_batch, opset, kind):
+        if kind == "torchscript":
+            raise RuntimeError("no TorchScript here")
+        return real(model, inputs, path, dynamic_batch, opset, kind)
+
+    monkeypatch.setattr(export_module, "_export", torchscript_fails)
+    path = tmp_path / "o.onnx"
+    try:
+        report = bnrewrite.export_onnx(fresh_two_bn_net(), torch.randn(2, 3, 8, 8), path, example_weight=0.25, opset=17)
+    except ExportError as exc:
+        assert re.search(r"dynamo: wrote opset \d+, not the requested opset 17", str(exc))
+        assert not path.exists()
+    else:  # a version converter that can: then the file is opset 17
+        assert report.opset == 17 and onnx.load(str(path)).opset_import[0].version == 17
 
 
 class Drifts(nn.Module):
