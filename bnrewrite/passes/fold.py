@@ -6,7 +6,8 @@ channel mixing) -- is a fixed per-channel affine map ``y = x * scale + shift``. 
 moves that map into a neighbouring linear layer wherever doing so is exact:
 
 * **into the producer** (``Conv1d/2d/3d`` of any groups/dilation, ``ConvTranspose1d/2d/3d``
-  whose output channels are weight dim 1 per group, ``Linear`` followed by ``BatchNorm1d``):
+  whose output channels are weight dim 1 per group, ``Linear`` followed by ``BatchNorm1d``
+  when the norm's input is known to be ``(N, C)``):
   ``W' = scale * W``, ``b' = scale * b + shift``, always exact;
 * **into the consumer** (pre-activation nets: BN directly before a ``Linear`` or a ``Conv``
   with zero padding; a ``Linear`` only when the norm's input is known to be ``(N, C)``):
@@ -669,16 +670,15 @@ def _replace_call(gm: fx.GraphModule, node: fx.Node, new: nn.Module | None, norm
     return name
 
 
-def _channel_dim_matches(layer: nn.Module, ndim: int | None, assume_2d: bool = True) -> tuple[bool, str]:
+def _channel_dim_matches(layer: nn.Module, ndim: int | None) -> tuple[bool, str]:
     """A Linear's features are the last dim: it meets a norm's channel dim only on 2-D input.
     ``ndim``: the norm's input rank when known (:func:`_ndim_of`: example shapes, shapes
-    ``transform`` recorded, or the BN type). An unknown rank is taken as 2-D for a producer
-    (``Linear`` -> ``BatchNorm1d``, the usual pattern) but not for a consumer: a ``BatchNorm1d``
-    before a ``Linear`` is as often ``(N, C, L)`` with the Linear over ``L``."""
-    if not isinstance(layer, nn.Linear):
+    ``transform`` recorded, or the BN type). An unknown rank does not fold, on either side: a
+    ``Linear`` on ``(N, C, L)`` feeding a ``BatchNorm1d(C)`` maps ``L``, and a ``BatchNorm1d(C)``
+    on ``(N, C, L)`` before a ``Linear`` feeds it ``L``; with ``C == L`` either fold runs silently
+    and is wrong."""
+    if not isinstance(layer, nn.Linear) or ndim == 2:
         return True, ""
-    if ndim == 2 or (ndim is None and assume_2d):
-        return True, ""  # (N, C) is the BatchNorm1d-after-Linear pattern; pass example_inputs to check
     if ndim is None:
         return False, ("Linear acts on the last dim and the norm's input rank is unknown (2-D or 3-D): "
                        "pass example_inputs to fold it")
@@ -718,7 +718,7 @@ def _try_neighbours(gm: fx.GraphModule, node: fx.Node, src, inf: _Inference, has
         if user.op == "call_module" and user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
             consumer = gm.get_submodule(user.target)
             if isinstance(consumer, _CONV + (nn.Linear,)):
-                ok, why = _channel_dim_matches(consumer, ndim, assume_2d=False)
+                ok, why = _channel_dim_matches(consumer, ndim)
                 padding = getattr(consumer, "padding", (0,))
                 zero_pad = padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
                 if isinstance(consumer, nn.Linear) or zero_pad:

@@ -97,7 +97,42 @@ def test_conv_transpose_bn_folds_on_weight_dim_1(dims, groups, cin, cout, bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_bn1d_folds_into_linear(bias):
     model = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.BatchNorm1d(7), nn.ReLU())
-    check(model, torch.randn(4, 5), expected_actions=["into-producer"])
+    check(model, torch.randn(4, 5), expected_actions=["into-producer"], shapes=True)
+
+
+@pytest.mark.parametrize("shapes", [None, "example_inputs", "transform"])
+@pytest.mark.parametrize("channels,length", [(3, 5), (5, 5)], ids=["L!=C", "L==C"])
+def test_linear_over_the_length_before_bn1d_over_channels_is_not_folded_into_it(channels, length, shapes):
+    """Linear on (N, C, L) maps L; BatchNorm1d(C) then normalises dim 1, not the Linear's outputs.
+    Without shapes the rank is unknown, so it is not folded either (was folded as (N, C): silently
+    wrong for L == C, even with the shapes transform recorded)."""
+    model = randomise(nn.Sequential(nn.Linear(length, length), nn.BatchNorm1d(channels)))
+    x = torch.randn(2, channels, length)
+    with torch.no_grad():
+        want = model(x)
+    if shapes == "transform":
+        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
+    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+    assert actions(folded) == ["channel-affine"]
+    assert "Linear acts on the last dim" in folded.bnrewrite_fold_report.records[0].reason
+    assert no_norm_left(folded)
+
+
+@pytest.mark.parametrize("shapes", ["example_inputs", "transform"])
+def test_linear_bn1d_on_2d_input_folds_into_the_linear_when_the_rank_is_known(shapes):
+    model = randomise(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))
+    x = torch.randn(6, 5)
+    with torch.no_grad():
+        want = model(x)
+    if shapes == "transform":
+        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
+    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+    assert actions(folded) == ["into-producer"]
+    assert no_norm_left(folded) and not any(isinstance(m, ChannelAffine) for m in folded.modules())
 
 
 def test_non_affine_bn_folds():
