@@ -452,7 +452,10 @@ def _post_children(norm: nn.Module) -> list[nn.Module]:
     return [getattr(norm, n) for n in names]
 
 
-def _ndim_of(norm: nn.Module | None, label: str, context: FoldContext) -> int | None:
+def _ndim_of(norm: nn.Module | None, label: str, context: FoldContext, gm: fx.GraphModule | None = None,
+             src=None) -> int | None:
+    """The norm's input rank: example/recorded shapes, else the norm's type, else 2 when its input
+    ``src`` (a node of ``gm``) is a flatten to ``(N, features)``, or a Linear of one."""
     shape = context.shapes.get(label)
     if shape is not None:
         return len(shape)
@@ -469,7 +472,24 @@ def _ndim_of(norm: nn.Module | None, label: str, context: FoldContext) -> int | 
         return 4
     if kind.endswith("3d"):
         return 5
-    return None
+    return 2 if gm is not None and _flattened(gm, src) else None
+
+
+def _flattened(gm: fx.GraphModule, node) -> bool:
+    """``node`` is (a Linear of) a flatten to ``(N, features)``: the usual classifier head, which the
+    graph alone shows to be 2-D (a Linear keeps its input's rank)."""
+    if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1)
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        dims = list(node.args[1:3])
+        start = node.kwargs.get("start_dim", dims[0] if dims else 0)
+        return start == 1 and node.kwargs.get("end_dim", dims[1] if len(dims) > 1 else -1) == -1
+    return False
 
 
 def _replacement(inf: _Inference, norm_stats: dict, options: FoldOptions, ndim: int | None,
@@ -746,7 +766,7 @@ def _fold_module_site(gm: fx.GraphModule, site: Site, options: FoldOptions, cont
         return
     inf = context.inference(norm, site.name)
     post = _post_children(norm)
-    ndim = _ndim_of(norm, label, context)
+    ndim = _ndim_of(norm, label, context, gm, node.args[0])
     if options.example_weight == 0 and inf.kind != "batch":
         action, target, reason = _try_neighbours(gm, node, node.args[0], inf, bool(post), label,
                                                  site.num_features, context, ndim)
@@ -812,7 +832,7 @@ def _fold_functional_site(gm: fx.GraphModule, site: Site, options: FoldOptions, 
     inputs = [n for n in node.all_input_nodes if n is not src]
     if options.example_weight == 0:
         action, target, reason = _try_neighbours(gm, node, src, inf, False, label, rm.numel(), context,
-                                                 _ndim_of(None, label, context))
+                                                 _ndim_of(None, label, context, gm, src))
     else:
         action, target, reason = None, "", "example weighing uses per-example statistics"
     if action is not None:

@@ -120,6 +120,41 @@ def test_linear_over_the_length_before_bn1d_over_channels_is_not_folded_into_it(
     assert no_norm_left(folded)
 
 
+class FlattenHead(nn.Module):
+    """flatten(x, start_dim) -> Linear -> BatchNorm1d(4), or (consumer) flatten -> BatchNorm1d(4) -> Linear."""
+
+    def __init__(self, flatten, start_dim=1, consumer=False):
+        super().__init__()
+        self.flatten, self.start_dim, self.consumer = flatten, start_dim, consumer
+        self.mod = nn.Flatten(start_dim)
+        self.fc = nn.Linear(16 if start_dim == 1 else 4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.flatten == "module":
+            h = self.mod(x)
+        elif self.flatten == "function":
+            h = torch.flatten(x, self.start_dim)
+        else:
+            h = x.flatten(start_dim=self.start_dim)
+        return self.out(self.bn(h)) if self.consumer else self.bn(self.fc(h))
+
+
+@pytest.mark.parametrize("flatten", ["module", "function", "method"])
+def test_linear_bn1d_after_a_flatten_folds_without_shapes(flatten):
+    """A flatten to (N, features) shows the head is 2-D with no example shapes: the common
+    classifier head folds into its Linear (producer) or the next Linear (consumer)."""
+    folded = check(FlattenHead(flatten), torch.randn(3, 4, 2, 2), expected_actions=["into-producer"])
+    assert not any(isinstance(m, ChannelAffine) for m in folded.modules())
+    check(FlattenHead(flatten, consumer=True), torch.randn(3, 4, 1, 1), expected_actions=["into-consumer"])
+
+
+def test_linear_bn1d_after_a_partial_flatten_is_not_folded():
+    """flatten(2) keeps (N, C, L): the Linear maps L = 4 and BatchNorm1d(4) normalises C = 4."""
+    check(FlattenHead("module", start_dim=2), torch.randn(3, 4, 2, 2), expected_actions=["channel-affine"])
+
+
 @pytest.mark.parametrize("shapes", ["example_inputs", "transform"])
 def test_linear_bn1d_on_2d_input_folds_into_the_linear_when_the_rank_is_known(shapes):
     model = randomise(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))
