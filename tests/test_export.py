@@ -126,9 +126,10 @@ def test_both_exporters_export_eval_mode(tmp_path, exporter):
 
 
 def test_mismatch_raises_export_error_with_the_error(tmp_path):
+    # Drifts' output changes between the trace and the check, so the mismatch is certain (a
+    # tiny tolerance on an exact net is not: onnxruntime can agree with torch bit for bit)
     with pytest.raises(ExportError, match="max abs"):
-        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", tolerance=1e-30,
-                              exporter="torchscript")
+        bnrewrite.export_onnx(Drifts(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", exporter="torchscript")
 
 
 @pytest.mark.parametrize("bad", [{"tolerance": -1.0}, {"tolerance": 0}, {"opset": 5}, {"opset": "17"}])
