@@ -329,14 +329,15 @@ def compensate_from_inputs(producer: nn.Module, weight: torch.Tensor, bias: torc
         x_old = outputs.reshape(h, n, c, -1)
         delta = x_hat - x_old
         valid = (torch.arange(n, device=rows.device) < rows[:, None]).to(delta.dtype)       # (h, N)
-        count = (rows * x_old.shape[-1]).to(delta.dtype)[:, None]                             # (h, 1)
+        # clamped: a slot not yet filled (rows = 0) gives 0, not NaN (the compiled step masks it out)
+        count = (rows * x_old.shape[-1]).clamp_min(1).to(delta.dtype)[:, None]               # (h, 1)
         mean_term = torch.einsum("hn,hnc->hc", valid, delta.sum(-1)) / count
         sq_mean_term = 2.0 * torch.einsum("hn,hnc->hc", valid, torch.linalg.vecdot(delta, x_old)) / count
     return mean + mean_term, sq_mean + sq_mean_term
 
 
 def window_statistics(x: torch.Tensor, past_mean: torch.Tensor, past_sq_mean: torch.Tensor,
-                      moments: tuple[torch.Tensor, torch.Tensor] | None = None
+                      moments: tuple[torch.Tensor, torch.Tensor] | None = None, valid: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 9–11: (μ̄, σ̄²) over the current batch and h (compensated) past iterations.
 
@@ -345,14 +346,25 @@ def window_statistics(x: torch.Tensor, past_mean: torch.Tensor, past_sq_mean: to
     cancellation-free form σ̄² = (1/k)Σ_τ max(ν_τ − μ_τ², 0) + (1/k)Σ_τ (μ_τ − μ̄)², since
     max(ν, μ²) − μ² = max(ν − μ², 0); for the current batch ν_t − μ_t² is its (biased)
     variance, computed as BatchNorm does. The result is in at least fp32.
+
+    ``valid`` (h,) bool: only these past rows count (k = 1 + their number); the others are left
+    out as if absent, whatever they hold. The compiled training step passes the whole ring so that
+    its shapes do not change while it fills or during the burn-in.
     """
     var_now, mean_now = batch_moments(x) if moments is None else moments
     dtype = var_now.dtype
     past_mean = past_mean.to(dtype)
     means = torch.cat([mean_now.unsqueeze(0), past_mean], 0)
     past_var = (past_sq_mean.to(dtype) - past_mean.square()).clamp_min(0)                 # Eq. 10
-    spread, mean = torch.var_mean(means, 0, correction=0)                                  # Eq. 9
-    var = torch.cat([var_now.unsqueeze(0), past_var], 0).mean(0) + spread                  # Eq. 11
+    if valid is None:
+        spread, mean = torch.var_mean(means, 0, correction=0)                              # Eq. 9
+        var = torch.cat([var_now.unsqueeze(0), past_var], 0).mean(0) + spread              # Eq. 11
+        return mean, var
+    keep = torch.cat([valid.new_ones(1), valid])[:, None]                                  # (k, 1)
+    k = keep.sum().to(dtype)
+    mean = means.where(keep, 0).sum(0) / k                                                 # Eq. 9
+    spread = (means - mean).square().where(keep, 0).sum(0) / k
+    var = torch.cat([var_now.unsqueeze(0), past_var], 0).where(keep, 0).sum(0) / k + spread  # Eq. 11
     return mean, var
 
 
@@ -384,7 +396,7 @@ class _WindowBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, renorm=False):
+    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, renorm=False, valid=None):
         shape = [1, -1] + [1] * (x.dim() - 2)
         native = _native_kernels_apply(x, weight)
         if native:
@@ -394,8 +406,9 @@ class _WindowBatchNorm(torch.autograd.Function):
             var_now = rstd_now.pow(-2).sub_(eps).clamp_min_(0)
         else:
             var_now, mean_now = batch_moments(x)
-        k = past_mean.shape[0] + 1
-        mean, var = window_statistics(x, past_mean, past_sq_mean, (var_now, mean_now))         # Eqs. 9-11
+        # k: a tensor when only the ``valid`` past rows count (see window_statistics)
+        k = past_mean.shape[0] + 1 if valid is None else valid.sum() + 1
+        mean, var = window_statistics(x, past_mean, past_sq_mean, (var_now, mean_now), valid)  # Eqs. 9-11
         rstd = torch.rsqrt(var + eps)
         if native:
             y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]        # Eq. 12
@@ -403,9 +416,9 @@ class _WindowBatchNorm(torch.autograd.Function):
             scale = rstd if weight is None else rstd * weight
             shift = -mean * scale if bias is None else bias - mean * scale
             y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))  # Eq. 12
-        ctx.save_for_backward(x, weight, mean_now, mean, rstd, var_now)
+        ctx.save_for_backward(x, weight, mean_now, mean, rstd, var_now, None if valid is None else k)
         ctx.native = native
-        ctx.k = k
+        ctx.k = k if valid is None else None
         ctx.renorm = renorm
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var, mean_now, var_now)
@@ -413,12 +426,12 @@ class _WindowBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *_statistics):
-        x, weight, mean_now, mean, rstd, var_now = ctx.saved_tensors
+        x, weight, mean_now, mean, rstd, var_now, k = ctx.saved_tensors
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         stat_dtype = mean.dtype
         count = x.numel() // x.shape[1]
-        k = ctx.k
+        k = ctx.k if k is None else k
         if ctx.native:
             # ATen's BatchNorm backward reductions alone: Σ g·(x − μ̄)·r and Σ g in one pass
             _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
@@ -435,7 +448,7 @@ class _WindowBatchNorm(torch.autograd.Function):
         else:
             # the chain of the class docstring, collapsed (μ_t cancels): dx = a·g + c_x·x + c_0 with
             # c_x = −a r Σg·x̂ / (kM) and c_0 = −a Σg / (kM) − c_x μ̄ — a few ops per site, not ~20
-            inv = -1.0 / (k * count)
+            inv = -1.0 / (k * count) if ctx.k is not None else (k * count).to(stat_dtype).reciprocal().neg()
             c_x = (scale * rstd * sum_g_xhat).mul_(inv)
             c_0 = torch.addcmul((scale * sum_g).mul_(inv), c_x, mean, value=-1)
         grad_x = None
@@ -444,18 +457,18 @@ class _WindowBatchNorm(torch.autograd.Function):
             grad_x = dx.addcmul_(grad_y, scale.reshape(shape)).to(x.dtype)
         grad_w = sum_g_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def window_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                      past_mean: torch.Tensor, past_sq_mean: torch.Tensor, eps: float, renorm: bool = False
-                      ) -> tuple[torch.Tensor, ...]:
+                      past_mean: torch.Tensor, past_sq_mean: torch.Tensor, eps: float, renorm: bool = False,
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Eqs. 9–12 fused: returns (y, μ̄, σ̄², μ_t, var_t), the last two the current batch's own
     (biased) moments; equal to :func:`window_statistics` followed by the normalisation, with a
     closed-form backward (:class:`_WindowBatchNorm`). ``past_*`` are the (h, C) compensated
     statistics, constants; only y carries gradients. ``renorm``: Batch Renormalization's
-    backward instead of CBN's (see :class:`_WindowBatchNorm`)."""
-    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, eps, renorm)
+    backward instead of CBN's (see :class:`_WindowBatchNorm`). ``valid``: see :func:`window_statistics`."""
+    return _WindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, eps, renorm, valid)
 
 
 # ------------------------------------------------------------------------ runtime module
@@ -573,13 +586,13 @@ class CrossIterationBatchNorm(BatchNormState):
         if isinstance(self.producer, nn.Linear):  # grad_stride keeps every s-th row
             strided = math.ceil(x_shape[0] / self.grad_stride)
         else:
-            strided = x_shape[0] * math.prod(math.ceil(s / self.grad_stride) for s in x_shape[2:])
+            strided = x_shape[0] * math.prod([math.ceil(s / self.grad_stride) for s in x_shape[2:]])
         k = self._resolved_window or auto_window(x_shape[0])
         return choose_store(self.producer.weight.numel(), u_numel, math.prod(x_shape), positions, k - 1,
                             device_type, strided)
 
     def _allocate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None) -> None:
-        if torch.is_inference_mode_enabled():
+        if _in_inference_mode():
             # a train-mode forward under inference_mode (a statistics pass) would make the history
             # inference tensors, which no later step could update in place: allocate normal ones
             with torch.inference_mode(False):
@@ -590,7 +603,8 @@ class CrossIterationBatchNorm(BatchNormState):
         dtype = torch.promote_types(x.dtype, torch.float32)
         factory = {"device": x.device, "dtype": dtype}
         long = {"device": x.device, "dtype": torch.long}
-        self.cbn_steps = torch.zeros((), **long)
+        if self.cbn_steps is None:  # a new store keeps the burn-in count
+            self.cbn_steps = torch.zeros((), **long)
         self.cbn_filled = torch.zeros((), **long)
         self.cbn_next = torch.zeros((), **long)
         self.cbn_mean = torch.zeros(h, self.num_features, **factory)
@@ -624,7 +638,7 @@ class CrossIterationBatchNorm(BatchNormState):
         iterations keep their rows (the new ones are zero padding, not counted: ``cbn_rows``)."""
         if rows <= self.cbn_input.shape[1]:
             return
-        if torch.is_inference_mode_enabled():
+        if _in_inference_mode():
             with torch.inference_mode(False):  # see _allocate
                 return self._grow_input_store(rows)
         for key in ("cbn_input", "cbn_output"):
@@ -655,6 +669,7 @@ class CrossIterationBatchNorm(BatchNormState):
 
     def reset_history(self) -> None:
         """Forget the stored iterations (``bnrewrite.reset_history(model)`` calls this)."""
+        self._read_counters()
         self._filled = 0
         self._next = 0
         for key in HISTORY_KEYS:
@@ -663,17 +678,25 @@ class CrossIterationBatchNorm(BatchNormState):
                 buf.zero_()
         self._sync_counters()
 
+    # The counters (burn-in step, fill count, ring position) are the buffers cbn_steps, cbn_filled,
+    # cbn_next, which every training step updates. The eager step branches on Python copies (no
+    # device sync per step); a compiled step cannot update those without dynamo guarding on their
+    # values, so it sets them to None and the next eager use reads the buffers once.
+    def _read_counters(self) -> None:
+        if self._steps is None:
+            self._steps, self._filled, self._next = (int(self.cbn_steps), int(self.cbn_filled), int(self.cbn_next))
+
     def _sync_counters(self) -> None:
-        # python ints are the source of truth (no device sync or launch per step); the buffers
-        # mirror them whenever the state is saved
         if self.cbn_steps is not None:
             self.cbn_steps.fill_(self._steps)
             self.cbn_filled.fill_(self._filled)
             self.cbn_next.fill_(self._next)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._sync_counters()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    @property
+    def history_filled(self) -> int:
+        """How many past iterations the ring holds (at most k − 1)."""
+        self._read_counters()
+        return self._filled
 
     def _producer_params(self, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         producer = self.producer
@@ -681,49 +704,45 @@ class CrossIterationBatchNorm(BatchNormState):
         return producer.weight.detach().to(dtype), bias
 
     def _record(self, x: torch.Tensor, producer_input: torch.Tensor | None,
-                moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                moments: tuple[torch.Tensor, torch.Tensor] | None, slot: int | torch.Tensor) -> None:
         """Store this iteration's μ, ν and, when compensating, ∂μ/∂θ, ∂ν/∂θ (App. B) and the
-        θ-independent parts of Eqs. 7–8 (:func:`taylor_offsets`) in the ring of k−1 slots.
+        θ-independent parts of Eqs. 7–8 (:func:`taylor_offsets`) in ring slot ``slot`` (see :func:`_put`).
         ``moments`` = the batch's (biased var, mean) when the forward pass computed them."""
-        capacity = self.cbn_mean.shape[0]
-        if capacity == 0:
-            return
         with torch.no_grad():
-            slot = self._next
             dtype = self.cbn_mean.dtype
             var, mean = batch_moments(x.detach()) if moments is None else moments
             mean, sq_mean = mean.to(dtype), (var + mean.square()).to(dtype)
-            self.cbn_mean[slot] = mean
-            self.cbn_sq_mean[slot] = sq_mean
+            _put(self.cbn_mean, slot, mean)
+            _put(self.cbn_sq_mean, slot, sq_mean)
             if self.cbn_input is not None:
-                rows = x.shape[0]
-                self.cbn_rows[slot] = rows
-                self.cbn_input[slot, :rows] = producer_input.detach()
+                rows = self.cbn_input.shape[1]  # a smaller batch is zero-padded, its real rows counted
+                _put(self.cbn_rows, slot, x.shape[0])
+                u = producer_input.detach().to(dtype)
+                _put(self.cbn_input, slot, _zero_padded(u, rows))
                 if x.dtype == dtype:
-                    self.cbn_output[slot, :rows] = x.detach()
+                    _put(self.cbn_output, slot, _zero_padded(x.detach(), rows))
                 else:  # x came from a reduced-precision producer (autocast): keep Δx free of its rounding
                     weight, bias = self._producer_params(dtype)
-                    self.cbn_output[slot, :rows] = run_producer(self.producer, self.cbn_input[slot, :rows],
-                                                                weight, bias)
-                if rows < self.cbn_input.shape[1]:
-                    self.cbn_input[slot, rows:] = 0
-                    self.cbn_output[slot, rows:] = 0
+                    _put(self.cbn_output, slot, _zero_padded(run_producer(self.producer, u, weight, bias), rows))
             elif self.cbn_grad_sq_mean is not None:
                 producer = self.producer
                 xs = x.detach().to(dtype)
                 u = producer_input.detach().to(dtype)
-                grad_mean = self.cbn_grad_mean[slot]
-                grad_mean.copy_(mean_gradient(producer, u, xs))
-                grad_sq_mean = self.cbn_grad_sq_mean[slot]
-                sq_mean_gradient(producer, u, xs, self.grad_stride, out=grad_sq_mean)
+                grad_mean = mean_gradient(producer, u, xs)
+                _put(self.cbn_grad_mean, slot, grad_mean)
+                # eager: straight into the ring slot (a view), saving a copy of |θ| numbers
+                view = self.cbn_grad_sq_mean[slot] if isinstance(slot, int) else None
+                grad_sq_mean = sq_mean_gradient(producer, u, xs, self.grad_stride, out=view)
+                if view is None:
+                    _put(self.cbn_grad_sq_mean, slot, grad_sq_mean)
                 weight, bias = self._producer_params(dtype)
                 if x.dtype == dtype:
                     # x = θ·patch + b exactly as computed, so ⟨∂μ/∂θ, θ⟩ = μ − b and, over the
                     # positions P that ∂ν/∂θ averages, ⟨∂ν/∂θ, θ⟩ = 2(ν_P − μ_P b): taylor_offsets'
                     # values without reading ∂ν/∂θ again (P = all positions unless grad_stride > 1)
-                    self.cbn_mean_offset[slot] = 0.0
+                    _put(self.cbn_mean_offset, slot, 0.0)
                     if self.grad_stride == 1:
-                        self.cbn_sq_mean_offset[slot] = -sq_mean
+                        _put(self.cbn_sq_mean_offset, slot, -sq_mean)
                     else:
                         sampled = strided_positions(xs, self.grad_stride, isinstance(producer, nn.Linear))
                         sampled_var, sampled_mean = batch_moments(sampled)
@@ -731,19 +750,20 @@ class CrossIterationBatchNorm(BatchNormState):
                         offset = sq_mean - 2 * sampled_sq_mean
                         if bias is not None:
                             offset += 2 * bias * (sampled_mean - mean)
-                        self.cbn_sq_mean_offset[slot] = offset
+                        _put(self.cbn_sq_mean_offset, slot, offset)
                 else:  # x rounded below the history's precision
                     offsets = taylor_offsets(weight, bias, mean[None], sq_mean[None], grad_mean[None],
                                              grad_sq_mean[None], producer_groups(producer))
-                    self.cbn_mean_offset[slot] = offsets[0][0]
-                    self.cbn_sq_mean_offset[slot] = offsets[1][0]
-            self._next = (slot + 1) % capacity
-            self._filled = min(self._filled + 1, capacity)
+                    _put(self.cbn_mean_offset, slot, offsets[0][0])
+                    _put(self.cbn_sq_mean_offset, slot, offsets[1][0])
 
-    def past_statistics(self, compensate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def past_statistics(self, compensate: bool | None = None, h: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored (μ, ν) of the last iterations, compensated to the current producer
-        weights (Eqs. 7–8) unless ``compensate`` is False. Shapes (h, C); detached."""
-        h = self._filled
+        weights (Eqs. 7–8) unless ``compensate`` is False. Shapes (h, C); detached.
+        ``h``: the first h slots (the whole ring for the compiled step) instead of the filled ones."""
+        if h is None:
+            self._read_counters()
+            h = self._filled
         mean = self.cbn_mean[:h]
         sq_mean = self.cbn_sq_mean[:h]
         compensate = self.compensate if compensate is None else compensate
@@ -811,8 +831,11 @@ class CrossIterationBatchNorm(BatchNormState):
                 f"producer Linear {self.producer_name} got a {producer_input.dim()}-D input: it acts on the last dim, "
                 "not on the BatchNorm's channels (dim 1), so App. B's closed forms do not apply")
             compensating = False
-        if self._steps < self.burnin or self._filled == 0:
-            self.check_values_per_channel(x)  # this step is stock BN's: refuse before the history moves
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._read_counters()
+            if self._steps < self.burnin or self._filled == 0:
+                self.check_values_per_channel(x)  # this step is stock BN's: refuse before the history moves
         if self.cbn_mean is None:
             self._allocate(x, producer_input if compensating else None)
         elif self.cbn_input is not None:
@@ -820,6 +843,9 @@ class CrossIterationBatchNorm(BatchNormState):
                 self._grow_input_store(x.shape[0])
             else:
                 self._switch_to_gradient_store(x, producer_input)
+        if compiling and self._resolved_window > 1:
+            y = self._compiled_step(x, producer_input if compensating else None)
+            return self.post_norm(y) if post_norm else y
         k = self._resolved_window
         in_burnin = self._steps < self.burnin
         moments = None
@@ -844,19 +870,60 @@ class CrossIterationBatchNorm(BatchNormState):
             self.update_running_stats(mean, var, count * (past_mean.shape[0] + 1))
             self.last_statistics = (mean, var, past_mean.shape[0] + 1)
         if k > 1 and self._steps >= self.burnin - (k - 1):
-            self._record(x, producer_input if compensating else None, moments)
-        if self._steps < self.burnin:
-            # counted only up to the burn-in: a Python int that changed every step would make
-            # torch.compile recompile every step (it guards on module int attributes)
-            self._steps += 1
+            self._record(x, producer_input if compensating else None, moments, self._next)
+            self._next = (self._next + 1) % (k - 1)
+            self._filled = min(self._filled + 1, k - 1)
+        self._steps = min(self._steps + 1, self.burnin)  # counted up to the burn-in only
+        self._sync_counters()
         return self.post_norm(y) if post_norm and not activated else y
+
+    def _compiled_step(self, x: torch.Tensor, producer_input: torch.Tensor | None) -> torch.Tensor:
+        """A training step under torch.compile (k > 1): one graph for every step.
+
+        Dynamo guards on the Python ints the eager step branches on and slices with (one graph per
+        ring position, fill count and burn-in step), so here the counters are read and advanced as
+        tensors: the whole ring is compensated, and the slots not yet filled, or all of them during
+        the burn-in, are masked out of Eqs. 9–11 (:func:`window_statistics`), and this step's slot is
+        written with ``index_copy_``. A burn-in step is then the window op over the current batch
+        alone — stock BN's values up to rounding — and it costs what a window step costs: it
+        compensates the ring it does not use and records every step (the ring keeps the last k − 1,
+        as the eager step's does). Not checked here: one value per channel in a step without
+        history (stock BN's error), which would need a data-dependent branch.
+        """
+        capacity = self.cbn_mean.shape[0]
+        slots = torch.arange(capacity, device=self.cbn_filled.device)
+        valid = (slots < self.cbn_filled) & (self.cbn_steps >= self.burnin)
+        past_mean, past_sq_mean = self.past_statistics(h=capacity)
+        y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean, past_sq_mean,
+                                                            self.eps, self.backward_mode == "renorm", valid)
+        k = valid.sum() + 1
+        self._update_window_running_stats(mean, var, k * (x.numel() // x.shape[1]))
+        self.last_statistics = (mean, var, k)
+        self._record(x, producer_input, (var_now, mean_now), self.cbn_next.view(1))
+        with torch.no_grad():
+            self.cbn_next.add_(1).remainder_(capacity)
+            self.cbn_filled.add_(1).clamp_(max=capacity)
+            self.cbn_steps.add_(1).clamp_(max=self.burnin)
+        self._steps = self._filled = self._next = None  # see _read_counters
+        return y
+
+    def _update_window_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """:meth:`update_running_stats` for a count k·M that is a tensor (the compiled step's)."""
+        if not self.track_running_stats:
+            return
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else self.num_batches_tracked.reciprocal()
+            unbiased = var * (count / (count - 1).clamp_min(1))
+            self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype) * factor)
+            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
 
     def estimate(self, x: torch.Tensor, producer_input: torch.Tensor | None = None, *,
                  compensate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The (μ̄, σ̄²) a training step on ``x`` would normalise with, without changing any
         state (for diagnostics and benchmarks). ``compensate=False`` gives naive CBN's."""
         with torch.no_grad():
-            if self.cbn_mean is None or self._filled == 0:
+            if self.cbn_mean is None or self.history_filled == 0:
                 empty = x.new_zeros(0, self.num_features)
                 return window_statistics(x, empty, empty)
             return window_statistics(x, *self.past_statistics(compensate))
@@ -942,7 +1009,7 @@ class CrossIterationBatchNorm(BatchNormState):
             "producer": self.producer_name if compensated else None,
             "store": (self._resolved_store or self._estimated_store(input_shape)[0]) if compensated else None,
             "history_bytes": self.history_bytes(batch, input_shape),
-            "history_filled": self._filled,
+            "history_filled": self.history_filled,
         }
         if self.lowered:
             info["lowered"] = self.lowered
@@ -961,6 +1028,27 @@ class CrossIterationBatchNorm(BatchNormState):
                 + (f", backward={self.backward_mode}" if self.backward_mode != "window" else "")
                 + (f", producer={self.producer_name}" if self.producer_name and mode == "compensated" else "")
                 + (f", lowered={self.lowered}" if self.lowered else ""))
+
+
+def _put(ring: torch.Tensor, slot: int | torch.Tensor, value: torch.Tensor | float) -> None:
+    """ring[slot] = value. ``slot`` is a Python int in eager mode (no device sync) or a (1,) long
+    tensor under torch.compile, where an int would be specialised on: one graph per ring position."""
+    if isinstance(slot, int):
+        ring[slot] = value
+    elif isinstance(value, torch.Tensor):
+        ring.index_copy_(0, slot, value.to(ring.dtype).unsqueeze(0))
+    else:
+        ring.index_fill_(0, slot, value)
+
+
+def _zero_padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to ``rows`` (a smaller batch in the ``inputs`` ring)."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _in_inference_mode() -> bool:
+    # dynamo cannot trace the query; a compiled training step does not run under inference_mode
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
 def warn_uncompensated(notes: dict[str, str]) -> None:
