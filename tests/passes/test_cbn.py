@@ -2,6 +2,7 @@
 import copy
 import io
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +300,16 @@ def test_compiled_training_is_one_graph_for_every_step_and_equals_eager(recipe):
     out_ref, _ = _train(reference, batches[-1:])
     torch.testing.assert_close(out[0], out_ref[0], rtol=1e-9, atol=1e-10)
     assert all(m.history_filled == 3 for m in model.modules() if isinstance(m, CrossIterationBatchNorm))
+
+
+def test_readme_example_runs():
+    """The CBN section's first code block, as written, with one training step for its '...' line."""
+    section = (Path(__file__).parents[2] / "docs" / "sections" / "60-cbn.md").read_text()
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    step = "nn.functional.cross_entropy(cbn(x), torch.arange(4)).backward()"
+    code = "\n".join(step if line.startswith("...") else line for line in code.splitlines())
+    torch.manual_seed(0)
+    namespace = {"model": ConvNet(), "x": torch.randn(4, 1, 8, 8), "nn": nn, "torch": torch}
+    exec(code, namespace)
+    assert isinstance(namespace["cbn"].bn1, CrossIterationBatchNorm) and namespace["cbn"].bn1.burnin == 5000
+    assert not any(isinstance(m, CrossIterationBatchNorm) for m in namespace["inf"].modules())
