@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import InputError
+
 
 def _call_each(model: nn.Module, method: str, *args) -> int:
     count = 0
@@ -63,8 +65,6 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
         model = bnrewrite.transform(model, "brn:micro=2+rot")
         bnrewrite.warm_up_statistics(model, loader, steps=200)
     """
-    from .errors import InputError
-
     if int(steps) < 0:
         raise InputError(f"warm_up_statistics: steps must be >= 0, got {steps}")
     done = _forward_passes(model, batches, int(steps), cycle=True)
@@ -83,7 +83,10 @@ def update_bn(batches, model: nn.Module) -> int:
     average (``momentum=None``) for the pass, then its momentum is restored. Each variant
     computes the statistics it would in training (a sampled BN from its sample). ``batches``
     as in :func:`warm_up_statistics`, run once (not cycled). Returns the number of batches run.
-    Example::
+
+    Raises :class:`~bnrewrite.errors.InputError`, before resetting anything, on Extreme
+    Normalization layers (``brn``, ``two-tower``), which normalise with their moving averages:
+    re-estimate those with :func:`warm_up_statistics`. Example::
 
         swa_model = torch.optim.swa_utils.AveragedModel(model)
         ... training with swa_model.update_parameters(model) ...
@@ -91,11 +94,15 @@ def update_bn(batches, model: nn.Module) -> int:
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    norms = [m for m in model.modules()
+    norms = {name: m for name, m in model.named_modules()
              if (isinstance(m, _BatchNorm) or getattr(m, "is_bnrewrite_norm", False))
-             and getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None]
-    momenta = {m: m.momentum for m in norms}
-    for m in norms:
+             and getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None}
+    for name, m in norms.items():
+        refusal = getattr(m, "update_bn_refusal", None)
+        if refusal:
+            raise InputError(f"update_bn: '{name}' {refusal}")
+    momenta = {m: m.momentum for m in norms.values()}
+    for m in norms.values():
         m.reset_running_stats()
         m.momentum = None
     try:

@@ -61,3 +61,34 @@ def test_update_bn_recomputes_running_statistics_like_swa_utils_on_stock(recipe)
     assert [m.momentum for m in ours] == [0.3, 0.1]
     assert not torch.equal(before[0], ours[0].running_mean)
     assert model.training
+
+
+def _two_layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def _batches(n=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 6, 6, generator=gen) * 2 + 1, torch.zeros(4)) for _ in range(n)]
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "input_mean" in k}
+
+
+@pytest.mark.parametrize("recipe", ["brn", "brn:micro=1", "two-tower"])
+def test_update_bn_refuses_extreme_norm_and_leaves_statistics_alone(recipe):
+    """ExtremeNorm normalises with its own moving averages (rate EMA, μ̄ before the conv): a
+    reset plus a one-pass cumulative average is not what its eval uses, so update_bn refuses it
+    (naming the site and pointing to warm_up_statistics) before resetting anything."""
+    model = bnrewrite.transform(_two_layer(), recipe)
+    bnrewrite.warm_up_statistics(model, [x for x, _ in _batches()], steps=3)
+    before = _buffers(model)
+    with pytest.raises(InputError, match=r"update_bn.*'1'.*warm_up_statistics"):
+        bnrewrite.update_bn(_batches(), model)
+    after = _buffers(model)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)

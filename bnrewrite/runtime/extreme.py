@@ -166,6 +166,15 @@ class ExtremeNorm(BatchNormState):
     checkpoint_recompute_safe = False
     recompute_state_name = "moving averages it normalises with, already updated with this batch"
 
+    @property
+    def update_bn_refusal(self) -> str:
+        """Why ``bnrewrite.update_bn`` (reset, then a cumulative average over one pass) cannot
+        recompute this layer's statistics, and what to do instead."""
+        return (f"is an Extreme Normalization layer ({self.mode}): its training forward normalises with its "
+                "moving averages and updates them with its own EMA (rate, μ̄ taken before the producer), so "
+                "reset statistics would normalise the pass itself; re-estimate them for the new weights with "
+                "bnrewrite.warm_up_statistics(model, batches, steps=200) (extreme-normalization.txt §5)")
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  mode: str = "brn", micro: int = 2, rate: float = 0.2, r_m: float = 1.0, r_v: float = 1.0,
