@@ -81,7 +81,8 @@ def update_bn(batches, model: nn.Module) -> int:
     so on a rewritten model it silently changes nothing. Here every stock BatchNorm and every
     runtime module that tracks running statistics is reset and switched to the cumulative
     average (``momentum=None``) for the pass, then its momentum is restored. Each variant
-    computes the statistics it would in training (a sampled BN from its sample). ``batches``
+    computes the statistics it would in training (a sampled BN from its sample; CBN from its
+    window, whose history is cleared first: it holds other weights' statistics). ``batches``
     as in :func:`warm_up_statistics`, run once (not cycled). Returns the number of batches run.
 
     Raises :class:`~bnrewrite.errors.InputError`, before resetting anything, on Extreme
@@ -105,6 +106,8 @@ def update_bn(batches, model: nn.Module) -> int:
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None
+        if callable(getattr(m, "reset_history", None)):
+            m.reset_history()  # CBN: the window must hold this pass's batches only
     try:
         return _forward_passes(model, batches, None, cycle=False)
     finally:

@@ -92,3 +92,35 @@ def test_update_bn_refuses_extreme_norm_and_leaves_statistics_alone(recipe):
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+
+
+def _window_reference(model, batches, k):
+    """CBN's Eqs. 9-11 with the weights fixed during the pass (the Taylor compensation is then 0):
+    the statistics of each step are those of the last k batches' BN inputs together, and
+    momentum=None averages them over the steps (unbiased variance over k·M values, as in
+    training)."""
+    conv = copy.deepcopy(model.get_submodule("0"))
+    with torch.no_grad():
+        outs = [conv(x) for x, _ in batches]
+    means, variances = [], []
+    for t in range(len(outs)):
+        window = torch.cat(outs[max(0, t - k + 1):t + 1])
+        means.append(window.mean((0, 2, 3)))
+        variances.append(window.var((0, 2, 3), unbiased=True))
+    return torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@pytest.mark.parametrize("recipe", ["cbn:k=3", "naive-cbn:k=3"])
+def test_update_bn_on_cbn_forgets_the_history_of_other_weights(recipe):
+    torch.manual_seed(0)
+    model = bnrewrite.transform(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), recipe)
+    for x, _ in _batches(3, seed=5):  # a history from other data and other weights
+        model(x * 3 - 2)
+    with torch.no_grad():
+        model.get_submodule("0").weight.mul_(0.5)
+    batches = _batches(5)
+    assert bnrewrite.update_bn(batches, model) == 5
+    mean, var = _window_reference(model, batches, 3)
+    norm = model.get_submodule("1")
+    torch.testing.assert_close(norm.running_mean, mean)
+    torch.testing.assert_close(norm.running_var, var)
