@@ -3,9 +3,15 @@ warm up moving averages. Each calls a method the runtime modules define, so no v
 is special-cased here."""
 from __future__ import annotations
 
+import itertools
+
+import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, warn_at_caller
+
+
+_NO_BATCH = object()
 
 
 def _call_each(model: nn.Module, method: str, *args) -> int:
@@ -73,7 +79,7 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
     return done
 
 
-def update_bn(batches, model: nn.Module) -> int:
+def update_bn(batches, model: nn.Module, device=None) -> int:
     """``torch.optim.swa_utils.update_bn`` for rewritten models: recompute every running mean and
     variance as the plain average over one pass of ``batches`` (e.g. after weight averaging).
 
@@ -83,11 +89,13 @@ def update_bn(batches, model: nn.Module) -> int:
     average (``momentum=None``) for the pass, then its momentum is restored. Each variant
     computes the statistics it would in training (a sampled BN from its sample; CBN from its
     window, whose history is cleared first: it holds other weights' statistics). ``batches``
-    as in :func:`warm_up_statistics`, run once (not cycled). Returns the number of batches run.
+    as in :func:`warm_up_statistics`, run once (not cycled); with ``device``, each input is
+    moved there first (``.to(device)``, as swa_utils does). Returns the number of batches run.
 
-    Raises :class:`~bnrewrite.errors.InputError`, before resetting anything, on Extreme
-    Normalization layers (``brn``, ``two-tower``), which normalise with their moving averages:
-    re-estimate those with :func:`warm_up_statistics`. Example::
+    Raises :class:`~bnrewrite.errors.InputError`, before resetting anything, on swapped
+    arguments, no batches, or Extreme Normalization layers (``brn``, ``two-tower``), which
+    normalise with their moving averages: re-estimate those with :func:`warm_up_statistics`.
+    A model without BatchNorm is left alone with a warning (no forward pass runs). Example::
 
         swa_model = torch.optim.swa_utils.AveragedModel(model)
         ... training with swa_model.update_parameters(model) ...
@@ -95,13 +103,29 @@ def update_bn(batches, model: nn.Module) -> int:
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
+    if isinstance(batches, nn.Module):
+        raise InputError(f"update_bn(batches, model) got the model first ({type(batches).__name__}): the order "
+                         "is update_bn(batches, model), as in torch.optim.swa_utils.update_bn")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"update_bn expects an nn.Module as model, got {type(model).__name__}: the order is "
+                         "update_bn(batches, model)")
     norms = {name: m for name, m in model.named_modules()
              if (isinstance(m, _BatchNorm) or getattr(m, "is_bnrewrite_norm", False))
              and getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None}
+    if not norms:
+        warn_at_caller(f"update_bn: {type(model).__name__} has no BatchNorm with running statistics; "
+                       "nothing to update, no batch was run")
+        return 0
     for name, m in norms.items():
         refusal = getattr(m, "update_bn_refusal", None)
         if refusal:
             raise InputError(f"update_bn: '{name}' {refusal}")
+    # an empty loader must not leave the statistics reset: look at the first batch before resetting
+    iterator = iter([batches] if isinstance(batches, torch.Tensor) else batches)
+    first = next(iterator, _NO_BATCH)
+    if first is _NO_BATCH:
+        raise InputError("update_bn got no batches (nothing was reset): pass an iterable of input tensors "
+                         "or (x, y) pairs")
     momenta = {m: m.momentum for m in norms.values()}
     for m in norms.values():
         m.reset_running_stats()
@@ -109,17 +133,16 @@ def update_bn(batches, model: nn.Module) -> int:
         if callable(getattr(m, "reset_history", None)):
             m.reset_history()  # CBN: the window must hold this pass's batches only
     try:
-        return _forward_passes(model, batches, None, cycle=False)
+        return _forward_passes(model, itertools.chain([first], iterator), None, cycle=False, device=device)
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
 
 
-def _forward_passes(model: nn.Module, batches, steps: int | None, cycle: bool) -> int:
+def _forward_passes(model: nn.Module, batches, steps: int | None, cycle: bool, device=None) -> int:
     """Train-mode forward passes under no_grad, restoring every module's mode afterwards; at
-    most ``steps`` (None: no limit), cycling a re-iterable when ``cycle``."""
-    import torch
-
+    most ``steps`` (None: no limit), cycling a re-iterable when ``cycle``; each input tensor
+    moved with ``.to(device)`` when ``device`` is given."""
     if isinstance(batches, torch.Tensor):
         batches = [batches]
     modes = {m: m.training for m in model.modules()}
@@ -135,6 +158,8 @@ def _forward_passes(model: nn.Module, batches, steps: int | None, cycle: bool) -
                         break
                     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
                     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+                    if device is not None:
+                        inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
                     model(*inputs)
                     done += 1
                 if not cycle or done == before or iterator is batches:

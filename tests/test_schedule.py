@@ -124,3 +124,67 @@ def test_update_bn_on_cbn_forgets_the_history_of_other_weights(recipe):
     norm = model.get_submodule("1")
     torch.testing.assert_close(norm.running_mean, mean)
     torch.testing.assert_close(norm.running_var, var)
+
+
+def test_update_bn_empty_loader_is_an_input_error_and_resets_nothing():
+    model = _two_layer()
+    bnrewrite.warm_up_statistics(model, [x for x, _ in _batches()], steps=2)
+    before = _buffers(model)
+    with pytest.raises(InputError, match="update_bn got no batches"):
+        bnrewrite.update_bn([], model)
+    with pytest.raises(InputError, match="update_bn got no batches"):
+        bnrewrite.update_bn(iter([]), model)
+    for key, value in _buffers(model).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_update_bn_accepts_a_one_shot_iterator_like_swa_utils():
+    model, stock = _two_layer(), _two_layer()
+    batches = _batches()
+    assert bnrewrite.update_bn((b for b in batches), model) == 4
+    torch.optim.swa_utils.update_bn(batches, stock)
+    for a, b in zip(model.state_dict().values(), stock.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_update_bn_device_moves_each_input_like_swa_utils():
+    model, stock = _two_layer().double(), _two_layer().double()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[0].device)))
+    # float64 model, float32 inputs: device=torch.float64 makes the .to() move observable on a CPU-only machine
+    batches = _batches()
+    assert bnrewrite.update_bn(batches, model, device=torch.float64) == 4
+    torch.optim.swa_utils.update_bn(batches, stock, device=torch.float64)
+    assert seen == [(torch.float64, torch.device("cpu"))] * 4
+    for a, b in zip(model.state_dict().values(), stock.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    doubles = [(x.double(), y) for x, y in batches]
+    assert bnrewrite.update_bn(doubles, model, device="cpu") == 4  # a device, as swa_utils takes it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_bn_device_cuda_like_swa_utils():
+    model, stock = bnrewrite.transform(_two_layer(), "ghost:size=64").cuda(), _two_layer().cuda()
+    batches = _batches()  # on the CPU
+    assert bnrewrite.update_bn(batches, model, device="cuda") == 4
+    torch.optim.swa_utils.update_bn(batches, stock, device="cuda")
+    for a, b in zip(model.state_dict().values(), stock.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_update_bn_swapped_arguments_is_an_input_error():
+    model = _two_layer()
+    with pytest.raises(InputError, match=r"update_bn\(batches, model\).*got the model first"):
+        bnrewrite.update_bn(model, _batches())
+    with pytest.raises(InputError, match=r"update_bn expects an nn.Module as model, got list"):
+        bnrewrite.update_bn(_batches(), [1])
+
+
+def test_update_bn_without_batchnorm_warns_and_runs_nothing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match="update_bn: Sequential has no BatchNorm"):
+        assert bnrewrite.update_bn(_batches(), model) == 0
+    assert calls == []
