@@ -4,6 +4,7 @@ is special-cased here."""
 from __future__ import annotations
 
 import itertools
+import numbers
 
 import torch
 from torch import nn
@@ -14,7 +15,13 @@ from .errors import InputError, warn_at_caller
 _NO_BATCH = object()
 
 
+def _check_model(model, function: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{function} expects an nn.Module, got {type(model).__name__}")
+
+
 def _call_each(model: nn.Module, method: str, *args) -> int:
+    _check_model(model, method)
     count = 0
     for module in model.modules():
         fn = getattr(module, method, None)
@@ -71,9 +78,14 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
         model = bnrewrite.transform(model, "brn:micro=2+rot")
         bnrewrite.warm_up_statistics(model, loader, steps=200)
     """
-    if int(steps) < 0:
+    _check_model(model, "warm_up_statistics")
+    # int(steps) would take "10" and truncate 2.5; True is an int to Python but not a step count
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+        raise InputError(f"warm_up_statistics: steps must be an int (number of forward passes), got {steps!r}")
+    steps = int(steps)
+    if steps < 0:
         raise InputError(f"warm_up_statistics: steps must be >= 0, got {steps}")
-    done = _forward_passes(model, batches, int(steps), cycle=True)
+    done = _forward_passes(model, batches, steps, cycle=True)
     if done == 0 and steps > 0:
         raise InputError("warm_up_statistics got no batches: pass an iterable of input tensors or (x, y) pairs")
     return done

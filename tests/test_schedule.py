@@ -188,3 +188,16 @@ def test_update_bn_without_batchnorm_warns_and_runs_nothing():
     with pytest.warns(UserWarning, match="update_bn: Sequential has no BatchNorm"):
         assert bnrewrite.update_bn(_batches(), model) == 0
     assert calls == []
+
+
+@pytest.mark.parametrize("fn", ["new_epoch", "reset_history", "warm_up_statistics"])
+def test_schedule_functions_refuse_a_non_module(fn):
+    args = ([torch.zeros(2, 3, 8, 8)],) if fn == "warm_up_statistics" else ()
+    with pytest.raises(InputError, match=rf"{fn} expects an nn.Module, got list"):
+        getattr(bnrewrite, fn)([1, 2], *args)
+
+
+@pytest.mark.parametrize("steps", ["10", 2.0, True, None])
+def test_warm_up_steps_must_be_an_int(steps):
+    with pytest.raises(InputError, match="warm_up_statistics: steps must be an int"):
+        bnrewrite.warm_up_statistics(_net(), [torch.zeros(2, 3, 8, 8)], steps=steps)
