@@ -10,7 +10,7 @@ from torch import nn
 
 from .capture import Capture, Region, capture
 from .distributed import deepcopy_model
-from .errors import InputError, warn_at_caller
+from .errors import InputError, require_module, warn_at_caller
 from .recipe import Recipe, parse_recipe
 from .sites import Site, find_sites, run_example_inputs
 
@@ -77,8 +77,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
         >>> m(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 1000])
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"transform expects an nn.Module, got {type(model).__name__}")
+    require_module(model, "transform")
     parsed = parse_recipe(recipe)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
@@ -244,6 +243,7 @@ def inspect_sites(model: nn.Module, example_inputs=None) -> list[Site]:
         >>> sites[0].name, sites[0].producer.kind, sites[0].consumer.kind, sites[0].input_shape
         ('bn1', 'Conv2d', 'ReLU', (1, 64, 32, 32))
     """
+    require_module(model, "inspect_sites")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     captured = capture(copy.deepcopy(model), example_inputs=example_inputs)
@@ -260,6 +260,7 @@ def stock_state_dict(model: nn.Module) -> dict:
         >>> stock = torchvision.models.resnet18(weights=None)
         >>> stock.load_state_dict(bnrewrite.stock_state_dict(transformed), strict=True)
     """
+    require_module(model, "stock_state_dict")
     state = model.state_dict()
     for name, module in model.named_modules():
         for key in getattr(module, "optional_state_keys", ()):

@@ -58,3 +58,12 @@ class InputError(BnRewriteError, ValueError):
 
 class ExportError(BnRewriteError):
     """ONNX export failed, or onnxruntime disagrees with torch."""
+
+
+def require_module(model, function: str) -> None:
+    """The check every public entry point makes first, so a wrong argument is an InputError
+    naming the function rather than an AttributeError from deep inside."""
+    import torch.nn
+
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{function} expects an nn.Module, got {type(model).__name__}")

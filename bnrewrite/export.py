@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ExportError, InputError, warn_at_caller
+from .errors import ExportError, InputError, require_module, warn_at_caller
 from .errors import first_line as _first_line
 from .runtime.base import is_batchnorm
 
@@ -190,8 +190,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
         >>> r.normalisation_nodes, r.max_rel_error < 1e-4
         ({}, True)
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    require_module(model, "export_onnx")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise InputError("export_onnx needs example_inputs: a tensor or a tuple of tensors")

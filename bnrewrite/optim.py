@@ -14,7 +14,7 @@ import math
 
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, require_module
 from .runtime.base import is_batchnorm
 
 # Normalisation layers whose weight/bias are γ/β. Subclasses count (timm's BatchNormAct2d,
@@ -68,8 +68,7 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
         >>> [g["name"] for g in opt.param_groups]
         ['weights', 'norm']
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"param_groups expects an nn.Module, got {type(model).__name__}")
+    require_module(model, "param_groups")
     decay = _check_decay("weight_decay", weight_decay)
     norm_decay = decay if norm_weight_decay is None else _check_decay("norm_weight_decay", norm_weight_decay)
     bias_decay = decay if bias_weight_decay is None else _check_decay("bias_weight_decay", bias_weight_decay)

@@ -9,19 +9,14 @@ import numbers
 import torch
 from torch import nn
 
-from .errors import InputError, warn_at_caller
+from .errors import InputError, require_module, warn_at_caller
 
 
 _NO_BATCH = object()
 
 
-def _check_model(model, function: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise InputError(f"{function} expects an nn.Module, got {type(model).__name__}")
-
-
 def _call_each(model: nn.Module, method: str, *args) -> int:
-    _check_model(model, method)
+    require_module(model, method)
     count = 0
     for module in model.modules():
         fn = getattr(module, method, None)
@@ -78,7 +73,7 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
         model = bnrewrite.transform(model, "brn:micro=2+rot")
         bnrewrite.warm_up_statistics(model, loader, steps=200)
     """
-    _check_model(model, "warm_up_statistics")
+    require_module(model, "warm_up_statistics")
     # int(steps) would take "10" and truncate 2.5; True is an int to Python but not a step count
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
         raise InputError(f"warm_up_statistics: steps must be an int (number of forward passes), got {steps!r}")

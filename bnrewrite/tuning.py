@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, require_module
 
 DEFAULT_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
@@ -147,8 +147,7 @@ def tune_example_weight(model: nn.Module, data, metric="accuracy", grid: Sequenc
     """
     from .passes.fold import fold_for_inference
 
-    if not isinstance(model, nn.Module):
-        raise InputError(f"tune_example_weight expects an nn.Module, got {type(model).__name__}")
+    require_module(model, "tune_example_weight")
     alphas = sorted({float(a) for a in grid})
     if not alphas:
         raise InputError("tune_example_weight: grid is empty; give the α values to try, e.g. (0, 0.05, 0.1)")
