@@ -14,6 +14,7 @@ the folded model on held-out data.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -148,17 +149,27 @@ def tune_example_weight(model: nn.Module, data, metric="accuracy", grid: Sequenc
     from .passes.fold import fold_for_inference
 
     require_module(model, "tune_example_weight")
-    alphas = sorted({float(a) for a in grid})
+    try:
+        alphas = sorted({float(a) for a in grid})
+    except (TypeError, ValueError):
+        raise InputError(f"tune_example_weight: grid must be a sequence of numbers in [0, 1], got {grid!r}") from None
     if not alphas:
         raise InputError("tune_example_weight: grid is empty; give the α values to try, e.g. (0, 0.05, 0.1)")
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]
     if bad:
         raise InputError(f"tune_example_weight: every α must be in [0, 1], got {bad}")
-    if batch_size < 1:
-        raise InputError(f"tune_example_weight: batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"tune_example_weight: batch_size must be an int >= 1, got {batch_size!r}")
     name, score_fn, default_direction = _metric(metric)
     if higher_is_better is None:
         higher_is_better = True if default_direction is None else default_direction
+    elif default_direction is not None and bool(higher_is_better) != default_direction:
+        # a silently inverted built-in metric would pick the worst α
+        raise InputError(f"tune_example_weight: metric={name!r} is {'higher' if default_direction else 'lower'} "
+                         f"is better; drop higher_is_better={higher_is_better!r} or pass a callable metric")
+    if plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+        raise InputError(f"tune_example_weight: the folder of plot={str(plot)!r} does not exist; create it first "
+                         "(checked before tuning, so no work is lost)")
     batches = _batches(data, batch_size)
     if not isinstance(batches, (list, tuple)):
         batches = list(batches)  # iterated once per α

@@ -115,6 +115,15 @@ def test_works_on_a_rewritten_model():
     ({"grid": ()}, "grid is empty"),
     ({"grid": (0.0, 1.5)}, r"\[0, 1\]"),
     ({"metric": "f1"}, "metric must be"),
+    ({"grid": ("low", 0.5)}, "grid must be a sequence of numbers"),
+    ({"grid": 0.5}, "grid must be a sequence of numbers"),
+    ({"grid": (float("nan"),)}, r"\[0, 1\]"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"batch_size": "8"}, "batch_size must be an int >= 1"),
+    ({"batch_size": 2.5}, "batch_size must be an int >= 1"),
+    ({"metric": "accuracy", "higher_is_better": False}, "'accuracy' is higher is better"),
+    ({"metric": "loss", "higher_is_better": True}, "'loss' is lower is better"),
+    ({"plot": "/nonexistent-folder/curve.png"}, "does not exist"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(InputError, match=match):
