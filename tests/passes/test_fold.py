@@ -162,8 +162,12 @@ def test_linear_bn1d_after_a_partial_flatten_is_not_folded():
 
 
 @pytest.mark.parametrize("shapes", ["example_inputs", "transform"])
-def test_linear_bn1d_on_2d_input_folds_into_the_linear_when_the_rank_is_known(shapes):
-    model = randomise(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))
+@pytest.mark.parametrize("linear_side,action", [("producer", "into-producer"), ("consumer", "into-consumer")])
+def test_bn1d_on_2d_input_folds_into_its_linear_when_the_rank_is_known(linear_side, action, shapes):
+    if linear_side == "producer":
+        model = randomise(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))
+    else:
+        model = randomise(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 4)))
     x = torch.randn(6, 5)
     with torch.no_grad():
         want = model(x)
@@ -172,7 +176,7 @@ def test_linear_bn1d_on_2d_input_folds_into_the_linear_when_the_rank_is_known(sh
     folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
     with torch.no_grad():
         assert rel_err(want, folded(x)) <= 1e-5
-    assert actions(folded) == ["into-producer"]
+    assert actions(folded) == [action]
     assert no_norm_left(folded) and not any(isinstance(m, ChannelAffine) for m in folded.modules())
 
 
@@ -209,20 +213,6 @@ def test_preactivation_bn_folds_into_unpadded_conv(groups):
 def test_preactivation_bn_folds_into_linear():
     model = PreAct(nn.Linear(4, 6), 4)
     check(model, torch.randn(5, 3), expected_actions=["into-consumer"], shapes=True)
-
-
-@pytest.mark.parametrize("shapes", ["example_inputs", "transform"])
-def test_bn1d_on_2d_input_folds_into_the_following_linear_when_the_rank_is_known(shapes):
-    model = randomise(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 4)))
-    x = torch.randn(6, 5)
-    with torch.no_grad():
-        want = model(x)
-    if shapes == "transform":
-        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
-    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
-    with torch.no_grad():
-        assert rel_err(want, folded(x)) <= 1e-5
-    assert actions(folded) == ["into-consumer"]
 
 
 def test_preactivation_bn_before_padded_conv_stays_affine_and_says_why():
