@@ -44,6 +44,19 @@ def actions(folded):
     return [r.action for r in folded.bnrewrite_fold_report.records]
 
 
+def fold_with_shapes_from(shapes, model, x):
+    """Fold ``model`` knowing the input shapes from ``shapes`` (None: nowhere, "example_inputs",
+    or "transform": recorded by a stock-equivalent rewrite); the fold must match eval."""
+    with torch.no_grad():
+        want = model(x)
+    if shapes == "transform":
+        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
+    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
+    with torch.no_grad():
+        assert rel_err(want, folded(x)) <= 1e-5
+    return folded
+
+
 def check(model, *inputs, expected_actions=None, tol=1e-5, shapes=False):
     randomise(model)
     before = copy.deepcopy(model.state_dict())
@@ -114,13 +127,7 @@ def test_bn1d_over_channels_next_to_a_linear_over_the_length_is_not_folded_into_
     else:
         model = randomise(nn.Sequential(nn.BatchNorm1d(channels), nn.Linear(length, 4)))
     x = torch.randn(2, channels, length)
-    with torch.no_grad():
-        want = model(x)
-    if shapes == "transform":
-        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
-    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
-    with torch.no_grad():
-        assert rel_err(want, folded(x)) <= 1e-5
+    folded = fold_with_shapes_from(shapes, model, x)
     assert actions(folded) == ["channel-affine"]
     assert "Linear acts on the last dim" in folded.bnrewrite_fold_report.records[0].reason
     assert no_norm_left(folded)
@@ -169,13 +176,7 @@ def test_bn1d_on_2d_input_folds_into_its_linear_when_the_rank_is_known(linear_si
     else:
         model = randomise(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 4)))
     x = torch.randn(6, 5)
-    with torch.no_grad():
-        want = model(x)
-    if shapes == "transform":
-        model = bnrewrite.transform(model, "bn", example_inputs=(x,)).eval()
-    folded = bnrewrite.fold_for_inference(model, example_inputs=(x,) if shapes == "example_inputs" else None)
-    with torch.no_grad():
-        assert rel_err(want, folded(x)) <= 1e-5
+    folded = fold_with_shapes_from(shapes, model, x)
     assert actions(folded) == [action]
     assert no_norm_left(folded) and not any(isinstance(m, ChannelAffine) for m in folded.modules())
 
