@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, require_module
+from .errors import InputError, require_module, warn_at_caller
 
 DEFAULT_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
@@ -120,13 +120,37 @@ def _metric(metric) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], float],
                      f"(outputs, targets) -> float, got {metric!r}")
 
 
+def _weighed_fold(model: nn.Module, alpha: float, example_inputs) -> nn.Module:
+    """The fold at ``alpha``. Sites that normalise with the batch's own statistics (no running
+    statistics; Batch-Group Norm is then kept as it is) ignore α: a model made only of such sites
+    would give a flat curve and a meaningless best α of 0, so it is refused; some of them, a warning."""
+    from .passes.fold import fold_for_inference
+
+    folded = fold_for_inference(model, example_weight=alpha, example_inputs=example_inputs)
+    records = folded.bnrewrite_fold_report.records
+    ignored = [r for r in records if r.action != "example-weighted"]
+    shown = "; ".join(f"'{r.site}' ({r.kind}: {r.reason})" for r in ignored[:3]) + \
+        (f" and {len(ignored) - 3} more" if len(ignored) > 3 else "")
+    if not records:
+        raise InputError(f"tune_example_weight: {type(model).__name__} has no BatchNorm; α has nothing to tune")
+    if len(ignored) == len(records):
+        raise InputError(f"tune_example_weight: example weighing changes no normalisation site of "
+                         f"{type(model).__name__}, so α has nothing to tune: {shown}")
+    if ignored:
+        warn_at_caller(f"tune_example_weight: α does not change {len(ignored)} of {len(records)} normalisation "
+                       f"sites: {shown}")
+    return folded
+
+
 def tune_example_weight(model: nn.Module, data, metric="accuracy", grid: Sequence[float] = DEFAULT_GRID, *,
                         higher_is_better: bool | None = None, plot: str | None = None,
                         batch_size: int = 256, example_inputs=None) -> ExampleWeightCurve:
     """Score ``fold_for_inference(model, example_weight=α)`` on held-out data for every α in ``grid``.
 
     Args:
-        model: a model trained with BatchNorm or a bnrewrite variant (not changed).
+        model: a model trained with BatchNorm or a bnrewrite variant (not changed). Sites
+            without running statistics ignore α: a warning names them, and a model whose
+            every site is such is an InputError.
         data: held-out data: an ``(inputs, targets)`` pair of tensors, or an iterable of
             ``(inputs, targets)`` batches (a DataLoader). ``inputs`` may be a tuple of tensors.
         metric: ``"accuracy"`` (top-1 of the output logits, higher is better), ``"loss"``
@@ -177,8 +201,11 @@ def tune_example_weight(model: nn.Module, data, metric="accuracy", grid: Sequenc
 
     scores = []
     count = 0
+    # the largest α is folded first: its report says whether α changes the model at all
+    folds = {alphas[-1]: _weighed_fold(model, alphas[-1], example_inputs)} if alphas[-1] > 0 else {}
     for alpha in alphas:
-        folded = fold_for_inference(model, example_weight=alpha, example_inputs=example_inputs)
+        folded = folds.pop(alpha) if alpha in folds else \
+            fold_for_inference(model, example_weight=alpha, example_inputs=example_inputs)
         outputs, targets = _collect(folded, batches, device)
         count = outputs.shape[0]
         scores.append(score_fn(outputs, targets))

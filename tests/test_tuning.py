@@ -136,3 +136,54 @@ def test_bad_data():
     x, y = _data()
     with pytest.raises(InputError, match="examples"):
         bnrewrite.tune_example_weight(_model(), (x, y[:3]))
+
+
+def _untracked(recipe=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5))
+    return (bnrewrite.transform(model, recipe) if recipe else model).eval()
+
+
+@pytest.mark.parametrize("recipe,kind", [(None, "BatchNorm2d"), ("bgn:groups=2,examples=2", "BatchGroupNorm")])
+def test_refuses_a_model_that_example_weighing_does_not_change(recipe, kind):
+    """Without running statistics eval normalises with the batch's own (Batch-Group Norm is then kept
+    by the fold as it is): α changes nothing, and the flat curve's best α of 0 would mean nothing."""
+    model = _untracked(recipe)
+    folded = bnrewrite.fold_for_inference(model, example_weight=0.5)
+    x, _ = _data()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bnrewrite.fold_for_inference(model)(x))
+    with pytest.raises(InputError, match=f"changes no normalisation site.*'1' \\({kind}"):
+        bnrewrite.tune_example_weight(model, _data(), grid=(0.0, 0.5))
+    with pytest.raises(InputError, match="has no BatchNorm"):
+        bnrewrite.tune_example_weight(nn.Sequential(nn.Flatten(), nn.Linear(36, 5)), _data())
+
+
+def test_warns_about_sites_example_weighing_does_not_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5))
+    model = bnrewrite.transform(model, "bgn:groups=2,examples=2").eval()
+    with pytest.warns(UserWarning, match=r"α does not change 1 of 2 normalisation sites: '4' \(BatchGroupNorm"):
+        curve = bnrewrite.tune_example_weight(model, _data(), metric="loss", grid=(0.0, 0.5))
+    assert curve.scores[0] != curve.scores[1]  # the tracked site still weighs
+
+
+def test_tunes_batch_group_norm_with_group_pooled_weighing():
+    """A tracked bgn model is tuned on its own rule (moments pooled over channel groups), not the per-channel Eq. 3."""
+    from bnrewrite.runtime.batch_group import BatchGroupNorm
+
+    model = bnrewrite.transform(_model().train(), "bgn:groups=2,examples=2")
+    x, y = _data()
+    for i in range(0, 40, 8):
+        model(x[i:i + 8])
+    model.eval()
+    curve = bnrewrite.tune_example_weight(model, (x, y), metric="loss", grid=(0.0, 0.3))
+    layers = [model.get_submodule(str(i)) for i in range(6)]
+    assert isinstance(layers[1], BatchGroupNorm)
+    layers[1] = layers[1].example_weighted_inference(0.3)
+    with torch.no_grad():
+        h = nn.Sequential(*layers)(x)
+    assert curve.scores[1] == pytest.approx(F.cross_entropy(h, y).item(), abs=1e-5)
