@@ -11,7 +11,12 @@ with ``triton.testing.do_bench`` (median, L2 flushed between runs) for:
 * ``ours:fs``   FS 1/32 patch,   ``ours:bs`` BS N/32 rows (4/128),  ``ours:vdn`` 1 virtual row,
   ``ours:fs+vdn`` FS 1/32 mixed with 1 virtual row at β = 0.5 (bn-sampling.txt §4.1–4.2)
 
-and prints the ratios ours/eager and ours/compiled measured in the same run. Bandwidth:
+and, at shapes that take the single-pass kernels (at most ``SINGLE_PASS_MAX`` values per
+channel; ``--single-pass-max`` changes it), ``ours:bn@split`` and ``ours:fs@split``: the same
+layers forced onto the split kernels (6 launches per step instead of 2), so both launch
+sequences are compared in the same run.
+
+It prints the ratios ours/eager and ours/compiled measured in the same run. Bandwidth:
 a device-to-device copy gives the ceiling (bytes read + written / time); the normalise pass
 alone (one read, one write) is reported against it.
 
@@ -89,8 +94,12 @@ def run(args):
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {copy_gbs:.0f} GB/s",
           flush=True)
     rows = []
+    if args.single_pass_max is not None:
+        _triton.SINGLE_PASS_MAX = args.single_pass_max
+    default_limit = _triton.SINGLE_PASS_MAX
+    print(f"single-pass kernels up to {default_limit} values per channel", flush=True)
     methods = ["eager"] + (["compiled"] if not args.no_compile else []) + [
-        "ours:bn", "ours:fs", "ours:bs", "ours:vdn", "ours:fs+vdn"]
+        "ours:bn", "ours:fs", "ours:bs", "ours:vdn", "ours:fs+vdn", "ours:bn@split", "ours:fs@split"]
     for config in args.configs:
         dtype, fmt = CONFIGS[config]
         for batch in args.batches:
@@ -103,8 +112,12 @@ def run(args):
                 for name in methods:
                     if name == "compiled" and batch not in args.compile_batches:
                         continue
+                    forced_split = name.endswith("@split")
+                    if forced_split and not _triton.single_pass(tuple(x.shape)):
+                        continue  # the default already runs the split kernels here
                     torch._dynamo.reset() if name == "compiled" else None
-                    mod, params = make_method(name, channels, batch, device)
+                    _triton.SINGLE_PASS_MAX = 0 if forced_split else default_limit
+                    mod, params = make_method(name.removesuffix("@split"), channels, batch, device)
 
                     def fwd():
                         return mod(x)
@@ -119,6 +132,7 @@ def run(args):
                     row[f"{name} fwd"] = bench(fwd)
                     row[f"{name} fwdbwd"] = bench(step)
                     row[f"{name} setup_s"] = round(time.time() - t0, 1)
+                    _triton.SINGLE_PASS_MAX = default_limit
                 # the normalise pass alone, against the copy ceiling
                 stats = torch.stack([torch.zeros(channels), torch.ones(channels), torch.zeros(channels),
                                      torch.zeros(channels)]).to(device)
@@ -187,6 +201,8 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--single-pass-max", type=int, default=None,
+                   help="values per channel up to which layers take the single-pass kernels (default: the package's)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bn_layer_speed needs a CUDA device")

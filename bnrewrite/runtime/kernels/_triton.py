@@ -29,6 +29,11 @@ backward  ``_grad_partial_kernel`` (Σ dy' and Σ dy'·x̂ per channel, dy' = dy
           coefficients of Eq. 6) -> ``_grad_input_kernel`` (one pass: dx = rstd·γ·(dy' − [i∈G]·
           (a_G/n_G)·(Σdy' + Σdy'x̂·rstd·(x_i − mean_G)))).
 
+single    at most :data:`SINGLE_PASS_MAX` values per channel (N x positions, e.g. ResNet's
+pass      14² and 7² maps): ``_forward_single_pass_kernel`` and ``_backward_single_pass_kernel``
+          do each direction's three steps above in one launch, one program per block of
+          channels (same formulas, same saved tensors), so a step is 2 launches instead of 6.
+
 Only ``x`` (the input), the ``(4, C)`` float32 statistics ``[mean, var, mean_virtual,
 mean_sampled]`` and the parameters are saved for backward; no full-size intermediate.
 All arithmetic is float32 whatever the storage dtype (fp32, bf16, fp16).
@@ -36,6 +41,8 @@ All arithmetic is float32 whatever the storage dtype (fp32, bf16, fp16).
 from __future__ import annotations
 
 import functools
+import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -81,23 +88,37 @@ def _activation_grad(dy, z, ACT: tl.constexpr, slope):
     return dy
 
 
+# the tilings of a reduction over (row, position) pairs of one group, see _tile_offsets
+TILE_ROW, TILE_UNIFORM, TILE_PAIRS = 0, 1, 2
+
+
 @triton.jit
 def _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
                   stride_n, stride_d, stride_h, stride_w,
                   FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Offsets and mask of the positions of reduction tile ``t`` (channel offset excluded)."""
+    """Offsets and mask of the positions of reduction tile ``t`` (channel offset excluded).
+
+    ``FLAT``: 0 (TILE_ROW) a tile holds positions of one row; 1 (TILE_UNIFORM) channels-last
+    over the whole map, whose (row, position) pairs have one uniform stride; 2 (TILE_PAIRS) a
+    tile holds ``BLOCK_P`` consecutive (row, position) pairs of any layout and box, split by
+    division (the single-pass kernels: there a tile spans several rows of a small map)."""
     ps = tl.arange(0, BLOCK_P)
-    if FLAT:
-        # channels-last over the whole map: (row, position) pairs have one uniform stride
+    if FLAT == 1:
         q = t * BLOCK_P + ps
         pmask = q < nrows * P
         if INT64:
             q = q.to(tl.int64)
         offs = (row0 * P + q) * stride_w
     else:
-        n = row0 + t // tiles_per_row
-        p = (t % tiles_per_row) * BLOCK_P + ps
-        pmask = p < P
+        if FLAT == 2:
+            q = t * BLOCK_P + ps
+            pmask = q < nrows * P
+            n = row0 + q // P
+            p = q % P
+        else:
+            n = row0 + t // tiles_per_row
+            p = (t % tiles_per_row) * BLOCK_P + ps
+            pmask = p < P
         if INT64:
             n = n.to(tl.int64)
             p = p.to(tl.int64)
@@ -111,6 +132,17 @@ def _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
             ww = rem - hh * bw
             offs = n * stride_n + (d0 + dd) * stride_d + (h0 + hh) * stride_h + (w0 + ww) * stride_w
     return offs, pmask
+
+
+@triton.jit
+def _in_box(s, H, W, d0, d1, h0, h1, w0, w1):
+    """Whether map position ``s`` (flat over (D, H, W)) lies in the box [d0,d1) x [h0,h1) x [w0,w1)."""
+    hw = H * W
+    dd = s // hw
+    rem = s - dd * hw
+    hh = rem // W
+    ww = rem - hh * W
+    return (dd >= d0) & (dd < d1) & (hh >= h0) & (hh < h1) & (ww >= w0) & (ww < w1)
 
 
 @triton.jit
@@ -146,24 +178,14 @@ def _per_channel(v, CHANNEL_ON_ROWS: tl.constexpr):
 
 # ============================================================================ forward
 @triton.jit
-def _stats_partial_kernel(x_ptr, part_ptr, C, splits, tiles_per_split, total_tiles,
-                          row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
-                          stride_n, stride_c, stride_d, stride_h, stride_w,
-                          FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel and split: (mean, M2, count) of the split's tiles of one group (Eq. 3)."""
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    coff = cs * stride_c
-    if INT64:
-        coff = coff.to(tl.int64)
+def _chan_moments(x_ptr, coff, cmask, t0, t1, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
+                  stride_n, stride_d, stride_h, stride_w,
+                  FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, M2, count) per channel of tiles ``[t0, t1)`` of one group (Eq. 3)."""
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
     for t in range(t0, t1):
         offs, pmask = _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
                                     stride_n, stride_d, stride_h, stride_w, FLAT, FULL_BOX, INT64, BLOCK_P)
@@ -180,6 +202,32 @@ def _stats_partial_kernel(x_ptr, part_ptr, C, splits, tiles_per_split, total_til
         mean = mean + delta * frac
         m2 = m2 + tm2 + delta * delta * cnt * frac
         cnt = new
+    return mean, m2, cnt
+
+
+@triton.jit
+def _channel_offsets(C, stride_c, INT64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The channels of this program (axis 0), their mask and their offsets."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    coff = cs * stride_c
+    if INT64:
+        coff = coff.to(tl.int64)
+    return cs, cs < C, coff
+
+
+@triton.jit
+def _stats_partial_kernel(x_ptr, part_ptr, C, splits, tiles_per_split, total_tiles,
+                          row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
+                          stride_n, stride_c, stride_d, stride_h, stride_w,
+                          FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel and split: (mean, M2, count) of the split's tiles of one group (Eq. 3)."""
+    pid_s = tl.program_id(1)
+    cs, cmask, coff = _channel_offsets(C, stride_c, INT64, BLOCK_C)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
+    mean, m2, cnt = _chan_moments(x_ptr, coff, cmask, t0, t1, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
+                                  stride_n, stride_d, stride_h, stride_w, FLAT, FULL_BOX, INT64, BLOCK_P, BLOCK_C)
     base = pid_s * C + cs
     tl.store(part_ptr + base, mean, mask=cmask)
     tl.store(part_ptr + splits * C + base, m2, mask=cmask)
@@ -321,33 +369,12 @@ def _normalize_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, R, K, C, eps, slope
 
 # ============================================================================ backward
 @triton.jit
-def _grad_partial_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, part_ptr, C, splits, tiles_per_split,
-                         total_tiles, nrows, P, tiles_per_row, stride_n, stride_c, stride_w, eps, slope,
-                         FLAT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                         INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel and split: Σ dy' and Σ dy'·x̂ over every point (App. C Eq. 5: the
-    reductions keep length m after sampling, since every point was normalised)."""
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    coff = cs * stride_c
-    if INT64:
-        coff = coff.to(tl.int64)
-    mean = tl.load(stats_ptr + cs, mask=cmask, other=0.0)
-    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + C + cs, mask=cmask, other=1.0) + eps)
-    if HAS_W:
-        w = tl.load(w_ptr + cs, mask=cmask, other=1.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+def _grad_sums(dy_ptr, x_ptr, coff, cmask, mean, rstd, w, b, t0, t1, nrows, P, tiles_per_row, stride_n, stride_w,
+               slope, FLAT: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ dy' and Σ dy'·x̂ per channel over tiles ``[t0, t1)`` of the whole map."""
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dyx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
     for t in range(t0, t1):
         offs, pmask = _tile_offsets(t, 0, nrows, P, tiles_per_row, 1, 1, 0, 0, 0,
                                     stride_n, 0, 0, stride_w, FLAT, True, INT64, BLOCK_P)
@@ -361,6 +388,47 @@ def _grad_partial_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, part_ptr, C, sp
         g = tl.where(m, g, 0.0)
         sum_dy += tl.sum(g, axis=0)
         sum_dyx += tl.sum(g * xhat, axis=0)
+    return sum_dy, sum_dyx
+
+
+@triton.jit
+def _affine(w_ptr, b_ptr, cs, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """γ and β of the channels ``cs`` in fp32 (1 and 0 without affine)."""
+    if HAS_W:
+        w = tl.load(w_ptr + cs, mask=cmask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
+def _channel_params(stats_ptr, w_ptr, b_ptr, C, cs, cmask, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """mean, rstd, γ and β of the channels ``cs`` from the saved statistics."""
+    mean = tl.load(stats_ptr + cs, mask=cmask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + C + cs, mask=cmask, other=1.0) + eps)
+    w, b = _affine(w_ptr, b_ptr, cs, cmask, HAS_W, HAS_B, BLOCK_C)
+    return mean, rstd, w, b
+
+
+@triton.jit
+def _grad_partial_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, part_ptr, C, splits, tiles_per_split,
+                         total_tiles, nrows, P, tiles_per_row, stride_n, stride_c, stride_w, eps, slope,
+                         FLAT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                         INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel and split: Σ dy' and Σ dy'·x̂ over every point (App. C Eq. 5: the
+    reductions keep length m after sampling, since every point was normalised)."""
+    pid_s = tl.program_id(1)
+    cs, cmask, coff = _channel_offsets(C, stride_c, INT64, BLOCK_C)
+    mean, rstd, w, b = _channel_params(stats_ptr, w_ptr, b_ptr, C, cs, cmask, eps, HAS_W, HAS_B, BLOCK_C)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, total_tiles)
+    sum_dy, sum_dyx = _grad_sums(dy_ptr, x_ptr, coff, cmask, mean, rstd, w, b, t0, t1, nrows, P, tiles_per_row,
+                                 stride_n, stride_w, slope, FLAT, ACT, INT64, BLOCK_P, BLOCK_C)
     base = pid_s * C + cs
     tl.store(part_ptr + base, sum_dy, mask=cmask)
     tl.store(part_ptr + splits * C + base, sum_dyx, mask=cmask)
@@ -431,12 +499,7 @@ def _grad_input_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, coef_ptr, dx_ptr,
         n = rows // S
         s = rows - n * S
     if not ALL_SAMPLED:
-        hw = H * W
-        dd = s // hw
-        rem = s - dd * hw
-        hh = rem // W
-        ww = rem - hh * W
-        in_box = (dd >= d0) & (dd < d1) & (hh >= h0) & (hh < h1) & (ww >= w0) & (ww < w1)
+        in_box = _in_box(s, H, W, d0, d1, h0, h1, w0, w1)
         in_rows = (n >= r0) & (n < r1)
         in_virtual = n < nv
         if CHANNEL_ON_ROWS:
@@ -457,6 +520,104 @@ def _grad_input_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, coef_ptr, dx_ptr,
         if HAS_V:
             g = g - tl.where(in_v, a_v + b_v * (x - mean_v), 0.0)
     tl.store(dx_ptr + offs, (k1 * g).to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ============================================================================ single pass
+# A layer with few values per channel (ResNet's 14² and 7² maps) costs the host more than the
+# device: each launch's host time exceeds its kernel time (benchmarks/kernel_overhead.py). There
+# one program per block of channels does a whole direction -- statistics, then the normalise pass
+# over its channels; or both backward reductions, then dx -- so a step is 2 launches, not 6,
+# and needs no partials. A program's channels are small, so their second read mostly hits L2.
+
+@triton.jit
+def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, C, N, S, tiles_map,
+                                nv, tiles_v, r0, nrows_s, P_s, tiles_s, bh, bw, d0, h0, w0,
+                                stride_n, stride_c, stride_d, stride_h, stride_w, wv, eps, slope, momentum, unbias,
+                                FULL_BOX_S: tl.constexpr, HAS_S: tl.constexpr, HAS_V: tl.constexpr,
+                                HAS_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                                ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_stats_partial_kernel` + :func:`_stats_finalize_kernel` + :func:`_normalize_kernel`
+    for the channels of one program (Eq. 3 per group, Eq. 4 mixing, Eq. 1 over every point)."""
+    cs, cmask, coff = _channel_offsets(C, stride_c, INT64, BLOCK_C)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    var = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean_v = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_V:
+        mean_v, m2_v, cnt_v = _chan_moments(x_ptr, coff, cmask, 0, tiles_v, 0, nv, S, 1, 1, 1, 0, 0, 0,
+                                            stride_n, stride_d, stride_h, stride_w, 2, True, INT64, BLOCK_P, BLOCK_C)
+        mean += wv * mean_v
+        var += wv * tl.maximum(m2_v / tl.maximum(cnt_v, 1.0), 0.0)
+    if HAS_S:
+        mean_s, m2_s, cnt_s = _chan_moments(x_ptr, coff, cmask, 0, tiles_s, r0, nrows_s, P_s, 1, bh, bw, d0, h0, w0,
+                                            stride_n, stride_d, stride_h, stride_w, 2, FULL_BOX_S, INT64, BLOCK_P,
+                                            BLOCK_C)
+        mean += (1.0 - wv) * mean_s
+        var += (1.0 - wv) * tl.maximum(m2_s / tl.maximum(cnt_s, 1.0), 0.0)
+    tl.store(stats_ptr + cs, mean, mask=cmask)
+    tl.store(stats_ptr + C + cs, var, mask=cmask)
+    tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
+    tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
+    if HAS_RUNNING:
+        _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
+    # from the registers, not re-read from stats_ptr: another thread of this program stored those
+    w, b = _affine(w_ptr, b_ptr, cs, cmask, HAS_W, HAS_B, BLOCK_C)
+    scale = w / tl.sqrt(var + eps)
+    for t in range(0, tiles_map):
+        offs, pmask = _tile_offsets(t, 0, N, S, 1, 1, 1, 0, 0, 0, stride_n, 0, 0, stride_w, 2, True, INT64, BLOCK_P)
+        m = pmask[:, None] & cmask[None, :]
+        o = offs[:, None] + coff[None, :]
+        xv = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
+        y = _activation((xv - mean[None, :]) * scale[None, :] + b[None, :], ACT, slope)
+        tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _backward_single_pass_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, dx_ptr, dw_ptr, db_ptr, C, N, S, H, W,
+                                 tiles_map, nv, r0, r1, d0, d1, h0, h1, w0, w1, stride_n, stride_c, stride_w,
+                                 wv, n_v, n_s, eps, slope,
+                                 ALL_SAMPLED: tl.constexpr, HAS_S: tl.constexpr, HAS_V: tl.constexpr,
+                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_grad_partial_kernel` + :func:`_grad_finalize_kernel` + :func:`_grad_input_kernel`
+    for the channels of one program (App. C Eq. 5, then Eq. 6 in one pass over every point)."""
+    cs, cmask, coff = _channel_offsets(C, stride_c, INT64, BLOCK_C)
+    mean, rstd, w, b = _channel_params(stats_ptr, w_ptr, b_ptr, C, cs, cmask, eps, HAS_W, HAS_B, BLOCK_C)
+    sum_dy, sum_dyx = _grad_sums(dy_ptr, x_ptr, coff, cmask, mean, rstd, w, b, 0, tiles_map, N, S, 1,
+                                 stride_n, stride_w, slope, 2, ACT, INT64, BLOCK_P, BLOCK_C)
+    tl.store(dw_ptr + cs, sum_dyx, mask=cmask)
+    tl.store(db_ptr + cs, sum_dy, mask=cmask)
+    k1 = (rstd * w)[None, :]
+    a_s = ((1.0 - wv) / n_s * sum_dy)[None, :]
+    b_s = ((1.0 - wv) / n_s * sum_dyx * rstd)[None, :]
+    a_v = (wv / n_v * sum_dy)[None, :]
+    b_v = (wv / n_v * sum_dyx * rstd)[None, :]
+    mean_v = tl.load(stats_ptr + 2 * C + cs, mask=cmask, other=0.0)[None, :]
+    mean_s = tl.load(stats_ptr + 3 * C + cs, mask=cmask, other=0.0)[None, :]
+    for t in range(0, tiles_map):
+        q = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = q < N * S
+        n = q // S
+        p = q - n * S
+        if INT64:
+            offs = n.to(tl.int64) * stride_n + p.to(tl.int64) * stride_w
+        else:
+            offs = n * stride_n + p * stride_w
+        m = pmask[:, None] & cmask[None, :]
+        o = offs[:, None] + coff[None, :]
+        x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + o, mask=m, other=0.0).to(tl.float32)
+        if ACT != 0:
+            g = _activation_grad(g, (x - mean[None, :]) * rstd[None, :] * w[None, :] + b[None, :], ACT, slope)
+        if ALL_SAMPLED:
+            g = g - (a_s + b_s * (x - mean_s))
+        else:
+            if HAS_S:
+                in_s = ((n >= r0) & (n < r1) & _in_box(p, H, W, d0, d1, h0, h1, w0, w1))[:, None]
+                g = g - tl.where(in_s, a_s + b_s * (x - mean_s), 0.0)
+            if HAS_V:
+                g = g - tl.where((n < nv)[:, None], a_v + b_v * (x - mean_v), 0.0)
+        tl.store(dx_ptr + o, (k1 * g).to(dx_ptr.dtype.element_ty), mask=m)
 
 
 # ============================================================================ host side
@@ -638,6 +799,70 @@ def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v
     return _BackwardPlan(partial, splits, finalize, grad_input, g.C)
 
 
+# Values per channel (N x positions) up to which a layer runs the single-pass kernels. Below
+# it a step is bound by the host's 6 launches of the split kernels (see the single-pass section
+# above); above it the split kernels' parallelism over rows wins. BNREWRITE_SINGLE_PASS_MAX
+# overrides it (0: never; benchmarks/bn_layer_speed.py --single-pass-max compares both).
+SINGLE_PASS_MAX = int(os.environ.get("BNREWRITE_SINGLE_PASS_MAX", 1 << 16))
+
+
+def single_pass(shape) -> bool:
+    """Whether a tensor of ``shape`` runs the single-pass kernels (see :data:`SINGLE_PASS_MAX`)."""
+    return math.prod(shape) <= SINGLE_PASS_MAX * shape[1]
+
+
+class _SinglePassPlan(NamedTuple):
+    forward: _Launch
+    backward: _Launch
+    counts: tuple[float, float]      # n_v, n_s of Eq. 6
+    C: int
+
+
+def _single_pass_tiling(g: Geometry, programs: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of a single-pass program: its channels, and the (row, position) pairs
+    of one tile. Channels-last reads need ≥ 16 adjacent channels per row to fill a memory
+    sector; channels-first ones read each channel's positions contiguously, so there few
+    channels per program keep the programs many. With one position per row (``(N, C)``) both
+    layouts have adjacent channels."""
+    if g.channels_last or g.S == 1:
+        block_c = min(_pow2(g.C), 64)
+        while block_c > 16 and -(-g.C // block_c) < programs:
+            block_c //= 2
+    else:
+        block_c = 1
+        while block_c < 4 and -(-g.C // (2 * block_c)) >= programs:
+            block_c *= 2
+    block_p = max(1, min(_pow2(g.N * g.S), _REDUCE_TILE // block_c))
+    return block_c, block_p
+
+
+@functools.lru_cache(maxsize=1024)
+def _single_pass_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v: bool, has_s: bool,
+                      act: str, has_w: bool, has_b: bool, programs: int) -> _SinglePassPlan:
+    g = Geometry(shape, is_channels_last)
+    nv, r0, r1, box = _region_parts(region)
+    (d0, d1), (h0, h1), (w0, w1) = box
+    bh, bw = h1 - h0, w1 - w0
+    P_s = (d1 - d0) * bh * bw
+    n_s = (r1 - r0) * P_s
+    n_v = nv * g.S
+    block_c, block_p = _single_pass_tiling(g, programs)
+
+    def tiles(pairs: int) -> int:
+        return -(-pairs // block_p)
+
+    grid = (-(-g.C // block_c),)
+    meta = dict(HAS_S=has_s, HAS_V=has_v, HAS_W=has_w, HAS_B=has_b, ACT=ACTIVATIONS[act], INT64=g.int64,
+                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    forward = _Launch(grid, (g.C, g.N, g.S, tiles(g.N * g.S), nv, tiles(n_v), r0, r1 - r0, P_s, tiles(n_s), bh, bw,
+                             d0, h0, w0, g.stride_n, g.stride_c, g.stride_d, g.stride_h, g.stride_w),
+                      dict(meta, FULL_BOX_S=P_s == g.S))
+    backward = _Launch(grid, (g.C, g.N, g.S, g.H, g.W, tiles(g.N * g.S), nv, r0, r1, d0, d1, h0, h1, w0, w1,
+                              g.stride_n, g.stride_c, g.stride_w),
+                       dict(meta, ALL_SAMPLED=has_s and not has_v and n_s == g.N * g.S))
+    return _SinglePassPlan(forward, backward, (float(max(n_v, 1)), float(max(n_s, 1))), g.C)
+
+
 def _flags(x: torch.Tensor, region, wv: float, act: str, weight, bias) -> tuple:
     """The plan key of a call: everything its launch arguments depend on."""
     region = tuple(region)
@@ -658,7 +883,10 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
     Returns ``(y, stats)`` with ``stats = [mean, var, mean_virtual, mean_sampled]`` (4, C) fp32.
     ``running = (running_mean, running_var, momentum, unbias)``: also update those in place, as
     :func:`update_running_stats` does, in the same launch that finalizes the statistics."""
-    plan = _forward_plan(*_flags(x, region, wv, act, weight, bias))
+    key = _flags(x, region, wv, act, weight, bias)
+    if single_pass(x.shape):
+        return _forward_single_pass(x, weight, bias, wv, eps, slope, running, _single_pass_plan(*key))
+    plan = _forward_plan(*key)
     dummy = stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
     partials = []
     for group in (plan.sampled, plan.virtual):
@@ -674,6 +902,19 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
     _stats_finalize_kernel[fin.grid](*partials, stats, plan.C, float(wv), rm, rv, float(momentum), float(unbias),
                                      HAS_RUNNING=running is not None, **fin.meta)
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
+
+
+def _forward_single_pass(x, weight, bias, wv: float, eps: float, slope: float, running,
+                         plan: _SinglePassPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    rm, rv, momentum, unbias = running if running is not None else (stats, stats, 0.0, 1.0)
+    launch = plan.forward
+    _forward_single_pass_kernel[launch.grid](x, y, stats, stats if weight is None else weight,
+                                             stats if bias is None else bias, rm, rv, *launch.args, float(wv),
+                                             float(eps), float(slope), float(momentum), float(unbias),
+                                             HAS_RUNNING=running is not None, **launch.meta)
+    return y, stats
 
 
 def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_sq_mean: torch.Tensor,
@@ -715,12 +956,23 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
     ``group_count``: the sampled group's n_G in Eq. 6 instead of its size (k·M for
     :func:`window_forward`, whose statistics give the batch a 1/k share)."""
     key = _flags(x, region, wv, act, weight, bias)
-    plan = _backward_plan(*key)
     has_v = key[3]
     dy = like(dy, x)
-    device, C = x.device, plan.C
     w_arg = stats if weight is None else weight
     b_arg = stats if bias is None else bias
+    if single_pass(x.shape):
+        plan = _single_pass_plan(*key)
+        dx = torch.empty_like(x)
+        dw = torch.empty(plan.C, device=x.device, dtype=torch.float32)
+        db = torch.empty(plan.C, device=x.device, dtype=torch.float32)
+        counts = plan.counts if group_count is None else (plan.counts[0], float(group_count))
+        launch = plan.backward
+        _backward_single_pass_kernel[launch.grid](dy, x, stats, w_arg, b_arg, dx, dw, db, *launch.args,
+                                                  float(wv if has_v else 0.0), *counts, float(eps), float(slope),
+                                                  **launch.meta)
+        return dx, dw, db
+    plan = _backward_plan(*key)
+    device, C = x.device, plan.C
     part = torch.empty((2, plan.splits, C), device=device, dtype=torch.float32)
     launch = plan.partial
     _grad_partial_kernel[launch.grid](dy, x, stats, w_arg, b_arg, part, *launch.args, float(eps), float(slope),

@@ -97,9 +97,10 @@ def _gradients(ctx, grad_y, backward_fn):
     region, virtual_weight, eps, activation, slope = ctx.config
     dx, dw, db = backward_fn(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    # the kernels' dweight/dbias are fp32; a parameter of another dtype gets its own (.to is not free per call)
     return (dx if need_x else None,
-            dw.to(weight.dtype) if need_w and weight is not None else None,
-            db.to(bias.dtype) if need_b and bias is not None else None,
+            (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need_w and weight is not None else None,
+            (db if db.dtype == bias.dtype else db.to(bias.dtype)) if need_b and bias is not None else None,
             None, None, None, None, None)
 
 

@@ -32,6 +32,16 @@ def _kernels():
     return _triton
 
 
+@pytest.fixture(params=["split", "single-pass"])
+def kernel_path(request, monkeypatch):
+    """Every kernel check runs on both launch sequences: the split kernels (statistics partials,
+    finalize, normalise; 3 launches each way) and the single-pass ones (1 launch each way)."""
+    if not INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("no triton backend")
+    monkeypatch.setattr(_kernels(), "SINGLE_PASS_MAX", 0 if request.param == "split" else 2 ** 62)
+    return request.param
+
+
 def _cases():
     # every spec case meets every dtype and both layouts once; activations rotate through
     out = []
@@ -89,26 +99,62 @@ def _check(shape, spec_factory, dtype, channels_last, act, device):
 
 @pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
 @pytest.mark.parametrize("shape,spec_factory,dtype,channels_last,act", _cases())
-def test_kernels_match_reference_interpreted(shape, spec_factory, dtype, channels_last, act):
+def test_kernels_match_reference_interpreted(shape, spec_factory, dtype, channels_last, act, kernel_path):
     _check(shape, spec_factory, dtype, channels_last, act, "cpu")
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
-def test_launch_plans_are_cached_per_shape_layout_and_region():
+def test_launch_plans_are_cached_per_shape_layout_and_region(kernel_path):
     """Launch arguments are computed once per (shape, layout, region, flags) and reused: the
     same shape in both layouts and with three samples, twice over, still matches the reference."""
     triton_mod = _kernels()
     specs = [lambda: None, lambda: SampleSpec(rows=(0, 3), patch=((1, 4), (2, 5))), lambda: SampleSpec(rows=(1, 2))]
-    triton_mod._forward_plan.cache_clear()
-    triton_mod._backward_plan.cache_clear()
+    for plan in (triton_mod._forward_plan, triton_mod._backward_plan, triton_mod._single_pass_plan):
+        plan.cache_clear()
     for _ in range(2):
         for spec in specs:
             for cl in (False, True):
                 _check((3, 5, 7, 6), spec, torch.float32, cl, "relu", "cpu")
     # _check runs forward twice (with and without the running update) and backward once
-    for plan, calls in ((triton_mod._forward_plan, 24), (triton_mod._backward_plan, 12)):
+    if kernel_path == "split":
+        expected = ((triton_mod._forward_plan, 24), (triton_mod._backward_plan, 12), (triton_mod._single_pass_plan, 0))
+    else:  # one plan serves both directions
+        expected = ((triton_mod._forward_plan, 0), (triton_mod._backward_plan, 0), (triton_mod._single_pass_plan, 36))
+    for plan, calls in expected:
         info = plan.cache_info()
-        assert (info.misses, info.hits) == (6, calls - 6)
+        assert (info.misses, info.hits) == (min(6, calls), calls - min(6, calls))
+
+
+@pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="no triton backend")
+def test_the_launch_sequence_follows_the_values_per_channel(monkeypatch):
+    """Layers with at most SINGLE_PASS_MAX values per channel (N x positions) take the single-pass
+    kernels, larger ones the split kernels: each direction is 1 launch, or 3."""
+    triton_mod = _kernels()
+    monkeypatch.setattr(triton_mod, "SINGLE_PASS_MAX", 3 * 7 * 6)
+    launched = []
+    for name in ("_stats_partial_kernel", "_stats_finalize_kernel", "_normalize_kernel", "_grad_partial_kernel",
+                 "_grad_finalize_kernel", "_grad_input_kernel", "_forward_single_pass_kernel",
+                 "_backward_single_pass_kernel"):
+        kernel = getattr(triton_mod, name)
+
+        class Counted:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(triton_mod, name, Counted(kernel, name))
+    for shape, expected in (((3, 5, 7, 6), ["_forward_single_pass_kernel", "_backward_single_pass_kernel"]),
+                            ((4, 5, 7, 6), ["_stats_partial_kernel", "_stats_finalize_kernel", "_normalize_kernel",
+                                            "_grad_partial_kernel", "_grad_finalize_kernel", "_grad_input_kernel"])):
+        launched.clear()
+        assert triton_mod.single_pass(shape) == (len(expected) == 2)
+        _check(shape, lambda: None, torch.float32, False, "relu", "cuda" if torch.cuda.is_available() else "cpu")
+        # _check: forward, backward, the separate running update, forward with the update
+        assert launched[:len(expected)] == expected
+        assert launched.count(expected[0]) == 2
 
 
 def _gpu_cases():
@@ -135,12 +181,12 @@ def _gpu_cases():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape,spec_factory,dtype,channels_last,act", _gpu_cases())
-def test_kernels_match_reference_cuda(shape, spec_factory, dtype, channels_last, act):
+def test_kernels_match_reference_cuda(shape, spec_factory, dtype, channels_last, act, kernel_path):
     _check(shape, spec_factory, dtype, channels_last, act, "cuda")
 
 
 @pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="no triton backend")
-def test_gradient_in_other_memory_format_is_accepted():
+def test_gradient_in_other_memory_format_is_accepted(kernel_path):
     """A gradient arriving NCHW for a channels-last input (or vice versa) gives the same dx."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_mod = _kernels()
@@ -157,7 +203,7 @@ def test_gradient_in_other_memory_format_is_accepted():
 
 
 @pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="no triton backend")
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(kernel_path):
     """Poisoned outputs: the kernels write every element (NaN would survive otherwise)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_mod = _kernels()
@@ -232,7 +278,7 @@ _WINDOW_CASES = [((3, 5, 7, 6), torch.float32, False, 1, "none"), ((3, 5, 7, 6),
 @pytest.mark.parametrize("shape,dtype,channels_last,h,act", _WINDOW_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{'cl' if c[2] else 'nchw'}-h{c[3]}-{c[4]}"
                               for c in _WINDOW_CASES])
-def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_last, h, act):
+def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_last, h, act, kernel_path):
     _check_window(shape, dtype, channels_last, h, "cpu", act)
 
 
@@ -241,5 +287,5 @@ def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_l
                          [((8, 64, 28, 28), torch.float32, False, 3, "relu"),
                           ((16, 48, 29, 31), torch.bfloat16, True, 7, "silu"),
                           ((300, 70), torch.float32, False, 2, "none"), ((7, 37, 13, 11), torch.float16, True, 1, "relu")])
-def test_window_kernels_match_cbn_reference_cuda(shape, dtype, channels_last, h, act):
+def test_window_kernels_match_cbn_reference_cuda(shape, dtype, channels_last, h, act, kernel_path):
     _check_window(shape, dtype, channels_last, h, "cuda", act)
