@@ -292,18 +292,15 @@ def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr
 
 
 @triton.jit
-def _window_finalize_kernel(part_ptr, splits, past_mean_ptr, past_sq_ptr, h, stats_ptr, C,
-                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _window_moments(mean_t, var_t, past_mean_ptr, past_sq_ptr, h, stats_ptr, C, cs, cmask):
     """Cross-iteration BN's window statistics (cross-iteration-bn.txt Eqs. 9–11): the current
-    batch's (μ_t, var_t) from the partials, mixed with h compensated past (μ_τ, ν_τ).
+    batch's (μ_t, var_t) mixed with h compensated past (μ_τ, ν_τ), stored in ``stats_ptr``.
 
     μ̄ = mean of the k = h + 1 means; σ̄² = (1/k)Σ max(ν_τ − μ_τ², 0) + (1/k)Σ (μ_τ − μ̄)² with
     ν_t − μ_t² = var_t (the cancellation-free form of ``window_statistics``). Stored rows:
     [μ̄, σ̄², 0, μ̄, μ_t, var_t] -- rows 0–3 in the layout the backward kernels read (one sampled
-    group whose mean is μ̄), rows 4–5 the batch's own moments for the history and running stats."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    mean_t, var_t = _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S, BLOCK_C)
+    group whose mean is μ̄), rows 4–5 the batch's own moments for the history and running stats.
+    Returns (μ̄, σ̄²)."""
     mean_sum = mean_t
     var_sum = var_t
     for i in range(0, h):
@@ -324,6 +321,17 @@ def _window_finalize_kernel(part_ptr, splits, past_mean_ptr, past_sq_ptr, h, sta
     tl.store(stats_ptr + 3 * C + cs, mean, mask=cmask)
     tl.store(stats_ptr + 4 * C + cs, mean_t, mask=cmask)
     tl.store(stats_ptr + 5 * C + cs, var_t, mask=cmask)
+    return mean, var
+
+
+@triton.jit
+def _window_finalize_kernel(part_ptr, splits, past_mean_ptr, past_sq_ptr, h, stats_ptr, C,
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_window_moments` of the batch's partials (6, C) into ``stats_ptr``."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    mean_t, var_t = _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S, BLOCK_C)
+    _window_moments(mean_t, var_t, past_mean_ptr, past_sq_ptr, h, stats_ptr, C, cs, cmask)
 
 
 @triton.jit
@@ -560,7 +568,17 @@ def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, r
     tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
     if HAS_RUNNING:
         _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
-    # from the registers, not re-read from stats_ptr: another thread of this program stored those
+    _normalize_channels(x_ptr, y_ptr, w_ptr, b_ptr, coff, cs, cmask, mean, var, N, S, tiles_map, stride_n, stride_w,
+                        eps, slope, HAS_W, HAS_B, ACT, INT64, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _normalize_channels(x_ptr, y_ptr, w_ptr, b_ptr, coff, cs, cmask, mean, var, N, S, tiles_map, stride_n, stride_w,
+                        eps, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                        INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = act((x − mean)·rstd·γ + β) over every point of this program's channels (Eq. 1).
+    ``mean``/``var`` come from the registers, not from the stored statistics: other threads of
+    the program stored those, and nothing orders their stores before these loads."""
     w, b = _affine(w_ptr, b_ptr, cs, cmask, HAS_W, HAS_B, BLOCK_C)
     scale = w / tl.sqrt(var + eps)
     for t in range(0, tiles_map):
@@ -570,6 +588,22 @@ def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, r
         xv = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
         y = _activation((xv - mean[None, :]) * scale[None, :] + b[None, :], ACT, slope)
         tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _window_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, past_mean_ptr, past_sq_ptr, h, C, N, S,
+                               tiles_map, stride_n, stride_c, stride_w, eps, slope,
+                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Cross-iteration BN's forward for the channels of one program: the batch's moments, the
+    window statistics (:func:`_window_moments`, Eqs. 9–11) and the normalise pass (Eq. 12)."""
+    cs, cmask, coff = _channel_offsets(C, stride_c, INT64, BLOCK_C)
+    mean_t, m2, cnt = _chan_moments(x_ptr, coff, cmask, 0, tiles_map, 0, N, S, 1, 1, 1, 0, 0, 0,
+                                    stride_n, 0, 0, stride_w, 2, True, INT64, BLOCK_P, BLOCK_C)
+    var_t = tl.maximum(m2 / tl.maximum(cnt, 1.0), 0.0)
+    mean, var = _window_moments(mean_t, var_t, past_mean_ptr, past_sq_ptr, h, stats_ptr, C, cs, cmask)
+    _normalize_channels(x_ptr, y_ptr, w_ptr, b_ptr, coff, cs, cmask, mean, var, N, S, tiles_map, stride_n, stride_w,
+                        eps, slope, HAS_W, HAS_B, ACT, INT64, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
@@ -814,6 +848,7 @@ def single_pass(shape) -> bool:
 class _SinglePassPlan(NamedTuple):
     forward: _Launch
     backward: _Launch
+    window: _Launch                  # Cross-iteration BN's forward (whole batch, no sample)
     counts: tuple[float, float]      # n_v, n_s of Eq. 6
     C: int
 
@@ -860,7 +895,9 @@ def _single_pass_plan(shape, is_channels_last: bool, region: tuple[int, ...], ha
     backward = _Launch(grid, (g.C, g.N, g.S, g.H, g.W, tiles(g.N * g.S), nv, r0, r1, d0, d1, h0, h1, w0, w1,
                               g.stride_n, g.stride_c, g.stride_w),
                        dict(meta, ALL_SAMPLED=has_s and not has_v and n_s == g.N * g.S))
-    return _SinglePassPlan(forward, backward, (float(max(n_v, 1)), float(max(n_s, 1))), g.C)
+    window = _Launch(grid, (g.C, g.N, g.S, tiles(g.N * g.S), g.stride_n, g.stride_c, g.stride_w),
+                     {k: v for k, v in meta.items() if k not in ("HAS_S", "HAS_V")})
+    return _SinglePassPlan(forward, backward, window, (float(max(n_v, 1)), float(max(n_s, 1))), g.C)
 
 
 def _flags(x: torch.Tensor, region, wv: float, act: str, weight, bias) -> tuple:
@@ -921,15 +958,26 @@ def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_
                    eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-iteration BN forward (Eqs. 9–12): one reduction over the batch, the window finalize
     (:func:`_window_finalize_kernel`) with the (h, C) compensated past statistics, one normalise
-    pass. Returns ``(y, stats)``, ``stats`` (6, C) fp32 as that kernel stores it; :func:`backward`
+    pass; with few values per channel (:func:`single_pass`) all three in one launch. Returns ``(y, stats)``, ``stats`` (6, C) fp32 as that kernel stores it; :func:`backward`
     with the whole batch as the one group of count k·M differentiates it."""
-    plan = _forward_plan(*_flags(x, whole_batch_region(x.shape), 0.0, act, weight, bias))
+    key = _flags(x, whole_batch_region(x.shape), 0.0, act, weight, bias)
+    past_mean = past_mean.to(torch.float32).contiguous()
+    past_sq_mean = past_sq_mean.to(torch.float32).contiguous()
+    if single_pass(x.shape):
+        plan = _single_pass_plan(*key)
+        stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
+        y = torch.empty_like(x)
+        launch = plan.window
+        _window_single_pass_kernel[launch.grid](x, y, stats, stats if weight is None else weight,
+                                                stats if bias is None else bias, past_mean, past_sq_mean,
+                                                int(past_mean.shape[0]), *launch.args, float(eps), float(slope),
+                                                **launch.meta)
+        return y, stats
+    plan = _forward_plan(*key)
     launch, splits = plan.sampled
     part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
     _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)
     stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
-    past_mean = past_mean.to(torch.float32).contiguous()
-    past_sq_mean = past_sq_mean.to(torch.float32).contiguous()
     fin = plan.finalize
     _window_finalize_kernel[fin.grid](part, splits, past_mean, past_sq_mean, int(past_mean.shape[0]), stats, plan.C,
                                       BLOCK_S=fin.meta["BLOCK_S"], BLOCK_C=fin.meta["BLOCK_C"], num_warps=4)

@@ -134,7 +134,7 @@ def test_the_launch_sequence_follows_the_values_per_channel(monkeypatch):
     launched = []
     for name in ("_stats_partial_kernel", "_stats_finalize_kernel", "_normalize_kernel", "_grad_partial_kernel",
                  "_grad_finalize_kernel", "_grad_input_kernel", "_forward_single_pass_kernel",
-                 "_backward_single_pass_kernel"):
+                 "_backward_single_pass_kernel", "_window_finalize_kernel", "_window_single_pass_kernel"):
         kernel = getattr(triton_mod, name)
 
         class Counted:
@@ -155,6 +155,12 @@ def test_the_launch_sequence_follows_the_values_per_channel(monkeypatch):
         # _check: forward, backward, the separate running update, forward with the update
         assert launched[:len(expected)] == expected
         assert launched.count(expected[0]) == 2
+    # Cross-iteration BN's forward: the window statistics in the same single launch, or split
+    for shape, expected in (((3, 5, 7, 6), ["_window_single_pass_kernel"]),
+                            ((4, 5, 7, 6), ["_stats_partial_kernel", "_window_finalize_kernel", "_normalize_kernel"])):
+        launched.clear()
+        _check_window(shape, torch.float32, False, 2, "cuda" if torch.cuda.is_available() else "cpu", "relu")
+        assert launched[:len(expected)] == expected
 
 
 def _gpu_cases():
