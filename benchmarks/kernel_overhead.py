@@ -64,7 +64,7 @@ def measure(name, mod, x, dy, params, iters=50):
     except Exception as exc:  # noqa: BLE001 - report, not fail
         graphed = float("nan")
         print(f"  ({name}: CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:80]})")
-    print(f"{name:10s} wall {wall:7.3f} ms  host issue {host_issue:7.3f} ms  device {device_ms:7.3f} ms "
+    print(f"{name:14s} wall {wall:7.3f} ms  host issue {host_issue:7.3f} ms  device {device_ms:7.3f} ms "
           f"({kernels:.0f} kernels)  cuda-graph replay {graphed:7.3f} ms")
 
 
@@ -156,12 +156,19 @@ def main():
     fused = FusedBatchNorm.from_batchnorm(nn.BatchNorm2d(c).cuda())
     fused.add_module("act", nn.ReLU())
     fused._post_children = ("act",)
-    measure("ours:bn", fused.train(), x, dy, [fused.weight, fused.bias])
     fs = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(c).cuda(), strategy="fs", ratio=1 / 32)
     fs.__class__ = lowered_class(SampledBatchNorm)
     fs.add_module("act", nn.ReLU())
     fs._post_children = ("act",)
-    measure("ours:fs", fs.train(), x, dy, [fs.weight, fs.bias])
+    from bnrewrite.runtime.kernels import _triton
+
+    default_limit = _triton.SINGLE_PASS_MAX
+    for name, mod in (("ours:bn", fused), ("ours:fs", fs)):
+        measure(name, mod.train(), x, dy, [mod.weight, mod.bias])
+        if _triton.single_pass(tuple(x.shape)):  # the same layer on the split kernels, for comparison
+            _triton.SINGLE_PASS_MAX = 0
+            measure(f"{name}@split", mod, x, dy, [mod.weight, mod.bias])
+            _triton.SINGLE_PASS_MAX = default_limit
     if args.profile:
         import cProfile
         import pstats
