@@ -11,8 +11,8 @@ with ``triton.testing.do_bench`` (median, L2 flushed between runs) for:
 * ``ours:fs``   FS 1/32 patch,   ``ours:bs`` BS N/32 rows (4/128),  ``ours:vdn`` 1 virtual row,
   ``ours:fs+vdn`` FS 1/32 mixed with 1 virtual row at β = 0.5 (bn-sampling.txt §4.1–4.2)
 
-and, at shapes that take the single-pass kernels (at most ``SINGLE_PASS_MAX`` values per
-channel; ``--single-pass-max`` changes it), ``ours:bn@split`` and ``ours:fs@split``: the same
+and, at shapes that take the single-pass kernels (``_triton.SINGLE_PASS_MAX``; ``--single-pass-max``
+changes it), ``ours:bn@split`` and ``ours:fs@split``: the same
 layers forced onto the split kernels (6 launches per step instead of 2), so both launch
 sequences are compared in the same run.
 
@@ -97,7 +97,7 @@ def run(args):
     if args.single_pass_max is not None:
         _triton.SINGLE_PASS_MAX = args.single_pass_max
     default_limit = _triton.SINGLE_PASS_MAX
-    print(f"single-pass kernels up to {default_limit} values per channel", flush=True)
+    print(f"single-pass kernels up to {default_limit} elements per program", flush=True)
     methods = ["eager"] + (["compiled"] if not args.no_compile else []) + [
         "ours:bn", "ours:fs", "ours:bs", "ours:vdn", "ours:fs+vdn", "ours:bn@split", "ours:fs@split"]
     for config in args.configs:
@@ -113,7 +113,7 @@ def run(args):
                     if name == "compiled" and batch not in args.compile_batches:
                         continue
                     forced_split = name.endswith("@split")
-                    if forced_split and not _triton.single_pass(tuple(x.shape)):
+                    if forced_split and not _triton.single_pass(x):
                         continue  # the default already runs the split kernels here
                     torch._dynamo.reset() if name == "compiled" else None
                     _triton.SINGLE_PASS_MAX = 0 if forced_split else default_limit
@@ -202,7 +202,7 @@ def main():
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--single-pass-max", type=int, default=None,
-                   help="values per channel up to which layers take the single-pass kernels (default: the package's)")
+                   help="elements per program up to which layers take the single-pass kernels (default: the package's)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bn_layer_speed needs a CUDA device")

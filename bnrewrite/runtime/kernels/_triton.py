@@ -29,10 +29,11 @@ backward  ``_grad_partial_kernel`` (Σ dy' and Σ dy'·x̂ per channel, dy' = dy
           coefficients of Eq. 6) -> ``_grad_input_kernel`` (one pass: dx = rstd·γ·(dy' − [i∈G]·
           (a_G/n_G)·(Σdy' + Σdy'x̂·rstd·(x_i − mean_G)))).
 
-single    at most :data:`SINGLE_PASS_MAX` values per channel (N x positions, e.g. ResNet's
-pass      14² and 7² maps): ``_forward_single_pass_kernel`` and ``_backward_single_pass_kernel``
-          do each direction's three steps above in one launch, one program per block of
-          channels (same formulas, same saved tensors), so a step is 2 launches instead of 6.
+single    small layers (a program's channels hold at most :data:`SINGLE_PASS_MAX` elements, e.g.
+pass      ResNet's 7² maps, and 14²/28² ones in NCHW): ``_forward_single_pass_kernel`` and
+          ``_backward_single_pass_kernel`` do each direction's three steps above in one launch,
+          one program per block of channels (same formulas, same saved tensors), so a step is
+          2 launches instead of 6.
 
 Only ``x`` (the input), the ``(4, C)`` float32 statistics ``[mean, var, mean_virtual,
 mean_sampled]`` and the parameters are saved for backward; no full-size intermediate.
@@ -833,16 +834,19 @@ def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v
     return _BackwardPlan(partial, splits, finalize, grad_input, g.C)
 
 
-# Values per channel (N x positions) up to which a layer runs the single-pass kernels. Below
-# it a step is bound by the host's 6 launches of the split kernels (see the single-pass section
-# above); above it the split kernels' parallelism over rows wins. BNREWRITE_SINGLE_PASS_MAX
-# overrides it (0: never; benchmarks/bn_layer_speed.py --single-pass-max compares both).
-SINGLE_PASS_MAX = int(os.environ.get("BNREWRITE_SINGLE_PASS_MAX", 1 << 16))
+# Elements one single-pass program covers (values per channel x its channels) up to which a
+# layer runs the single-pass kernels. Below it a step is bound by the host's 6 launches of the
+# split kernels (see the single-pass section above); above it a program would loop over too
+# many tiles and the split kernels' parallelism over rows wins. BNREWRITE_SINGLE_PASS_MAX
+# overrides it (0: never); benchmarks/bn_layer_speed.py times both sequences side by side.
+SINGLE_PASS_MAX = int(os.environ.get("BNREWRITE_SINGLE_PASS_MAX", 1 << 17))
+_SINGLE_PASS_TILE = 8192
 
 
-def single_pass(shape) -> bool:
-    """Whether a tensor of ``shape`` runs the single-pass kernels (see :data:`SINGLE_PASS_MAX`)."""
-    return math.prod(shape) <= SINGLE_PASS_MAX * shape[1]
+def single_pass(x: torch.Tensor) -> bool:
+    """Whether a training step on ``x`` runs the single-pass kernels (see :data:`SINGLE_PASS_MAX`)."""
+    key = _flags(x, whole_batch_region(x.shape), 0.0, "none", None, None)
+    return _single_pass_plan(*key, SINGLE_PASS_MAX) is not None
 
 
 class _SinglePassPlan(NamedTuple):
@@ -867,28 +871,32 @@ def _single_pass_tiling(g: Geometry, programs: int) -> tuple[int, int]:
         block_c = 1
         while block_c < 4 and -(-g.C // (2 * block_c)) >= programs:
             block_c *= 2
-    block_p = max(1, min(_pow2(g.N * g.S), _REDUCE_TILE // block_c))
+    block_p = max(1, min(_pow2(g.N * g.S), _SINGLE_PASS_TILE // block_c))
     return block_c, block_p
 
 
 @functools.lru_cache(maxsize=1024)
 def _single_pass_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v: bool, has_s: bool,
-                      act: str, has_w: bool, has_b: bool, programs: int) -> _SinglePassPlan:
+                      act: str, has_w: bool, has_b: bool, programs: int, limit: int) -> _SinglePassPlan | None:
+    """The single-pass launches of a call, or None when a program would cover more than ``limit``
+    elements (the split kernels run it)."""
     g = Geometry(shape, is_channels_last)
+    block_c, block_p = _single_pass_tiling(g, programs)
+    if g.N * g.S * min(block_c, g.C) > limit:
+        return None
     nv, r0, r1, box = _region_parts(region)
     (d0, d1), (h0, h1), (w0, w1) = box
     bh, bw = h1 - h0, w1 - w0
     P_s = (d1 - d0) * bh * bw
     n_s = (r1 - r0) * P_s
     n_v = nv * g.S
-    block_c, block_p = _single_pass_tiling(g, programs)
 
     def tiles(pairs: int) -> int:
         return -(-pairs // block_p)
 
     grid = (-(-g.C // block_c),)
     meta = dict(HAS_S=has_s, HAS_V=has_v, HAS_W=has_w, HAS_B=has_b, ACT=ACTIVATIONS[act], INT64=g.int64,
-                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8 if block_p * block_c >= 4096 else 4)
     forward = _Launch(grid, (g.C, g.N, g.S, tiles(g.N * g.S), nv, tiles(n_v), r0, r1 - r0, P_s, tiles(n_s), bh, bw,
                              d0, h0, w0, g.stride_n, g.stride_c, g.stride_d, g.stride_h, g.stride_w),
                       dict(meta, FULL_BOX_S=P_s == g.S))
@@ -921,8 +929,9 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
     ``running = (running_mean, running_var, momentum, unbias)``: also update those in place, as
     :func:`update_running_stats` does, in the same launch that finalizes the statistics."""
     key = _flags(x, region, wv, act, weight, bias)
-    if single_pass(x.shape):
-        return _forward_single_pass(x, weight, bias, wv, eps, slope, running, _single_pass_plan(*key))
+    single = _single_pass_plan(*key, SINGLE_PASS_MAX)
+    if single is not None:
+        return _forward_single_pass(x, weight, bias, wv, eps, slope, running, single)
     plan = _forward_plan(*key)
     dummy = stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
     partials = []
@@ -963,8 +972,8 @@ def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_
     key = _flags(x, whole_batch_region(x.shape), 0.0, act, weight, bias)
     past_mean = past_mean.to(torch.float32).contiguous()
     past_sq_mean = past_sq_mean.to(torch.float32).contiguous()
-    if single_pass(x.shape):
-        plan = _single_pass_plan(*key)
+    plan = _single_pass_plan(*key, SINGLE_PASS_MAX)
+    if plan is not None:
         stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
         y = torch.empty_like(x)
         launch = plan.window
@@ -1008,8 +1017,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
     dy = like(dy, x)
     w_arg = stats if weight is None else weight
     b_arg = stats if bias is None else bias
-    if single_pass(x.shape):
-        plan = _single_pass_plan(*key)
+    plan = _single_pass_plan(*key, SINGLE_PASS_MAX)
+    if plan is not None:
         dx = torch.empty_like(x)
         dw = torch.empty(plan.C, device=x.device, dtype=torch.float32)
         db = torch.empty(plan.C, device=x.device, dtype=torch.float32)

@@ -115,11 +115,11 @@ def test_launch_plans_are_cached_per_shape_layout_and_region(kernel_path):
         for spec in specs:
             for cl in (False, True):
                 _check((3, 5, 7, 6), spec, torch.float32, cl, "relu", "cpu")
-    # _check runs forward twice (with and without the running update) and backward once
-    if kernel_path == "split":
-        expected = ((triton_mod._forward_plan, 24), (triton_mod._backward_plan, 12), (triton_mod._single_pass_plan, 0))
-    else:  # one plan serves both directions
-        expected = ((triton_mod._forward_plan, 0), (triton_mod._backward_plan, 0), (triton_mod._single_pass_plan, 36))
+    # _check runs forward twice (with and without the running update) and backward once; every
+    # call consults the single-pass plan first (None: too large, the split plans follow)
+    split_calls = 24 if kernel_path == "split" else 0
+    expected = ((triton_mod._forward_plan, split_calls), (triton_mod._backward_plan, split_calls // 2),
+                (triton_mod._single_pass_plan, 36))
     for plan, calls in expected:
         info = plan.cache_info()
         assert (info.misses, info.hits) == (min(6, calls), calls - min(6, calls))
@@ -127,9 +127,10 @@ def test_launch_plans_are_cached_per_shape_layout_and_region(kernel_path):
 
 @pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="no triton backend")
 def test_the_launch_sequence_follows_the_values_per_channel(monkeypatch):
-    """Layers with at most SINGLE_PASS_MAX values per channel (N x positions) take the single-pass
-    kernels, larger ones the split kernels: each direction is 1 launch, or 3."""
+    """Layers whose single-pass programs cover at most SINGLE_PASS_MAX elements take the
+    single-pass kernels, larger ones the split kernels: each direction is 1 launch, or 3."""
     triton_mod = _kernels()
+    # (N, 5, 7, 6) NCHW: one channel per program (5 channels, too few to share), N x 42 elements
     monkeypatch.setattr(triton_mod, "SINGLE_PASS_MAX", 3 * 7 * 6)
     launched = []
     for name in ("_stats_partial_kernel", "_stats_finalize_kernel", "_normalize_kernel", "_grad_partial_kernel",
@@ -150,7 +151,7 @@ def test_the_launch_sequence_follows_the_values_per_channel(monkeypatch):
                             ((4, 5, 7, 6), ["_stats_partial_kernel", "_stats_finalize_kernel", "_normalize_kernel",
                                             "_grad_partial_kernel", "_grad_finalize_kernel", "_grad_input_kernel"])):
         launched.clear()
-        assert triton_mod.single_pass(shape) == (len(expected) == 2)
+        assert triton_mod.single_pass(torch.empty(shape)) == (len(expected) == 2)
         _check(shape, lambda: None, torch.float32, False, "relu", "cuda" if torch.cuda.is_available() else "cpu")
         # _check: forward, backward, the separate running update, forward with the update
         assert launched[:len(expected)] == expected
