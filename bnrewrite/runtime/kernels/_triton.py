@@ -264,6 +264,19 @@ def _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _store_statistics(stats_ptr, C, cs, cmask, mean, var, mean_v, mean_s, rm_ptr, rv_ptr, momentum, unbias,
+                      HAS_RUNNING: tl.constexpr):
+    """The saved statistics rows [mean, var, mean_virtual, mean_sampled]; with ``HAS_RUNNING``
+    also the running-statistics EMA."""
+    tl.store(stats_ptr + cs, mean, mask=cmask)
+    tl.store(stats_ptr + C + cs, var, mask=cmask)
+    tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
+    tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
+    if HAS_RUNNING:
+        _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
+
+
+@triton.jit
 def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr, C, wv,
                            rm_ptr, rv_ptr, momentum, unbias,
                            HAS_S: tl.constexpr, HAS_V: tl.constexpr, HAS_RUNNING: tl.constexpr,
@@ -284,12 +297,8 @@ def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr
         mean_s, var_s = _combine_splits(part_s_ptr, splits_s, C, cs, cmask, BLOCK_S, BLOCK_C)
         mean += (1.0 - wv) * mean_s
         var += (1.0 - wv) * var_s
-    tl.store(stats_ptr + cs, mean, mask=cmask)
-    tl.store(stats_ptr + C + cs, var, mask=cmask)
-    tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
-    tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
-    if HAS_RUNNING:
-        _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
+    _store_statistics(stats_ptr, C, cs, cmask, mean, var, mean_v, mean_s, rm_ptr, rv_ptr, momentum, unbias,
+                      HAS_RUNNING)
 
 
 @triton.jit
@@ -563,12 +572,8 @@ def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, r
                                             BLOCK_C)
         mean += (1.0 - wv) * mean_s
         var += (1.0 - wv) * tl.maximum(m2_s / tl.maximum(cnt_s, 1.0), 0.0)
-    tl.store(stats_ptr + cs, mean, mask=cmask)
-    tl.store(stats_ptr + C + cs, var, mask=cmask)
-    tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
-    tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
-    if HAS_RUNNING:
-        _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
+    _store_statistics(stats_ptr, C, cs, cmask, mean, var, mean_v, mean_s, rm_ptr, rv_ptr, momentum, unbias,
+                      HAS_RUNNING)
     _normalize_channels(x_ptr, y_ptr, w_ptr, b_ptr, coff, cs, cmask, mean, var, N, S, tiles_map, stride_n, stride_w,
                         eps, slope, HAS_W, HAS_B, ACT, INT64, BLOCK_P, BLOCK_C)
 
