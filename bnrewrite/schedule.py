@@ -95,7 +95,9 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
     runtime module that tracks running statistics is reset and switched to the cumulative
     average (``momentum=None``) for the pass, then its momentum is restored. Each variant
     computes the statistics it would in training (a sampled BN from its sample; CBN from its
-    window, whose history is cleared first: it holds other weights' statistics). ``batches``
+    window, whose history is cleared first: it holds other weights' statistics). The training
+    schedule is left as it was (CBN's history, burn-in and ring counters, a sampler's draws):
+    training continues exactly as without the call, but for the running statistics. ``batches``
     as in :func:`warm_up_statistics`, run once (not cycled); with ``device``, each input is
     moved there first (``.to(device)``, as swa_utils does). Returns the number of batches run.
 
@@ -134,6 +136,10 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
         raise InputError("update_bn got no batches (nothing was reset): pass an iterable of input tensors "
                          "or (x, y) pairs")
     momenta = {m: m.momentum for m in norms.values()}
+    # the pass is train-mode forwards, which advance each variant's training schedule (CBN's
+    # burn-in and ring, a sampler's every=N draws): put that back afterwards, so the next training
+    # step is the one it would have been
+    schedules = {m: m.schedule_state() for m in norms.values() if callable(getattr(m, "schedule_state", None))}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None
@@ -144,6 +150,8 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
+        for m, state in schedules.items():
+            m.restore_schedule_state(state)
 
 
 def _forward_passes(model: nn.Module, batches, steps: int | None, cycle: bool, device=None) -> int:

@@ -201,3 +201,35 @@ def test_schedule_functions_refuse_a_non_module(fn):
 def test_warm_up_steps_must_be_an_int(steps):
     with pytest.raises(InputError, match="warm_up_statistics: steps must be an int"):
         bnrewrite.warm_up_statistics(_net(), [torch.zeros(2, 3, 8, 8)], steps=steps)
+
+
+def _training_outputs(model, batches):
+    """Outputs and input gradients of training steps (a fixed SGD update each, so the CBN
+    producer's weights move and the Taylor compensation is not 0)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    results = []
+    for x, _ in batches:
+        x = x.clone().requires_grad_()
+        y = model(x)
+        y.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        results.append((y.detach(), x.grad))
+    return results
+
+
+@pytest.mark.parametrize("recipe", ["cbn:k=2,burnin=3", "cbn:k=3,burnin=2,store=inputs", "naive-cbn:k=3",
+                                    "bs:n=2,every=2"])
+def test_update_bn_leaves_the_training_schedule_as_it_was(recipe):
+    """update_bn's pass is train-mode forwards; they must not use up CBN's burn-in, fill its ring
+    or advance a sampler's every=N draws: the training steps after it are those of a copy that
+    was never updated (bitwise), only the running statistics differ."""
+    model = bnrewrite.transform(_two_layer(), recipe)
+    _training_outputs(model, _batches(1, seed=3))  # inside the burn-in: one step taken
+    untouched = copy.deepcopy(model)
+    assert bnrewrite.update_bn(_batches(5, seed=4), model) == 5
+    assert not torch.equal(model.get_submodule("1").running_mean, untouched.get_submodule("1").running_mean)
+    later = _batches(5, seed=6)
+    for (y, g), (y_ref, g_ref) in zip(_training_outputs(model, later), _training_outputs(untouched, later)):
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)

@@ -273,6 +273,27 @@ class BatchNormState(nn.Module):
             shift = shift + self.bias
         return scale, shift
 
+    # attributes (Python values or tensors) a training forward advances that are schedule, not
+    # statistics: CBN's history and counters, a sampler's draw and step count
+    schedule_attributes: tuple[str, ...] = ()
+
+    def schedule_state(self) -> dict:
+        """A copy of the :attr:`schedule_attributes`, for :meth:`restore_schedule_state`:
+        ``bnrewrite.update_bn`` runs training-mode forward passes that must not advance them."""
+        return {name: _detached_copy(getattr(self, name)) for name in self.schedule_attributes}
+
+    def restore_schedule_state(self, state: dict) -> None:
+        """Put back what :meth:`schedule_state` copied. A tensor of unchanged shape is copied into
+        in place (compiled graphs keep their buffer), anything else is re-assigned."""
+        with torch.no_grad():
+            for name, value in state.items():
+                current = getattr(self, name)
+                if (isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor)
+                        and (current.shape, current.dtype, current.device) == (value.shape, value.dtype, value.device)):
+                    current.copy_(value)
+                else:
+                    setattr(self, name, value)
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()
@@ -299,6 +320,10 @@ class BatchNormState(nn.Module):
         for key in self.optional_state_keys:
             if prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)
+
+
+def _detached_copy(value):
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 # a recipe's ``momentum`` option, the same words for every component; ``none`` (None) reads as ``keep``

@@ -509,6 +509,9 @@ class CrossIterationBatchNorm(BatchNormState):
                         "of the process's own batch)")
 
     optional_state_keys = HISTORY_KEYS
+    # the burn-in step, the ring and how the first training step resolved k and the store
+    schedule_attributes = HISTORY_KEYS + ("_steps", "_filled", "_next", "_resolved_window", "_resolved_store",
+                                          "store")
     # "triton" once the lowering pass has chosen the fused kernels for Eqs. 9-12 (used where they
     # run: CUDA tensors, not under torch.compile, backward="window"); None = plain torch ops
     lowered: str | None = None

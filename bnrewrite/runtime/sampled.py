@@ -259,6 +259,7 @@ class SampledBatchNorm(BatchNormState):
     """
 
     optional_state_keys = ("sample_schedule",)
+    schedule_attributes = ("_draw", "_steps", "_cache")  # the every=N re-draws
 
     @property
     def synchronises_statistics(self) -> bool:
