@@ -13,6 +13,7 @@ from .errors import InputError, require_module, warn_at_caller
 
 
 _NO_BATCH = object()
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _call_each(model: nn.Module, method: str, *args) -> int:
@@ -104,7 +105,8 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
     Raises :class:`~bnrewrite.errors.InputError`, before resetting anything, on swapped
     arguments, no batches, or Extreme Normalization layers (``brn``, ``two-tower``), which
     normalise with their moving averages: re-estimate those with :func:`warm_up_statistics`.
-    A model without BatchNorm is left alone with a warning (no forward pass runs). Example::
+    A model without BatchNorm is left alone with a warning (no forward pass runs). A forward pass
+    that raises leaves the running statistics as they were before the call. Example::
 
         swa_model = torch.optim.swa_utils.AveragedModel(model)
         ... training with swa_model.update_parameters(model) ...
@@ -140,6 +142,8 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
     # burn-in and ring, a sampler's every=N draws): put that back afterwards, so the next training
     # step is the one it would have been
     schedules = {m: m.schedule_state() for m in norms.values() if callable(getattr(m, "schedule_state", None))}
+    statistics = {m: {key: t.clone() for key in _STATISTICS if (t := getattr(m, key, None)) is not None}
+                  for m in norms.values()}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None
@@ -147,6 +151,14 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
             m.reset_history()  # CBN: the window must hold this pass's batches only
     try:
         return _forward_passes(model, itertools.chain([first], iterator), None, cycle=False, device=device)
+    except BaseException:
+        # a batch that fails halfway (wrong shape, Ctrl-C) must not leave the statistics reset or
+        # half-averaged, as swa_utils does: the model is as before the call
+        with torch.no_grad():
+            for m, saved in statistics.items():
+                for key, value in saved.items():
+                    getattr(m, key).copy_(value)
+        raise
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum

@@ -233,3 +233,21 @@ def test_update_bn_leaves_the_training_schedule_as_it_was(recipe):
     for (y, g), (y_ref, g_ref) in zip(_training_outputs(model, later), _training_outputs(untouched, later)):
         torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
         torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["bn", "cbn:k=3", "fs:ratio=1/2"])
+def test_update_bn_failing_batch_restores_the_statistics(recipe):
+    """A batch that fails halfway through the pass (here the 2nd, with 4 channels instead of 3):
+    swa_utils.update_bn leaves the statistics reset and one batch averaged; update_bn re-raises the
+    forward's error with every running statistic (and CBN's history) as before the call."""
+    model = bnrewrite.transform(_two_layer(), recipe)
+    _training_outputs(model, _batches(3, seed=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [_batches(1)[0], (torch.randn(4, 4, 6, 6), torch.zeros(4)), _batches(1)[0]]
+    with pytest.raises((RuntimeError, InputError), match="channels"):
+        bnrewrite.update_bn(bad, model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+    assert [m.momentum for m in model.modules() if hasattr(m, "running_mean")] == [0.1, 0.1]
