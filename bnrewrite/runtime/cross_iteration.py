@@ -839,6 +839,8 @@ class CrossIterationBatchNorm(BatchNormState):
             self._read_counters()
             if self._steps < self.burnin or self._filled == 0:
                 self.check_values_per_channel(x)  # this step is stock BN's: refuse before the history moves
+        elif x.numel() == x.shape[1]:  # a static shape: only the graphs of such batches get the check
+            self._check_values_per_channel_outside_graph(x)
         if self.cbn_mean is None:
             self._allocate(x, producer_input if compensating else None)
         elif self.cbn_input is not None:
@@ -880,6 +882,16 @@ class CrossIterationBatchNorm(BatchNormState):
         self._sync_counters()
         return self.post_norm(y) if post_norm and not activated else y
 
+    @torch.compiler.disable
+    def _check_values_per_channel_outside_graph(self, x: torch.Tensor) -> None:
+        """The eager step's refusal of one value per channel in a step without history (burn-in, or
+        an empty ring), for a compiled step: whether there is history is in the counter buffers'
+        values, which a graph cannot branch on, so this runs outside it (a graph break in the graphs
+        of one-value-per-channel batches only; dynamo specialises sizes of 1, so those graphs are
+        separate anyway). With ``fullgraph=True`` dynamo refuses such a batch itself."""
+        if self.cbn_filled is None or int(self.cbn_filled) == 0 or int(self.cbn_steps) < self.burnin:
+            self.check_values_per_channel(x)
+
     def _compiled_step(self, x: torch.Tensor, producer_input: torch.Tensor | None) -> torch.Tensor:
         """A training step under torch.compile (k > 1): one graph for every step.
 
@@ -890,8 +902,8 @@ class CrossIterationBatchNorm(BatchNormState):
         written with ``index_copy_``. A burn-in step is then the window op over the current batch
         alone — stock BN's values up to rounding — and it costs what a window step costs: it
         compensates the ring it does not use and records every step (the ring keeps the last k − 1,
-        as the eager step's does). Not checked here: one value per channel in a step without
-        history (stock BN's error), which would need a data-dependent branch.
+        as the eager step's does). One value per channel in a step without history is refused
+        before this, as the eager step refuses it (:meth:`_check_values_per_channel_outside_graph`).
         """
         capacity = self.cbn_mean.shape[0]
         slots = torch.arange(capacity, device=self.cbn_filled.device)

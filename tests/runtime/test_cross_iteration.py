@@ -783,3 +783,32 @@ def test_train_mode_forward_under_inference_mode_is_like_no_grad(recipe):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layers, shape", [(lambda: (nn.Linear(3, 4), nn.BatchNorm1d(4)), (3,)),
+                                           (lambda: (nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), (3, 1, 1))],
+                         ids=["BatchNorm1d", "BatchNorm2d"])
+def test_compiled_step_refuses_one_value_per_channel_without_history_like_eager(layers, shape):
+    """A batch of one value per channel has no variance: stock BatchNorm raises "Expected more than
+    1 value per channel", and so does the eager CBN step while it has no history (the first step,
+    the burn-in). The compiled step must refuse the same batches, and accept it, with eager's
+    output, once the window holds past iterations."""
+    import bnrewrite
+
+    torch.manual_seed(0)
+    stock = nn.Sequential(*layers())
+    eager = bnrewrite.transform(copy.deepcopy(stock), "cbn:k=2,burnin=2")
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    single, good = torch.randn(1, *shape), torch.randn(4, *shape)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        stock(single)
+    for step in ["first", "burn-in"]:
+        for net in (eager, compiled):
+            with pytest.raises(InputError, match="more than 1 value per channel"):
+                net(single)
+        torch.testing.assert_close(compiled(good), eager(good), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled(single), eager(single), rtol=1e-6, atol=1e-6)  # k = 2 from here
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
