@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import os
 import shutil
 import sys
@@ -262,15 +263,18 @@ def _export_verified(model, inputs, trace_inputs, staged, path, dynamic_batch, o
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors = []
     for i, kind in enumerate(order):
+        log = io.StringIO()
         try:
-            traced = _export(model, trace_inputs, staged, dynamic_batch, opset, kind)
+            with _exporter_log(log):
+                traced = _export(model, trace_inputs, staged, dynamic_batch, opset, kind)
         except Exception as exc:  # noqa: BLE001 - report every exporter's failure together
             errors.append(f"{kind}: {_first_line(exc)}")
             continue
         summary = inspect_onnx(staged)
         if opset is not None and summary["opset"] != opset:
             # the dynamo exporter keeps its own opset when it cannot convert to the requested one
-            errors.append(f"{kind}: wrote opset {summary['opset']}, not the requested opset {opset}")
+            errors.append(f"{kind}: wrote opset {summary['opset']}, not the requested opset {opset}"
+                          + _log_tail(log.getvalue()))
             continue
         report = ExportReport(path=path, node_counts=summary["node_counts"], max_abs_error=None, max_rel_error=None,
                               providers=[], exporter=kind, opset=summary["opset"], folded=folded,
@@ -294,7 +298,48 @@ def _export_verified(model, inputs, trace_inputs, staged, path, dynamic_batch, o
                     raise ExportError(f"{_first_line(exc)} (earlier: {' | '.join(errors)})") from None
                 raise _as_export_error(exc, path) from None
             errors.append(f"{kind}: exported, but {_first_line(exc)}")
-    raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: " + " | ".join(errors))
+    hint = ""
+    if any("not the requested opset" in e for e in errors):
+        hint = (f"; the dynamo exporter builds opset {_dynamo_opset()} and converts to an older one only where onnx "
+                f"has adapters: ask for opset {_dynamo_opset()} or newer, opset=None, or exporter='torchscript' "
+                "for an older one")
+    raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: " + " | ".join(errors) + hint)
+
+
+def _dynamo_opset() -> int:
+    """The opset the dynamo exporter's op implementations target (it converts down from there)."""
+    try:
+        from torch.onnx._internal.exporter import _constants
+        return int(_constants.TORCHLIB_OPSET)
+    except (ImportError, AttributeError):  # a private module: torch 2.14 has 18 there
+        return 18
+
+
+@contextlib.contextmanager
+def _exporter_log(sink: io.StringIO):
+    """Collect what the exporters log into ``sink`` instead of stderr: when the dynamo exporter cannot
+    convert to the requested opset, torch logs a warning (to sys.stderr, looked up at each record)
+    and onnxscript the version converter's traceback (through ``logging``'s root or, with no
+    handler configured, its last-resort stderr handler); the ExportError says it instead."""
+    handler = logging.StreamHandler(sink)
+    logger = logging.getLogger("onnxscript")
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _log_tail(text: str, lines: int = 2) -> str:
+    """`` (exporter log: …)`` with the last ``lines`` messages of a captured log: its unindented
+    lines, which skips a traceback's frames but keeps the exception it ends with."""
+    messages = [line.strip() for line in text.splitlines()
+                if line.strip() and not line[0].isspace() and not line.startswith("Traceback (most recent call last)")]
+    return f" (exporter log: {' / '.join(messages[-lines:])})" if messages else ""
 
 
 def _check_batch_independent_trace(model: nn.Module) -> None:

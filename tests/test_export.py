@@ -427,3 +427,16 @@ def test_successful_export_replaces_the_file_with_a_plain_files_mode(tmp_path):
     assert sorted(tmp_path.iterdir()) == [path, plain] and report.path == str(path)
     assert ort_run(path, np.random.randn(3, 3, 8, 8).astype(np.float32))[0].shape == (3, 3)
     assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_dynamo_exporter_that_cannot_reach_the_opset_keeps_stderr_clean(tmp_path, capfd):
+    """torch's dynamo exporter and onnxscript log a warning and the version converter's traceback to
+    stderr when the conversion to an older opset fails; the ExportError says why instead, and
+    nothing reaches stderr (nor a file the path)."""
+    path = tmp_path / "old.onnx"
+    with pytest.raises(ExportError, match=r"dynamo: wrote opset 18, not the requested opset 12 \(exporter log: .*"
+                                          r"RuntimeError: .*Assertion.*\); .*exporter='torchscript'"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), path, exporter="dynamo", opset=12)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert not path.exists()
