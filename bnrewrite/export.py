@@ -362,6 +362,20 @@ def _as_export_error(exc: BaseException, path: str) -> ExportError:
     return ExportError(f"{path}: onnxruntime could not run the exported model: {_first_line(exc)}")
 
 
+def _missing_kernel_error(exc: BaseException, inputs, path: str) -> ExportError | None:
+    """onnxruntime found no kernel for an op at the model's dtype: its CPU provider has float64 Gemm,
+    Mul and Add but no float64 Conv or GlobalAveragePool (onnxruntime 1.32), so a ``model.double()``
+    CNN exports but cannot be run. None when that is not the failure (or the inputs are float32)."""
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in inputs
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if "NOT_IMPLEMENTED" not in str(exc) or not dtypes:
+        return None
+    return ExportError(f"{path}: onnxruntime has no {'/'.join(dtypes)} implementation of an op in this model "
+                       f"({_first_line(exc)}); nothing was written: export the float32 model instead, "
+                       "export_onnx(model.float(), tuple(x.float() for x in inputs), path), or pass verify=False "
+                       "to write the file for a runtime that has such kernels")
+
+
 def _has_normalisation(model: nn.Module) -> bool:
     return any(is_batchnorm(m) for m in model.modules())
 
@@ -504,7 +518,10 @@ def _verify(model, inputs, file, dynamic_batch, providers, tolerance, report: Ex
     path = report.path
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(file, sess_options=options, providers=_providers(providers))
+    try:
+        session = ort.InferenceSession(file, sess_options=options, providers=_providers(providers))
+    except Exception as exc:  # noqa: BLE001 - re-raised as is unless it is a missing kernel
+        raise _missing_kernel_error(exc, inputs, path) or exc
     report.providers = list(session.get_providers())
     feeds_names = [i.name for i in session.get_inputs()]
     batches = [inputs]

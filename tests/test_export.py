@@ -440,3 +440,24 @@ def test_dynamo_exporter_that_cannot_reach_the_opset_keeps_stderr_clean(tmp_path
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
     assert not path.exists()
+
+
+@pytest.mark.parametrize("exporter", ["auto", "torchscript", "dynamo"])
+def test_float64_conv_model_is_an_export_error_saying_float(tmp_path, exporter):
+    """onnxruntime's CPU provider has no float64 Conv: a model.double() CNN exports, but no session
+    can run it. The error says so and what to do, and leaves no file."""
+    with pytest.raises(ExportError, match=r"no float64 implementation .*Conv.*model\.float\(\)"):
+        bnrewrite.export_onnx(small_net().double(), torch.randn(2, 3, 8, 8).double(), tmp_path / "d.onnx",
+                              exporter=exporter)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float64_model_of_ops_onnxruntime_runs_in_float64_exports(tmp_path):
+    """Gemm, Mul and Add have float64 kernels: such a model exports in float64 and onnxruntime
+    computes torch's unfolded float64 output."""
+    model = randomise(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    bnrewrite.export_onnx(model, x, tmp_path / "d.onnx")
+    got = ort_run(tmp_path / "d.onnx", x.numpy())[0]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-12, atol=1e-12)
