@@ -273,6 +273,17 @@ class BatchNormState(nn.Module):
             shift = shift + self.bias
         return scale, shift
 
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        # ``last_statistics`` (a step's (mean, var, count), set by variants that normalise with other
+        # statistics than the batch's) is a plain attribute, which nn.Module does not convert: convert
+        # it as the buffers are, so .to()/.double()/.cuda() never leave it on another device or dtype
+        stats = self.__dict__.get("last_statistics")
+        if stats is not None:
+            with torch.no_grad():
+                self.last_statistics = tuple(fn(t.detach()) if isinstance(t, torch.Tensor) else t for t in stats)
+        return result
+
     # attributes (Python values or tensors) a training forward advances that are schedule, not
     # statistics: CBN's history and counters, a sampler's draw and step count
     schedule_attributes: tuple[str, ...] = ()

@@ -812,3 +812,18 @@ def test_compiled_step_refuses_one_value_per_channel_without_history_like_eager(
     torch.testing.assert_close(compiled(single), eager(single), rtol=1e-6, atol=1e-6)  # k = 2 from here
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_last_statistics_follow_double():
+    """The window statistics of the last step (a plain attribute) follow .double() as the buffers do."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    bn = CrossIterationBatchNorm(4, window=2)
+    bn.attach_producer(conv, "conv")
+    for _ in range(2):
+        u = torch.randn(2, 3, 6, 6)
+        bn(conv(u), u)
+    k = bn.last_statistics[2]
+    bn.double()
+    mean, var, count = bn.last_statistics
+    assert mean.dtype == var.dtype == bn.cbn_mean.dtype == torch.float64 and count == k == 2

@@ -370,3 +370,21 @@ def test_dataset_stats_tensor_and_streamed_batches_agree():
 def test_dataset_stats_rejects_empty():
     with pytest.raises(InputError):
         dataset_stats([])
+
+
+def test_last_statistics_follow_to_and_double():
+    """``last_statistics`` is a plain attribute: nn.Module's .to()/.double() convert parameters and
+    buffers only, so without care it stays float32 while the module is float64."""
+    from bnrewrite.runtime.sampled import SampledBatchNorm
+
+    bn = SampledBatchNorm(3, strategy="ns", n=2).train()  # the first 2 examples
+    x = torch.randn(4, 3, 5, 5)
+    bn(x)
+    assert bn.last_statistics[0].dtype == torch.float32
+    bn.double()
+    mean, var, count = bn.last_statistics
+    assert mean.dtype == var.dtype == bn.running_mean.dtype == torch.float64 and count == 2 * 25
+    assert bn.to(torch.float32).last_statistics[1].dtype == torch.float32
+    expected_var, expected_mean = torch.var_mean(x[:2].double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, expected_mean.to(mean.dtype))  # the values kept
+    torch.testing.assert_close(var, expected_var.to(var.dtype))
