@@ -98,6 +98,28 @@ def test_vdn_mix_at_beta_zero_with_full_sample_equals_stock_on_real_rows(kind):
     torch.testing.assert_close(sampled.running_var, stock.running_var, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta,strategy", [(0.0, "full"), (1.0, "vdn")])
+def test_vdn_low_precision_input_is_normalised_in_float32_like_stock(dtype, beta, strategy):
+    """A bfloat16/float16 input (autocast) with float32 parameters: stock BatchNorm computes in
+    float32 and returns the input's dtype. Rounding the statistics to the input's dtype first
+    put the output ~10 bfloat16 steps off (mean near 100: off by up to 0.25)."""
+    torch.manual_seed(0)
+    stock = _stock("2d", True, torch.float32)
+    vdn = SampledBatchNorm.from_batchnorm(copy.deepcopy(stock), strategy=strategy, num_virtual=2, beta=beta)
+    xv = (torch.randn(6, 3, 6, 5) + 100).to(dtype)
+    y = vdn(xv)
+    assert y.dtype == dtype
+    stats = xv[2:] if beta == 0.0 else xv[:2]  # Eq. 4 at β = 0 / Alg. 3 (virtual rows only)
+    ref = (xv.float() - stats.float().mean((0, 2, 3), keepdim=True)) \
+        / (stats.float().var((0, 2, 3), unbiased=False, keepdim=True) + stock.eps).sqrt()
+    ref = ref * stock.weight.detach()[:, None, None] + stock.bias.detach()[:, None, None]
+    if beta == 0.0:
+        torch.testing.assert_close(y[2:], stock(xv[2:]).detach(), rtol=0, atol=0.02)
+    step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # one rounding step at |y| < 4
+    assert (y.float() - ref).abs().max() <= 2 * step * 4
+
+
 # ---------------------------------------------------------------- gradients: gradcheck and Eq. 6
 SPECS = {
     "bs-rows": lambda x: SampleSpec(rows=(1, 3)),
