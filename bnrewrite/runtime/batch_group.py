@@ -91,7 +91,8 @@ class BatchGroupNorm(BatchNormState):
             # nn.GroupNorm's and nn.BatchNorm's error
             self.check_values_per_channel(x)
         n = x.shape[0]
-        grouped = x.reshape(n, self.groups, -1)
+        # statistics and normalisation in at least float32, output in x's dtype (as stock BatchNorm)
+        grouped = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(n, self.groups, -1)
         full = (n // self.examples) * self.examples
         pieces = []
         if full:
@@ -103,7 +104,7 @@ class BatchGroupNorm(BatchNormState):
             shape = [1, -1] + [1] * (x.dim() - 2)
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         self.update_running_stats_from_batch(x)
-        return match_memory_format(y, x)
+        return match_memory_format(y.to(x.dtype), x)
 
     def _normalize_cells(self, grouped: torch.Tensor, examples: int) -> torch.Tensor:
         """``grouped``: ``(k*examples, G, values)``; normalise each (example group, channel group)."""
@@ -126,7 +127,7 @@ class BatchGroupNorm(BatchNormState):
         else:
             scale, shift = self.inference_affine()
             shape = [1, -1] + [1] * (x.dim() - 2)
-            y = x * scale.reshape(shape) + shift.reshape(shape)
+            y = (x * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
         return self.post_norm(y)
 
     @property

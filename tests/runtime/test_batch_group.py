@@ -224,3 +224,26 @@ def test_bad_options():
         BatchGroupNorm(4, groups=0)
     with pytest.raises(InputError):
         BatchGroupNorm(4, examples=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_is_normalised_in_float32_like_stock(dtype):
+    """A bfloat16/float16 input (autocast) with float32 parameters: stock BatchNorm computes in
+    float32 and returns the input's dtype; so must Batch-Group Norm, in training and in eval.
+    Cell statistics rounded to bfloat16 put the output ~10 rounding steps off (mean near 100)."""
+    step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # one rounding step at |y| < 4
+    x = (_input(4, 6, seed=3) + 100).to(dtype)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    as_bn = BatchGroupNorm.from_batchnorm(copy.deepcopy(bn), groups=6, examples=4)
+    y = as_bn(x)
+    assert y.dtype == dtype
+    assert (y.float() - bn(x).float()).abs().max() <= 2 * step * 4
+    m = _bgn(6, 2, 2)
+    y = m(x)
+    ref = _reference(x.float(), 2, 2, m.weight.detach(), m.bias.detach(), m.eps)
+    assert y.dtype == dtype and (y.float() - ref).abs().max() <= 2 * step * 4
+    m.eval()
+    assert m(x).dtype == dtype
