@@ -211,11 +211,12 @@ class BatchNormState(nn.Module):
         """Running statistics from the whole batch, for variants that normalise with other
         statistics (ghost batches, batch groups) but, like stock BN, estimate the inference
         statistics from every value. One value per channel says nothing about the variance:
-        the averages are left alone then."""
+        the averages are left alone then. Accumulated in at least float32, as stock BatchNorm does
+        for a bfloat16/float16 input (``torch.var_mean`` would round the mean to bfloat16)."""
         count = x.numel() // self.num_features
         if self.training and self.track_running_stats and count > 1:
             with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=self.reduce_dims(x), unbiased=False)
+                var, mean = batch_moments(x)
             self.update_running_stats(mean, var, count)
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

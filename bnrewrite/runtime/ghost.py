@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .base import BatchNormState, buffer_snapshot, match_memory_format
+from .base import BatchNormState, batch_moments, buffer_snapshot, match_memory_format
 
 
 class GhostBatchNorm(BatchNormState):
@@ -66,8 +66,8 @@ class GhostBatchNorm(BatchNormState):
         rest = n - full
         if rest >= 2:
             pieces.append(F.batch_norm(x[full:], None, None, self.weight, self.bias, True, 0.0, self.eps))
-        elif rest == 1:
-            pieces.append(self._normalize_single_example(x, x[full:]))
+        elif rest == 1:  # normalised in float32 with the running statistics: back to x's dtype for the cat
+            pieces.append(self._normalize_single_example(x, x[full:]).to(x.dtype))
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         y = match_memory_format(y, x)  # the ghost-batch views come out contiguous
         self.update_running_stats_from_batch(x)
@@ -101,8 +101,7 @@ class GhostBatchNorm(BatchNormState):
             return self.normalize(example, buffer_snapshot(self.running_mean), buffer_snapshot(self.running_var))
         if batch.shape[0] == 1:
             return self.stock_forward(example)  # one value per channel: stock's error, naming the site
-        dims = self.reduce_dims(batch)
-        var, mean = torch.var_mean(batch, dim=dims, unbiased=False)
+        var, mean = batch_moments(batch)  # accumulated in at least float32, as stock BatchNorm
         return self.normalize(example, mean, var)
 
     # ---------------------------------------------------------------- reporting

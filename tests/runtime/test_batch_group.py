@@ -241,6 +241,8 @@ def test_low_precision_input_is_normalised_in_float32_like_stock(dtype):
     y = as_bn(x)
     assert y.dtype == dtype
     assert (y.float() - bn(x).float()).abs().max() <= 2 * step * 4
+    torch.testing.assert_close(as_bn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(as_bn.running_var, bn.running_var, rtol=1e-4, atol=1e-5)
     m = _bgn(6, 2, 2)
     y = m(x)
     ref = _reference(x.float(), 2, 2, m.weight.detach(), m.bias.detach(), m.eps)

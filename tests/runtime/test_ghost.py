@@ -226,3 +226,29 @@ def test_eval_without_running_stats_is_stock_batchnorm_on_the_whole_batch():
     ghost = GhostBatchNorm(3, size=2, track_running_stats=False).eval()
     stock = nn.BatchNorm2d(3, track_running_stats=False).eval()
     torch.testing.assert_close(ghost(x), stock(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("track", [True, False])
+def test_low_precision_input_like_stock_batchnorm(dtype, track):
+    """A bfloat16/float16 input (autocast) with float32 parameters: stock BatchNorm accumulates in
+    float32 and returns the input's dtype. A last ghost batch of one example came out float32
+    (making the whole output float32), and the running mean was updated from a mean rounded to
+    bfloat16 (off by 0.075 at values near 100)."""
+    stock = _stock(4, 4, track_running_stats=track)
+    ghost = GhostBatchNorm.from_batchnorm(copy.deepcopy(stock), size=4)
+    x = (_input(9, 4, 4, seed=2) + 100).to(dtype)  # 4 + 4 + 1
+    with pytest.warns(UserWarning, match="one example"):
+        y = ghost(x)
+    assert y.dtype == dtype
+    step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # one rounding step at |y| < 4
+    ref = copy.deepcopy(stock).float()
+    if track:
+        torch.testing.assert_close(y[:8], torch.cat([ref(x[:4]), ref(x[4:8])]).detach(), rtol=0, atol=0)
+        whole = copy.deepcopy(stock)
+        whole(x)
+        torch.testing.assert_close(ghost.running_mean, whole.running_mean, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(ghost.running_var, whole.running_var, rtol=1e-4, atol=1e-5)
+    else:
+        expect_last = ref(x.float())[8:].detach()  # whole-batch statistics, in float32
+        assert (y[8:].float() - expect_last).abs().max() <= 2 * step * 4
