@@ -281,8 +281,8 @@ class ExtremeNorm(BatchNormState):
     def forward(self, x: torch.Tensor, conv_input: torch.Tensor | None = None, moments=None,
                 first_tower: bool = False):
         self.check_input(x)
-        if not self.training:
-            y = self.post_norm(self._inference(x))
+        if not self.training:  # in x's dtype, as stock BatchNorm (float32 state, bfloat16 input under autocast)
+            y = self.post_norm(self._inference(x).to(x.dtype))
             return (y, None, None) if first_tower else y
         if self.mean_before_conv and conv_input is None:
             raise InputError(
@@ -306,7 +306,7 @@ class ExtremeNorm(BatchNormState):
             if first_tower:
                 aggregated = self._aggregate(mu_b, nu_b, mean_ema, nu_ema)
             self._update_ema(mu_b, nu_b)
-        y = self.post_norm(self._finish(q))
+        y = self.post_norm(self._finish(q).to(x.dtype))
         return (y, *aggregated) if first_tower else y
 
     def _ema_values(self) -> tuple[torch.Tensor, torch.Tensor]:

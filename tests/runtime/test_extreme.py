@@ -281,6 +281,25 @@ def test_eval_is_inference_affine_and_stock_batchnorm_on_the_state():
     assert torch.allclose(stock(p0), y, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["brn", "two-tower"])
+def test_low_precision_input_keeps_its_dtype_like_stock_batchnorm(mode):
+    """Under autocast a bfloat16 producer output meets the float32 state: stock BatchNorm returns
+    bfloat16; this layer returned float32 in training and eval (the rest of the net then ran in float32)."""
+    conv, layer = make_layer(mode=mode)
+    conv.float()
+    layer.float().train()
+    x_in = torch.randn(4, 3, 5, 5)
+    out = layer(conv(x_in).bfloat16(), x_in, first_tower=(mode == "two-tower"))
+    assert (out[0] if mode == "two-tower" else out).dtype == torch.bfloat16
+    layer.eval()
+    h = conv(x_in).detach().bfloat16()
+    stock = nn.BatchNorm2d(4).eval()
+    stock.load_state_dict(layer.state_dict(), strict=False)
+    y, want = layer(h), stock(h)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
 def test_rotated_inference_matrix_matches_alg1():
     conv, layer = make_layer(cout=4)
     rot = RotatedExtremeNorm.from_extreme(layer, "hadamard")
