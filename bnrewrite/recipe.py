@@ -31,6 +31,8 @@ class Variant:
     where a norm takes statistics from (e.g. ``vdn``); ``post`` adds something after the
     normalisation (e.g. ``rot``).
     combines_with: names of the components this one may appear with.
+    partner_options: options that only act when the recipe holds one of ``combines_with``
+    (``vdn``'s ``beta`` mixes into a sampler's statistics); set alone, they are an error.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Variant:
     summary: str
     paper: str = ""
     combines_with: frozenset[str] = frozenset()
+    partner_options: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -234,3 +237,9 @@ def validate_combination(components: tuple[Component, ...], registry: dict[str, 
         if variant.role == "post" and not norms:
             raise RecipeError(f"'{c.name}' needs a normalisation to follow; combine it with one of: "
                               f"{', '.join(sorted(variant.combines_with))}")
+        if variant.combines_with.isdisjoint(names):
+            for f in dataclasses.fields(c.options):
+                if f.name in variant.partner_options and getattr(c.options, f.name) != f.default:
+                    raise RecipeError(f"{c.name}: {f.name} only acts when {c.name} is combined with one of "
+                                      f"{', '.join(sorted(variant.combines_with))} (e.g. fs+{c.name}:{f.name}=...); "
+                                      f"drop {f.name} or add one of them")

@@ -66,7 +66,8 @@ register(Variant("frs", _sampling.FrsOptions, _sampling.rewrite_frs, _SampledBat
 register(Variant("vdn", _vdn.VdnOptions, _vdn.rewrite_vdn, _SampledBatchNorm, "stats",
                  "Virtual Dataset Normalization: n virtual rows ~ N(data mean, std) give (or mix into, "
                  "by beta) every BatchNorm's statistics",
-                 paper="bn-sampling.txt §4.2, Alg. 3, Eq. 4", combines_with=frozenset({"ns", "bs", "fs", "frs"})))
+                 paper="bn-sampling.txt §4.2, Alg. 3, Eq. 4", combines_with=frozenset({"ns", "bs", "fs", "frs"}),
+                 partner_options=frozenset({"beta"})))
 
 # issue 7: Extreme Normalization (extreme-normalization.txt §2.2, §3, Alg. 1, §5)
 from .passes import batch_renorm as _batch_renorm  # noqa: E402

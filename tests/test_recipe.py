@@ -145,3 +145,18 @@ def test_every_component_takes_the_same_momentum_words(name, word, momentum):
         torch.testing.assert_close(model(x), stock(x))
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(site, key), getattr(stock[1], key), msg=key)
+
+
+@pytest.mark.parametrize("text, beta", [("fs+vdn:beta=0.3", 0.3), ("bs:n=2+vdn:beta=0", 0.0), ("vdn:n=2", 1.0)])
+def test_vdn_beta_is_the_mixing_weight_with_a_sampler(text, beta):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    out = bnrewrite.transform(model, text, example_inputs=(x,), data_stats=bnrewrite.dataset_stats(x))
+    assert out.get_submodule("1").beta == beta
+
+
+def test_vdn_beta_alone_is_refused_not_ignored():
+    """vdn alone takes its statistics from the virtual rows only (beta = 1): a beta there would be ignored."""
+    with pytest.raises(RecipeError, match=r"vdn: beta only acts when vdn is combined with one of bs, frs, fs, ns"):
+        parse_recipe("vdn:beta=0.3")
