@@ -308,9 +308,18 @@ def _inspect_onnx(args) -> int:
 
 
 def _emit(text: str, out: str | None) -> None:
+    """Print ``text``, or write it to ``out`` (creating its folder, as fold and export do)."""
     if out:
-        with open(out, "w") as fh:
-            fh.write(text)
+        import os
+
+        from .errors import InputError
+
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
         print(f"wrote {out}")
     else:
         print(text)

@@ -69,12 +69,15 @@ def _save(module, out: str) -> None:
 
 
 def cmd_export(args) -> int:
+    import os
+
+    from .errors import InputError
     from .export import export_onnx
 
     if parse_shape(args.input_shape) is None:
-        from .errors import InputError
-
         raise InputError("export needs --input-shape (e.g. 1,3,224,224)")
+    if os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a folder; give the path of the .onnx file to write")
     model, example = _prepare(args)
     report = export_onnx(model, example, args.out, dynamic_batch=not args.static_batch, opset=args.opset,
                          verify=not args.no_verify, example_weight=args.example_weight, exporter=args.exporter)

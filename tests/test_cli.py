@@ -51,6 +51,12 @@ def test_inspect_dot(tmp_path, capsys):
     assert text.startswith("digraph G {") and '"layer1_0_bn1"' in text and "->" in text
 
 
+def test_inspect_out_creates_its_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "report.json"
+    assert main(["inspect", "torchvision:resnet18", "--input-shape", "none", "--format", "json", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["summary"]["sites"] == 20
+
+
 def test_inspect_user_file_factory(tmp_path, capsys):
     src = tmp_path / "net.py"
     src.write_text("import torch.nn as nn\n"
@@ -92,6 +98,10 @@ notcallable = 3
      "--input-shape 99999999,3,999,999: cannot allocate an example input"),
     (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--opset", "99", "--out", "{d}/o.onnx"],
      "opset 99 is newer than any this onnx"),
+    (["inspect", "{d}/m.py:small", "--out", "{d}"], "--out {d}: cannot write there (Is a directory)"),
+    (["inspect", "{d}/m.py:small", "--out", "{d}/m.py/x.txt"], "--out {d}/m.py/x.txt: cannot write there"),
+    (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--out", "{d}"],
+     "--out {d} is a folder; give the path of the .onnx file"),
 ])
 def test_bad_model_inputs_are_one_clear_line(argv, message, tmp_path, capsys):
     import torch
