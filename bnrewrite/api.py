@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,14 @@ class TransformInfo:
 
 
 def _select(sites: list[Site], include, exclude) -> list[Site]:
-    def as_list(globs):
-        return [globs] if isinstance(globs, str) else list(globs or [])
+    def as_list(globs, key):
+        globs = [globs] if isinstance(globs, str) else globs or []
+        if not isinstance(globs, (list, tuple, set, frozenset)) or not all(isinstance(g, str) for g in globs):
+            raise InputError(f"transform: {key}= takes module-name globs like 'layer1.*' (a string or a list of "
+                             f"strings), got {globs!r}")
+        return list(globs)
 
-    inc, exc = as_list(include), as_list(exclude)
+    inc, exc = as_list(include, "include"), as_list(exclude, "exclude")
     names = sorted({s.name for s in sites})
     for glob in inc + exc:
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
@@ -79,6 +84,9 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     """
     require_module(model, "transform")
     parsed = parse_recipe(recipe)
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"transform: seed= must be an int, got {seed!r}")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     if not any(_is_norm(m) for m in model.modules()):

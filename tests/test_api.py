@@ -66,6 +66,19 @@ def test_include_exclude_select_sites():
     assert out.bnrewrite_info.selected == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"include": 3}, "include= takes module-name globs like 'layer1.*' (a string or a list of strings), got 3"),
+    ({"exclude": ["1", 2]}, "exclude= takes module-name globs like 'layer1.*' (a string or a list of strings), got ['1', 2]"),
+    ({"seed": "x"}, "seed= must be an int, got 'x'"),
+    ({"seed": 1.5}, "seed= must be an int, got 1.5"),
+    ({"seed": None}, "seed= must be an int, got None"),
+])
+def test_bad_globs_and_seed_are_input_errors(kwargs, message):
+    with pytest.raises(InputError) as info:
+        bnrewrite.transform(models.ConvBNReLU(), "fs", **kwargs)
+    assert message in str(info.value)
+
+
 def test_unused_transform_option_is_rejected():
     with pytest.raises(InputError, match="option\\(s\\) data_stats that no component"):
         bnrewrite.transform(models.ConvBNReLU(), "bn", data_stats=None)
