@@ -302,6 +302,12 @@ def _inspect_onnx(args) -> int:
         from .export import inspect_onnx
     except ImportError:
         raise InputError("ONNX inspection needs bnrewrite.export (not available in this build)") from None
+    ignored = [flag for flag, given in (("--format dot", args.format == "dot"), ("--recipe", args.recipe != "bn"),
+                                        ("--seed", args.seed is not None), ("--lower", args.lower != "reference"),
+                                        ("--include", args.include), ("--exclude", args.exclude)) if given]
+    if ignored:
+        raise InputError(f"{args.model}: {', '.join(ignored)} applies to a torch model; an .onnx file is inspected "
+                         "as it is, with --format table or json")
     report = inspect_onnx(args.model)
     _emit(json.dumps(report, indent=2, default=str) if args.format == "json" else str(report), args.out)
     return 0

@@ -98,6 +98,8 @@ notcallable = 3
      "--input-shape 99999999,3,999,999: cannot allocate an example input"),
     (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--opset", "99", "--out", "{d}/o.onnx"],
      "opset 99 is newer than any this onnx"),
+    (["inspect", "{d}/m.onnx", "--format", "dot"], "{d}/m.onnx: --format dot applies to a torch model"),
+    (["inspect", "{d}/m.onnx", "--recipe", "fs", "--seed", "1"], "{d}/m.onnx: --recipe, --seed applies to a torch model"),
     (["inspect", "{d}/m.py:small", "--out", "{d}"], "--out {d}: cannot write there (Is a directory)"),
     (["inspect", "{d}/m.py:small", "--out", "{d}/m.py/x.txt"], "--out {d}/m.py/x.txt: cannot write there"),
     (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--out", "{d}"],
