@@ -49,6 +49,9 @@ def load_model(spec: str):
                              "state_dict?): save the model with torch.save(model, path), or give path/to/file.py:factory")
         return model
     path, sep, factory = spec.rpartition(":")
+    if spec.endswith(".py") or (sep and path.endswith(".py") and not factory.strip()):
+        raise InputError(f"{path or spec}: name the function that returns the model, as "
+                         f"{path or spec}:FACTORY")
     if sep and path.endswith(".py"):
         return _call_factory(path, factory)
     raise InputError(f"cannot load model '{spec}': use {MODEL_HELP}")

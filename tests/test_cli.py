@@ -94,6 +94,8 @@ notcallable = 3
     (["inspect", "{d}/m.py:notcallable"], "{d}/m.py:notcallable is of type int, not a function"),
     (["inspect", "{d}/m.py:not_a_module"], "{d}/m.py:not_a_module() returned an object of type int, not an nn.Module"),
     (["inspect", "{d}/broken.py:small"], "{d}/broken.py:1: syntax error"),
+    (["inspect", "{d}/m.py"], "{d}/m.py: name the function that returns the model, as {d}/m.py:FACTORY"),
+    (["inspect", "{d}/m.py:"], "{d}/m.py: name the function that returns the model, as {d}/m.py:FACTORY"),
     (["inspect", "{d}/m.py:small", "--input-shape", "99999999,3,999,999"],
      "--input-shape 99999999,3,999,999: cannot allocate an example input"),
     (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--opset", "99", "--out", "{d}/o.onnx"],
