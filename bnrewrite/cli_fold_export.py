@@ -21,11 +21,22 @@ def _prepare(args):
     return model.eval(), example
 
 
+def _check_out(out: str, suffix: str) -> None:
+    import os
+
+    from .errors import InputError
+
+    if not out.strip() or os.path.isdir(out):
+        raise InputError(f"--out '{out}' is {'a folder' if out.strip() else 'empty'}; give the path of the "
+                         f"{suffix} file to write")
+
+
 def cmd_fold(args) -> int:
     import torch
 
     from .passes.fold import fold_for_inference
 
+    _check_out(args.out, ".pt")
     model, example = _prepare(args)
     folded = fold_for_inference(model, example_weight=args.example_weight, example_inputs=example)
     report = folded.bnrewrite_fold_report
@@ -69,15 +80,12 @@ def _save(module, out: str) -> None:
 
 
 def cmd_export(args) -> int:
-    import os
-
     from .errors import InputError
     from .export import export_onnx
 
     if parse_shape(args.input_shape) is None:
         raise InputError("export needs --input-shape (e.g. 1,3,224,224)")
-    if os.path.isdir(args.out):
-        raise InputError(f"--out {args.out} is a folder; give the path of the .onnx file to write")
+    _check_out(args.out, ".onnx")
     model, example = _prepare(args)
     report = export_onnx(model, example, args.out, dynamic_batch=not args.static_batch, opset=args.opset,
                          verify=not args.no_verify, example_weight=args.example_weight, exporter=args.exporter)

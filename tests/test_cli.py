@@ -105,7 +105,10 @@ notcallable = 3
     (["inspect", "{d}/m.py:small", "--out", "{d}"], "--out {d}: cannot write there (Is a directory)"),
     (["inspect", "{d}/m.py:small", "--out", "{d}/m.py/x.txt"], "--out {d}/m.py/x.txt: cannot write there"),
     (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--out", "{d}"],
-     "--out {d} is a folder; give the path of the .onnx file"),
+     "--out '{d}' is a folder; give the path of the .onnx file to write"),
+    (["export", "{d}/m.py:small", "--input-shape", "2,3,8,8", "--out", ""], "--out '' is empty; give the path of the .onnx"),
+    (["fold", "{d}/m.py:small", "--out", "{d}"], "--out '{d}' is a folder; give the path of the .pt file to write"),
+    (["fold", "{d}/m.py:small", "--out", " "], "--out ' ' is empty; give the path of the .pt file"),
 ])
 def test_bad_model_inputs_are_one_clear_line(argv, message, tmp_path, capsys):
     import torch
