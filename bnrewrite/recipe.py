@@ -204,17 +204,32 @@ def parse_recipe(text: "str | Recipe", registry: dict[str, Variant] | None = Non
         Traceback (most recent call last):
         RecipeError: unknown component 'fss' — did you mean 'fs'? ...
     """
+    registry = default_registry() if registry is None else registry
     if isinstance(text, Recipe):
-        return text
+        return _check_built(text, registry)
     if not isinstance(text, str):
         raise RecipeError(f"recipe must be a string like 'fs+vdn', got {type(text).__name__}")
-    registry = default_registry() if registry is None else registry
     parts = [p.strip() for p in text.split("+")]
     if not text.strip():
         raise RecipeError(f"empty recipe; known components: {', '.join(sorted(registry))}")
     components = tuple(parse_component(p, registry) for p in parts)
     validate_combination(components, registry)
     return Recipe(components)
+
+
+def _check_built(recipe: Recipe, registry: dict[str, Variant]) -> Recipe:
+    """A Recipe built by hand gets the checks a parsed one had: known names, their options, the combination."""
+    known = ", ".join(sorted(registry))
+    if not recipe.components:
+        raise RecipeError(f"empty recipe; known components: {known}")
+    for c in recipe.components:
+        if c.name not in registry:
+            raise RecipeError(f"unknown component '{c.name}'{_did_you_mean(str(c.name), sorted(registry))} known: {known}")
+        if not isinstance(c.options, registry[c.name].options):
+            raise RecipeError(f"{c.name}: options must be a {registry[c.name].options.__name__}, "
+                              f"got {type(c.options).__name__}")
+    validate_combination(recipe.components, registry)
+    return recipe
 
 
 def validate_combination(components: tuple[Component, ...], registry: dict[str, Variant]) -> None:

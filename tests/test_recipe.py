@@ -12,7 +12,7 @@ from torch import nn
 
 import bnrewrite
 from bnrewrite.errors import RecipeError
-from bnrewrite.recipe import Recipe, Variant, parse_recipe
+from bnrewrite.recipe import Component, Recipe, Variant, parse_recipe
 from bnrewrite.registry import VARIANTS
 
 
@@ -160,3 +160,16 @@ def test_vdn_beta_alone_is_refused_not_ignored():
     """vdn alone takes its statistics from the virtual rows only (beta = 1): a beta there would be ignored."""
     with pytest.raises(RecipeError, match=r"vdn: beta only acts when vdn is combined with one of bs, frs, fs, ns"):
         parse_recipe("vdn:beta=0.3")
+
+
+@pytest.mark.parametrize("components, message", [
+    ((Component("fs", SizeOptions()), Component("ghost", SizeOptions())), "recipe combines fs and ghost: pick one"),
+    ((Component("fs", NoOptions()),), "fs: options must be a SizeOptions, got NoOptions"),
+    ((Component("fss", NoOptions()),), "unknown component 'fss' — did you mean 'fs'?"),
+    ((), "empty recipe"),
+])
+def test_a_recipe_built_by_hand_is_checked_like_a_parsed_one(components, message):
+    with pytest.raises(RecipeError) as info:
+        parse(Recipe(components))
+    assert message in str(info.value)
+    assert parse(Recipe((Component("fs", SizeOptions()),))).names() == ("fs",)
