@@ -89,18 +89,14 @@ def _activation_grad(dy, z, ACT: tl.constexpr, slope):
     return dy
 
 
-# the tilings of a reduction over (row, position) pairs of one group, see _tile_offsets
-TILE_ROW, TILE_UNIFORM, TILE_PAIRS = 0, 1, 2
-
-
 @triton.jit
 def _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
                   stride_n, stride_d, stride_h, stride_w,
                   FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr):
     """Offsets and mask of the positions of reduction tile ``t`` (channel offset excluded).
 
-    ``FLAT``: 0 (TILE_ROW) a tile holds positions of one row; 1 (TILE_UNIFORM) channels-last
-    over the whole map, whose (row, position) pairs have one uniform stride; 2 (TILE_PAIRS) a
+    ``FLAT``: 0, a tile holds positions of one row; 1, channels-last over the whole map, whose
+    (row, position) pairs have one uniform stride; 2, a
     tile holds ``BLOCK_P`` consecutive (row, position) pairs of any layout and box, split by
     division (the single-pass kernels: there a tile spans several rows of a small map)."""
     ps = tl.arange(0, BLOCK_P)
