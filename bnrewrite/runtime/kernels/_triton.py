@@ -841,7 +841,10 @@ def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v
 # many tiles and the split kernels' parallelism over rows wins. BNREWRITE_SINGLE_PASS_MAX
 # overrides it (0: never); benchmarks/bn_layer_speed.py times both sequences side by side.
 SINGLE_PASS_MAX = int(os.environ.get("BNREWRITE_SINGLE_PASS_MAX", 1 << 17))
-_SINGLE_PASS_TILE = 8192
+# Elements of one single-pass tile (8 warps: 16 per thread, as in the elementwise passes). With
+# 8192 the backward kernel needed 255 registers and spilled up to 120 bytes per thread on sm_90
+# (benchmarks/kernel_resources.py); with 4096 it needs at most 178 and the forward at most 127.
+_SINGLE_PASS_TILE = 4096
 
 
 def single_pass(x: torch.Tensor) -> bool:
@@ -1050,5 +1053,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
 
 
 def is_interpreted() -> bool:
-    return bool(getattr(triton.runtime.interpreter, "InterpretedFunction", None)) and isinstance(
-        _normalize_kernel, triton.runtime.interpreter.InterpretedFunction)
+    """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    from triton.runtime.interpreter import InterpretedFunction  # not imported by triton itself when compiling
+
+    return isinstance(_normalize_kernel, InterpretedFunction)
