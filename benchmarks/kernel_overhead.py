@@ -3,12 +3,16 @@ or device (kernels). Small ResNet shapes are host-bound when the host time per s
 device time; that is what the layer benchmark measures there, not kernel speed.
 
 Usage: python benchmarks/kernel_overhead.py [--shape 128,256,14,14] [--dtype bf16]
-       python benchmarks/kernel_overhead.py --host-only [--shape 2,8,4,4]   # any machine, no GPU
+       python benchmarks/kernel_overhead.py --host-only [--triton-launcher] [--shape 2,8,4,4]   # no GPU
 
 ``--host-only`` measures the part of the host time that is this package's own Python: the
 kernels run through the Triton path on CPU tensors with every launch replaced by a no-op
 (so Triton's launcher and the kernels themselves are *not* counted), next to stock
 ``nn.BatchNorm2d`` + ``nn.ReLU`` on the same tiny CPU tensor, interleaved, best of ``--reps``.
+``--host-only --triton-launcher`` counts Triton's own Python launch path as well: the kernels are
+compiled for sm_90 on the CPU and only the C launcher call is stubbed; each lowered layer runs
+with this package's direct launches (:mod:`bnrewrite.runtime.kernels.launch`) and, as
+``triton-path``, with every launch through ``kernel[grid](...)``.
 """
 from __future__ import annotations
 
@@ -68,19 +72,42 @@ def measure(name, mod, x, dy, params, iters=50):
           f"({kernels:.0f} kernels)  cuda-graph replay {graphed:7.3f} ms")
 
 
-def host_only(shape: str, reps: int) -> None:
-    """Python host time per forward+backward step of a lowered layer, Triton launches stubbed."""
+def host_only(shape: str, reps: int, triton_launcher: bool = False) -> None:
+    """Python host time per forward+backward step of a lowered layer, Triton launches stubbed
+    (``triton_launcher``: Triton's own launch path runs, for kernels compiled for sm_90, up to
+    the C launch call, which is the no-op)."""
     os.environ["BNREWRITE_TRITON_CPU"] = "1"
     import triton
 
     launches = [0]
+    if triton_launcher:
+        import contextlib
 
-    def no_launch(self, grid):
-        def launch(*args, **kwargs):
+        from triton.compiler.compiler import CompiledKernel
+
+        from kernel_resources import compile_only_driver
+
+        def no_c_launch(*args):
             launches[0] += 1
-        return launch
 
-    triton.runtime.jit.JITFunction.__getitem__ = no_launch
+        def no_module_load(self):
+            if self.module is None:
+                self.module, self.function = "compile-only", 0
+
+        # JITFunction.run binds and specialises the arguments, looks the compiled kernel up, builds
+        # the launch metadata and calls CompiledKernel.run, the C launcher: that call, and loading
+        # the cubin onto a device, are the only steps stubbed
+        CompiledKernel._init_handles = no_module_load
+        CompiledKernel.run = property(lambda self: no_c_launch)
+        driver_scope = contextlib.ExitStack()  # held until this function returns
+        driver_scope.enter_context(compile_only_driver(90))
+    else:
+        def no_launch(self, grid):
+            def launch(*args, **kwargs):
+                launches[0] += 1
+            return launch
+
+        triton.runtime.jit.JITFunction.__getitem__ = no_launch
     from bnrewrite.runtime.kernels import FusedBatchNorm, lowered_class
     from bnrewrite.runtime.sampled import SampledBatchNorm
 
@@ -97,21 +124,28 @@ def host_only(shape: str, reps: int) -> None:
         module._post_children = ("act",)
     from bnrewrite.runtime.kernels import _triton
 
-    # (module, SINGLE_PASS_MAX while it runs): each lowered layer on both launch sequences
+    from bnrewrite.runtime.kernels import launch
+
+    # (module, SINGLE_PASS_MAX while it runs, direct launches): each lowered layer on both launch
+    # sequences; with Triton's launcher, also with every launch through kernel[grid](...)
     split, single = 0, 2 ** 62
-    modules = {"eager": (nn.Sequential(bn, nn.ReLU()), split), "ours:bn split": (fused, split),
-               "ours:bn single-pass": (fused, single), "ours:fs split": (fs, split),
-               "ours:fs single-pass": (fs, single)}
+    modules = {"eager": (nn.Sequential(bn, nn.ReLU()), split, True)}
+    for recipe, module in (("bn", fused), ("fs", fs)):
+        for sequence, limit in (("split", split), ("single-pass", single)):
+            # stubbed kernel[grid] returns no compiled kernel, so there is nothing to launch directly
+            modules[f"ours:{recipe} {sequence}"] = (module, limit, triton_launcher)
+            if triton_launcher:
+                modules[f"ours:{recipe} {sequence} triton-path"] = (module, limit, False)
     best = dict.fromkeys(modules, float("inf"))
     per_step = {}
-    for name, (module, limit) in modules.items():
-        _triton.SINGLE_PASS_MAX = limit
+    for name, (module, limit, direct) in modules.items():
+        _triton.SINGLE_PASS_MAX, launch._ENABLED = limit, direct
         module.train()
         for _ in range(50):
             torch.autograd.grad(module(x), [x, *module.parameters()], dy)
     for _ in range(reps):
-        for name, (module, limit) in modules.items():
-            _triton.SINGLE_PASS_MAX = limit
+        for name, (module, limit, direct) in modules.items():
+            _triton.SINGLE_PASS_MAX, launch._ENABLED = limit, direct
             params = [x, *module.parameters()]
             launches[0] = 0
             start = time.perf_counter()
@@ -119,10 +153,11 @@ def host_only(shape: str, reps: int) -> None:
                 torch.autograd.grad(module(x), params, dy)
             best[name] = min(best[name], (time.perf_counter() - start) / 200 * 1e6)
             per_step[name] = launches[0] / 200
-    print(f"host-only, CPU, torch {torch.__version__}, shape {shape}, best of {reps}x200 steps "
-          "(Triton launches stubbed: launcher and kernels not counted)")
+    what = ("Triton's Python launch path counted, its C launcher and the kernels not" if triton_launcher
+            else "Triton launches stubbed: launcher and kernels not counted")
+    print(f"host-only, CPU, torch {torch.__version__}, shape {shape}, best of {reps}x200 steps ({what})")
     for name, us in best.items():
-        print(f"{name:20s} {us:7.1f} us/step  x{us / best['eager']:.2f} eager  "
+        print(f"{name:32s} {us:7.1f} us/step  x{us / best['eager']:.2f} eager  "
               f"({per_step[name]:.0f} stubbed launches/step)")
 
 
@@ -132,11 +167,14 @@ def main():
     p.add_argument("--host-only", action="store_true",
                    help="our Python host time per step on CPU, Triton launches stubbed (no GPU needed)")
     p.add_argument("--reps", type=int, default=30, help="--host-only: interleaved repetitions (best is kept)")
+    p.add_argument("--triton-launcher", action="store_true",
+                   help="--host-only: run Triton's own launch path (kernels compiled for sm_90 on the CPU); "
+                        "only the C launch call is stubbed")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--profile", action="store_true", help="also print where ours:fs spends host time (cProfile)")
     args = p.parse_args()
     if args.host_only:
-        host_only(args.shape or "2,8,4,4", args.reps)
+        host_only(args.shape or "2,8,4,4", args.reps, args.triton_launcher)
         return
     args.shape = args.shape or "128,256,14,14"
     if not torch.cuda.is_available():

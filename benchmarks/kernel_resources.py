@@ -81,10 +81,22 @@ class _CompileOnlyDriver:
 
 
 @contextlib.contextmanager
+def compile_only_driver(arch: int):
+    """Inside: Triton compiles for ``arch`` as if that device were present (no device is touched)."""
+    from triton.runtime import driver
+
+    saved = driver._active  # None on a machine without a GPU: reset_active() would raise there
+    driver.set_active(_CompileOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = saved
+
+
+@contextlib.contextmanager
 def compile_instead_of_launch(arch: int, sms: int):
     """Inside: every ``kernel[grid](...)`` of bnrewrite's kernels compiles for ``arch`` and records
     ``(kernel name, grid, constexpr options, CompiledKernel)`` in the yielded list; no launch."""
-    from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
     from bnrewrite.runtime.kernels import _triton
@@ -100,17 +112,19 @@ def compile_instead_of_launch(arch: int, sms: int):
                              kwargs.get("num_warps", 4), kernel))
         return compile_only
 
-    saved_getitem, saved_programs = JITFunction.__getitem__, _triton._target_programs
-    saved_driver = driver._active  # None on a machine without a GPU: reset_active() would raise there
-    driver.set_active(_CompileOnlyDriver(arch))
+    from bnrewrite.runtime.kernels import launch
+
+    saved_getitem, saved_programs, saved_direct = JITFunction.__getitem__, _triton._target_programs, launch._ENABLED
     JITFunction.__getitem__ = getitem
     _triton._target_programs = lambda x: 4 * sms  # the plans of a device with that many SMs
+    launch._ENABLED = False  # every launch through kernel[grid], which is what is replaced here
     try:
-        yield launches
+        with compile_only_driver(arch):
+            yield launches
     finally:
         JITFunction.__getitem__ = saved_getitem
         _triton._target_programs = saved_programs
-        driver._active = saved_driver
+        launch._ENABLED = saved_direct
 
 
 def resource_usage(cubin: bytes) -> dict:

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .functional import whole_batch_region
+from .launch import launch as launch_cached
 from .layout import channels_last, like
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "leaky_relu": 4}
@@ -314,7 +315,7 @@ def _window_moments(mean_t, var_t, past_mean_ptr, past_sq_ptr, h, stats_ptr, C, 
         nu = tl.load(past_sq_ptr + i * C + cs, mask=cmask, other=0.0)
         mean_sum += mu
         var_sum += tl.maximum(nu - mu * mu, 0.0)                                         # Eq. 10
-    k = (h + 1).to(tl.float32)
+    k = h + 1.0  # h may be the constexpr 1 (Triton specialises ints equal to 1): no .to() then
     mean = mean_sum / k                                                                   # Eq. 9
     spread = (mean_t - mean) * (mean_t - mean)
     for i in range(0, h):
@@ -945,12 +946,12 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
             continue
         launch, splits = group
         part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
-        _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)
+        launch_cached(_stats_partial_kernel, launch, (x, part))
         partials += [part, splits]
     rm, rv, momentum, unbias = running if running is not None else (stats, stats, 0.0, 1.0)
     fin = plan.finalize
-    _stats_finalize_kernel[fin.grid](*partials, stats, plan.C, float(wv), rm, rv, float(momentum), float(unbias),
-                                     HAS_RUNNING=running is not None, **fin.meta)
+    launch_cached(_stats_finalize_kernel, fin, (*partials, stats, plan.C, float(wv), rm, rv, float(momentum),
+                                                float(unbias)), HAS_RUNNING=running is not None)
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 
@@ -960,10 +961,10 @@ def _forward_single_pass(x, weight, bias, wv: float, eps: float, slope: float, r
     y = torch.empty_like(x)
     rm, rv, momentum, unbias = running if running is not None else (stats, stats, 0.0, 1.0)
     launch = plan.forward
-    _forward_single_pass_kernel[launch.grid](x, y, stats, stats if weight is None else weight,
-                                             stats if bias is None else bias, rm, rv, *launch.args, float(wv),
-                                             float(eps), float(slope), float(momentum), float(unbias),
-                                             HAS_RUNNING=running is not None, **launch.meta)
+    launch_cached(_forward_single_pass_kernel, launch,
+                  (x, y, stats, stats if weight is None else weight, stats if bias is None else bias, rm, rv),
+                  (float(wv), float(eps), float(slope), float(momentum), float(unbias)),
+                  HAS_RUNNING=running is not None)
     return y, stats
 
 
@@ -981,15 +982,14 @@ def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_
         stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
         y = torch.empty_like(x)
         launch = plan.window
-        _window_single_pass_kernel[launch.grid](x, y, stats, stats if weight is None else weight,
-                                                stats if bias is None else bias, past_mean, past_sq_mean,
-                                                int(past_mean.shape[0]), *launch.args, float(eps), float(slope),
-                                                **launch.meta)
+        launch_cached(_window_single_pass_kernel, launch,
+                      (x, y, stats, stats if weight is None else weight, stats if bias is None else bias, past_mean,
+                       past_sq_mean, int(past_mean.shape[0])), (float(eps), float(slope)))
         return y, stats
     plan = _forward_plan(*key)
     launch, splits = plan.sampled
     part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
-    _stats_partial_kernel[launch.grid](x, part, *launch.args, **launch.meta)
+    launch_cached(_stats_partial_kernel, launch, (x, part))
     stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
     fin = plan.finalize
     _window_finalize_kernel[fin.grid](part, splits, past_mean, past_sq_mean, int(past_mean.shape[0]), stats, plan.C,
@@ -999,8 +999,9 @@ def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_
 
 def _normalize(x, stats, weight, bias, eps: float, slope: float, launch: _Launch) -> torch.Tensor:
     y = torch.empty_like(x)
-    _normalize_kernel[launch.grid](x, y, stats, stats if weight is None else weight, stats if bias is None else bias,
-                                   *launch.args, float(eps), float(slope), **launch.meta)
+    launch_cached(_normalize_kernel, launch,
+                  (x, y, stats, stats if weight is None else weight, stats if bias is None else bias),
+                  (float(eps), float(slope)))
     return y
 
 
@@ -1028,27 +1029,26 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
         db = torch.empty(plan.C, device=x.device, dtype=torch.float32)
         counts = plan.counts if group_count is None else (plan.counts[0], float(group_count))
         launch = plan.backward
-        _backward_single_pass_kernel[launch.grid](dy, x, stats, w_arg, b_arg, dx, dw, db, *launch.args,
-                                                  float(wv if has_v else 0.0), *counts, float(eps), float(slope),
-                                                  **launch.meta)
+        launch_cached(_backward_single_pass_kernel, launch, (dy, x, stats, w_arg, b_arg, dx, dw, db),
+                      (float(wv if has_v else 0.0), *counts, float(eps), float(slope)))
         return dx, dw, db
     plan = _backward_plan(*key)
     device, C = x.device, plan.C
     part = torch.empty((2, plan.splits, C), device=device, dtype=torch.float32)
     launch = plan.partial
-    _grad_partial_kernel[launch.grid](dy, x, stats, w_arg, b_arg, part, *launch.args, float(eps), float(slope),
-                                      **launch.meta)
+    launch_cached(_grad_partial_kernel, launch, (dy, x, stats, w_arg, b_arg, part), (float(eps), float(slope)))
     coef = torch.empty((5, C), device=device, dtype=torch.float32)
     dw = torch.empty(C, device=device, dtype=torch.float32)
     db = torch.empty(C, device=device, dtype=torch.float32)
     launch = plan.finalize
-    counts = launch.args if group_count is None else (launch.args[0], float(group_count))
-    _grad_finalize_kernel[launch.grid](part, plan.splits, stats, w_arg, coef, dw, db, C, float(eps),
-                                       float(wv if has_v else 0.0), *counts, **launch.meta)
+    head = (part, plan.splits, stats, w_arg, coef, dw, db, C, float(eps), float(wv if has_v else 0.0))
+    if group_count is None:  # the plan's args: the group counts n_v, n_s
+        launch_cached(_grad_finalize_kernel, launch, head)
+    else:
+        _grad_finalize_kernel[launch.grid](*head, launch.args[0], float(group_count), **launch.meta)
     dx = torch.empty_like(x)
     launch = plan.grad_input
-    _grad_input_kernel[launch.grid](dy, x, stats, w_arg, b_arg, coef, dx, *launch.args, float(eps), float(slope),
-                                    **launch.meta)
+    launch_cached(_grad_input_kernel, launch, (dy, x, stats, w_arg, b_arg, coef, dx), (float(eps), float(slope)))
     return dx, dw, db
 
 

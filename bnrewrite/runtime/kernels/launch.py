@@ -1,0 +1,118 @@
+"""Launch a compiled Triton kernel again without Triton's per-call argument binding.
+
+``kernel[grid](*args, **meta)`` binds every argument to the kernel's signature, computes its
+specialisation (dtype and 16-byte alignment of each pointer, ``== 1`` / ``% 16`` of each int),
+hashes that into a cache key and looks the compiled kernel up, then calls the compiled
+kernel's C launcher. On the CPU of the benchmarks that Python is ≈13 µs per launch
+(``benchmarks/kernel_overhead.py --host-only --triton-launcher``), as much as all of this
+package's own Python for a lowered BN+ReLU step, and small layers are bound by the host.
+
+A layer repeats the same launch (the cached plans of :mod:`._triton`) step after step with
+new tensors of the same dtypes. :func:`launch` goes through Triton's path on the first call
+of each ``(kernel, launch plan, specialisation of the varying arguments)`` and keeps the
+compiled kernel Triton returns; later calls build the same argument list Triton's binder would
+(positional arguments, then the constexprs in signature order) and call the C launcher
+directly with the current stream and Triton's launch hooks, as ``JITFunction.run`` does.
+
+Off in Triton's interpreter (nothing is compiled there), with ``BNREWRITE_DIRECT_LAUNCH=0``,
+and when this Triton's compiled kernels lack the launcher attributes used here; a launcher
+that rejects the argument list (a Triton whose launcher signature differs) turns it off for
+the process with a warning, and that launch goes through Triton's path.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+_ENABLED = os.environ.get("BNREWRITE_DIRECT_LAUNCH", "1") != "0"
+_CACHE_LIMIT = 4096
+# (kernel, id(plan launch), device, specialisation) -> (plan launch, compiled kernel, constexprs)
+_compiled: dict = {}
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def disable(reason: str) -> None:
+    global _ENABLED
+    if _ENABLED:
+        warnings.warn(f"bnrewrite: direct Triton launches turned off ({reason}); kernels launch through "
+                      "Triton's own path", RuntimeWarning, stacklevel=3)
+    _ENABLED = False
+    _compiled.clear()
+
+
+def _specialisation(value):
+    """At least as fine as Triton's specialisation of one argument: calls whose arguments agree
+    on these get the same compiled kernel from Triton (floats are not specialised)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, not value.data_ptr() & 15
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value == 1, not value & 15, -2 ** 31 <= value < 2 ** 31, value < 2 ** 63
+    return type(value)
+
+
+def _constexprs(kernel, n_positional: int, meta: dict) -> tuple:
+    """The values Triton's binder gives the parameters after the positional ones."""
+    values = []
+    for param in kernel.params[n_positional:]:
+        if param.name in meta:
+            values.append(meta[param.name])
+        elif param.has_default:
+            values.append(param.default)
+        else:
+            raise TypeError(f"{kernel.__name__}: no value for parameter {param.name}")
+    return tuple(values)
+
+
+def launch(kernel, plan_launch, head: tuple, tail: tuple = (), **extra) -> None:
+    """``kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)``.
+
+    ``plan_launch`` is a cached plan's launch (same object step after step: its arguments are
+    part of the key by identity); ``head`` holds the tensors and ints that vary per call, ``tail``
+    the floats (which Triton does not specialise on)."""
+    if not _ENABLED or not isinstance(kernel, JITFunction):  # InterpretedFunction: nothing compiled
+        kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
+        return
+    active = driver.active
+    device = active.get_current_device()
+    key = (kernel, id(plan_launch), device, *extra.values(), *[_specialisation(v) for v in head])
+    hit = _compiled.get(key)
+    if hit is None or hit[0] is not plan_launch:
+        _compile_and_launch(kernel, plan_launch, head, tail, extra, key)
+        return
+    _, compiled, constexprs = hit
+    args = (*head, *plan_launch.args, *tail, *constexprs)
+    stream = active.get_current_stream(device)
+    grid = plan_launch.grid
+    try:
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                     compiled.function, compiled.packed_metadata, compiled.launch_metadata(grid, stream, *args),
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+    except TypeError as err:  # the launcher parses its arguments before it launches anything
+        disable(f"the C launcher rejected the argument list: {err}")
+        kernel[grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
+
+
+def _compile_and_launch(kernel, plan_launch, head, tail, extra, key) -> None:
+    """The first call of a key: Triton's own path, which compiles if needed and returns the kernel."""
+    if not all(type(v) is float for v in tail):
+        raise TypeError(f"{kernel.__name__}: the tail of a cached launch holds floats only, got "
+                        f"{[type(v).__name__ for v in tail]}")
+    meta = {**plan_launch.meta, **extra}
+    compiled = kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **meta)
+    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+        disable(f"triton's compiled kernels have no C launcher attributes ({type(compiled).__name__})")
+        return
+    if len(_compiled) >= _CACHE_LIMIT:
+        _compiled.clear()
+    n_positional = len(head) + len(plan_launch.args) + len(tail)
+    _compiled[key] = (plan_launch, compiled, _constexprs(kernel, n_positional, meta))

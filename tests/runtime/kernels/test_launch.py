@@ -1,0 +1,163 @@
+"""Direct launches (bnrewrite/runtime/kernels/launch.py) hand Triton's C launcher exactly what
+Triton's own ``kernel[grid](...)`` path would: the same compiled kernel, grid, stream, hooks and
+argument list, for every launch of lowered training steps (split and single-pass, both layouts,
+three dtypes, every recipe, CBN windows of 1–3 past steps, 16-byte aligned and misaligned
+inputs).
+
+No GPU is needed: a child process without ``TRITON_INTERPRET`` compiles the kernels for sm_90
+(benchmarks/kernel_resources.py's compile-only driver) and replaces only the C launcher (and the
+loading of the cubin onto a device) with a recorder. Each launch runs through
+:func:`launch.launch` and then again through Triton's path, and the two records must agree."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_direct_launches_pass_the_c_launcher_what_triton_passes():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BNREWRITE_DIRECT_LAUNCH")}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["mismatches"], result["mismatches"][:5]
+    # not vacuous: most launches took the direct path, on both launch sequences and every kernel
+    assert result["direct"] >= 0.6 * result["launches"], result
+    assert set(result["direct_kernels"]) >= {"_forward_single_pass_kernel", "_backward_single_pass_kernel",
+                                             "_window_single_pass_kernel", "_stats_partial_kernel",
+                                             "_stats_finalize_kernel", "_normalize_kernel", "_grad_partial_kernel",
+                                             "_grad_finalize_kernel", "_grad_input_kernel"}, result
+    # a misaligned input or another window length compiles (and caches) another kernel
+    assert result["distinct_compiled"] > len(result["direct_kernels"]), result
+
+
+# ------------------------------------------------------------------------------------------ child
+def _records_equal(a, b) -> str | None:
+    (ka, ra), (kb, rb) = a, b
+    if ka is not kb:
+        return "another compiled kernel"
+    if len(ra) != len(rb):
+        return f"{len(ra)} vs {len(rb)} launcher arguments"
+    for i, (u, v) in enumerate(zip(ra, rb)):
+        if i == 6:  # launch metadata: a fresh LazyDict per launch
+            if type(u) is not type(v):
+                return f"launch metadata {type(u).__name__} vs {type(v).__name__}"
+            continue
+        import torch
+
+        same = u is v if isinstance(u, torch.Tensor) or callable(u) else (type(u) is type(v) and u == v)
+        if not same:
+            return f"launcher argument {i}: {u!r} vs {v!r}"
+    return None
+
+
+def main() -> None:
+    import contextlib
+
+    import torch
+    from triton.compiler.compiler import CompiledKernel
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from kernel_resources import compile_only_driver
+
+    from bnrewrite.runtime.kernels import _triton, launch, region_of
+    from bnrewrite.runtime.sampled import SampledBatchNorm
+
+    records = []
+
+    def recorder(kernel):
+        return lambda *args: records.append((kernel, args))
+
+    def no_module_load(self):
+        if self.module is None:
+            self.module, self.function = "compile-only", 0
+
+    CompiledKernel._init_handles = no_module_load
+    CompiledKernel.run = property(recorder)
+    scope = contextlib.ExitStack()
+    scope.enter_context(compile_only_driver(90))
+    _triton._target_programs = lambda x: 4 * 132
+
+    stats = {"launches": 0, "direct": 0, "mismatches": [], "direct_kernels": set()}
+    real_launch, real_first_call = launch.launch, launch._compile_and_launch
+    first_calls = []
+
+    def counted_first_call(*args):
+        first_calls.append(1)
+        return real_first_call(*args)
+
+    launch._compile_and_launch = counted_first_call
+
+    def checked(kernel, plan_launch, head, tail=(), **extra):
+        first_calls.clear()
+        records.clear()
+        real_launch(kernel, plan_launch, head, tail, **extra)
+        was_cached = not first_calls
+        ours = list(records)
+        records.clear()
+        kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
+        triton_path = list(records)
+        stats["launches"] += 1
+        if len(ours) != 1 or len(triton_path) != 1:
+            stats["mismatches"].append(f"{kernel.__name__}: {len(ours)} vs {len(triton_path)} launches")
+            return
+        problem = _records_equal(ours[0], triton_path[0])
+        if problem:
+            stats["mismatches"].append(f"{kernel.__name__} grid {plan_launch.grid}: {problem}")
+        if was_cached:
+            stats["direct"] += 1
+            stats["direct_kernels"].add(kernel.__name__)
+
+    _triton.launch_cached = checked
+
+    def tensor(shape, dtype, fmt, misaligned):
+        if misaligned:  # a view one element into its storage: data_ptr % 16 != 0
+            n = 1
+            for s in shape:
+                n *= s
+            return torch.empty(n + 1, dtype=dtype)[1:].view(shape)
+        return torch.empty(shape, dtype=dtype).to(memory_format=fmt)
+
+    recipes = {"bn": None, "fs": dict(strategy="fs", ratio=1 / 4), "bs": dict(strategy="bs", n=2),
+               "vdn": dict(strategy="vdn", num_virtual=1), "fs+vdn": dict(strategy="fs", ratio=1 / 4, num_virtual=1,
+                                                                        beta=0.5)}
+    cases = [((8, 16, 7, 7), torch.float32, torch.contiguous_format, False),
+             ((8, 16, 7, 7), torch.float32, torch.contiguous_format, True),
+             ((64, 64, 28, 28), torch.bfloat16, torch.channels_last, False),
+             ((4, 32, 56, 56), torch.float16, torch.contiguous_format, False),
+             ((4, 32, 56, 56), torch.float16, torch.contiguous_format, True)]
+    for split in (False, True):
+        _triton.SINGLE_PASS_MAX = 0 if split else 1 << 17
+        for shape, dtype, fmt, misaligned in cases:
+            C = shape[1]
+            w, b, rm, rv = (torch.empty(C) for _ in range(4))
+            for step in range(3):
+                x = tensor(shape, dtype, fmt, misaligned)
+                dy = torch.empty_like(x)
+                for name, options in recipes.items():
+                    spec = None if options is None else SampledBatchNorm(C, **options).sample_spec(shape)
+                    region, wv, count = region_of(spec, shape)
+                    y, st = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0,
+                                            running=(rm, rv, 0.1, count / (count - 1)))
+                    _triton.backward(dy, x, w, b, st, region, wv, 1e-5, "relu", 0.0)
+                for h in (1, 2, 3):  # CBN: the number of past steps in the window changes
+                    past = torch.empty(h, C)
+                    y, st = _triton.window_forward(x, w, b, past, past, 1e-5, "silu", 0.0)
+                    _triton.backward(dy, x, w, b, st, region_of(None, shape)[0], 0.0, 1e-5, "silu", 0.0,
+                                     group_count=float(4 * shape[0]))
+    stats["direct_kernels"] = sorted(stats["direct_kernels"])
+    stats["distinct_compiled"] = len({id(v[1]) for v in launch._compiled.values()})
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
