@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -51,8 +52,11 @@ RECIPES = {"bn": None,
            "fs+vdn": dict(strategy="fs", ratio=1 / 32, num_virtual=1, beta=0.5),
            "cbn": "window"}
 # --quick: every kernel in both launch sequences, both layouts and all three storage dtypes
-QUICK = [("fp32-nchw", 128, 256, 14), ("fp32-nchw", 32, 64, 56), ("bf16-cl", 128, 512, 7),
-         ("bf16-cl", 32, 256, 28), ("fp16-nchw", 16, 64, 28), ("fp16-nchw", 64, 2048, 7)]
+QUICK = [("fp32-nchw", (128, 256, 14, 14)), ("fp32-nchw", (32, 64, 56, 56)), ("bf16-cl", (128, 512, 7, 7)),
+         ("bf16-cl", (32, 256, 28, 28)), ("fp16-nchw", (16, 64, 28, 28)), ("fp16-nchw", (64, 2048, 7, 7)),
+         # >= 2**31 elements (64-bit offsets), split and single-pass (BatchNorm1d on (N, C)); as meta
+         # tensors, which have a pointer (0) and no storage
+         ("bf16-cl", (512, 64, 256, 256)), ("fp16-nchw", (128, 1 << 24))]
 # per SM on sm_80/sm_90 (CUDA C programming guide, "Compute Capabilities" table)
 SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32
 SM_SHARED = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
@@ -157,14 +161,14 @@ def layer_step(recipe: str, x: torch.Tensor):
     from bnrewrite.runtime.sampled import SampledBatchNorm
 
     C = x.shape[1]
-    w, b = torch.empty(C), torch.empty(C)
-    rm, rv = torch.empty(C), torch.empty(C)
+    w, b, rm, rv = (torch.empty(C, device=x.device) for _ in range(4))
     dy = torch.empty_like(x)
     if RECIPES[recipe] == "window":
-        past = torch.empty(3, C)
-        y, stats = _triton.window_forward(x, w, b, past, past, 1e-5, "relu", 0.0)
-        _triton.backward(dy, x, w, b, stats, region_of(None, x.shape)[0], 0.0, 1e-5, "relu", 0.0,
-                         group_count=4.0 * x.shape[0] * x[0, 0].numel())
+        for h in (1, 3):  # past steps in the window; Triton turns an int argument equal to 1 into a constant
+            past = torch.empty(h, C, device=x.device)
+            y, stats = _triton.window_forward(x, w, b, past, past, 1e-5, "relu", 0.0)
+            _triton.backward(dy, x, w, b, stats, region_of(None, x.shape)[0], 0.0, 1e-5, "relu", 0.0,
+                             group_count=(h + 1.0) * x.shape[0] * x[0, 0].numel())
         return
     spec = None
     if RECIPES[recipe] is not None:
@@ -173,9 +177,10 @@ def layer_step(recipe: str, x: torch.Tensor):
             options["n"] = max(2, x.shape[0] // 32)
         spec = SampledBatchNorm(C, **options).sample_spec(tuple(x.shape))
     region, wv, count = region_of(spec, x.shape)
-    y, stats = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0, running=(rm, rv, 0.1, count / (count - 1)))
+    unbias = count / (count - 1) if count > 1 else 1.0
+    y, stats = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0, running=(rm, rv, 0.1, unbias))
     if recipe == "bn":  # under torch.compile the running update is a launch of its own
-        _triton.update_running_stats(rm, rv, stats, 0.1, count / (count - 1))
+        _triton.update_running_stats(rm, rv, stats, 0.1, unbias)
     _triton.backward(dy, x, w, b, stats, region, wv, 1e-5, "relu", 0.0)
 
 
@@ -186,9 +191,13 @@ def collect(cases, recipes, arch: int, sms: int) -> list[dict]:
     rows = []
     seen = {}
     with compile_instead_of_launch(arch, sms) as launches:
-        for config, batch, channels, hw in cases:
+        for config, shape in cases:
             dtype, fmt = CONFIGS[config]
-            x = torch.empty(batch, channels, hw, hw, dtype=dtype).to(memory_format=fmt)
+            big = math.prod(shape) >= 2 ** 31
+            x = torch.empty(shape, dtype=dtype, device="meta" if big else "cpu")
+            if len(shape) == 4:
+                x = x.to(memory_format=fmt)
+            batch, channels, hw = shape[0], shape[1], shape[2] if len(shape) > 2 else 1
             single = _triton.single_pass(x)
             for recipe in recipes:
                 launches.clear()
@@ -266,7 +275,7 @@ def main(argv=None):
     if args.quick:
         cases = QUICK
     else:
-        cases = [(config, batch, c, hw) for config in args.configs for batch in args.batches
+        cases = [(config, (batch, c, hw, hw)) for config in args.configs for batch in args.batches
                  for c, hw in RESNET50_SHAPES]
     t0 = time.time()
     rows = collect(cases, args.recipes, args.arch, args.sms)
