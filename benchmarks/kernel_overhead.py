@@ -200,9 +200,15 @@ def main():
     fs._post_children = ("act",)
     from bnrewrite.runtime.kernels import _triton
 
-    default_limit = _triton.SINGLE_PASS_MAX
+    from bnrewrite.runtime.kernels import launch
+
+    default_limit, direct = _triton.SINGLE_PASS_MAX, launch.enabled()
     for name, mod in (("ours:bn", fused), ("ours:fs", fs)):
         measure(name, mod.train(), x, dy, [mod.weight, mod.bias])
+        if direct:  # the same layer with every launch through Triton's kernel[grid](...)
+            launch._ENABLED = False
+            measure(f"{name}@triton-path", mod, x, dy, [mod.weight, mod.bias])
+            launch._ENABLED = True
         if _triton.single_pass(x):  # the same layer on the split kernels, for comparison
             _triton.SINGLE_PASS_MAX = 0
             measure(f"{name}@split", mod, x, dy, [mod.weight, mod.bias])

@@ -40,6 +40,41 @@ def test_direct_launches_pass_the_c_launcher_what_triton_passes():
     assert result["distinct_compiled"] > len(result["direct_kernels"]), result
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "split"])
+def test_direct_launches_compute_what_triton_launches_compute_on_cuda(single_pass, monkeypatch):
+    """On a GPU: the same steps with direct launches on and off give bitwise the same outputs,
+    gradients and running statistics, step after step (the direct path serves steps 2 and 3)."""
+    import torch
+
+    from bnrewrite.runtime.kernels import _triton, launch, region_of
+    from bnrewrite.runtime.sampled import SampledBatchNorm
+
+    monkeypatch.setattr(_triton, "SINGLE_PASS_MAX", 1 << 17 if single_pass else 0)
+    shape = (16, 24, 14, 14)
+    spec = SampledBatchNorm(24, strategy="fs", ratio=1 / 4, num_virtual=1, beta=0.5).sample_spec(shape)
+    region, wv, count = region_of(spec, shape)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.rand(24, device="cuda", generator=gen) + 0.5
+    b = torch.rand(24, device="cuda", generator=gen) - 0.5
+    inputs = [(torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
+               torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)) for _ in range(3)]
+    results = {}
+    for direct in (False, True):
+        monkeypatch.setattr(launch, "_ENABLED", direct)
+        launch._compiled.clear()
+        rm, rv = torch.zeros(24, device="cuda"), torch.ones(24, device="cuda")
+        out = []
+        for x, dy in inputs:
+            y, stats = _triton.forward(x, w, b, region, wv, 1e-5, "silu", 0.0, running=(rm, rv, 0.1, 1.0))
+            out += [y, stats, *_triton.backward(dy, x, w, b, stats, region, wv, 1e-5, "silu", 0.0)]
+        results[direct] = out + [rm, rv]
+        if direct:
+            assert len(launch._compiled) >= 2, "the direct path was not taken"
+    for i, (a, b_) in enumerate(zip(results[False], results[True])):
+        assert torch.equal(a, b_), f"output {i} differs between direct and Triton launches"
+
+
 # ------------------------------------------------------------------------------------------ child
 def _records_equal(a, b) -> str | None:
     (ka, ra), (kb, rb) = a, b
