@@ -87,6 +87,8 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InputError(f"transform: seed= must be an int, got {seed!r}")
+    if not isinstance(inplace, bool):
+        raise InputError(f"transform: inplace= must be True or False, got {inplace!r}")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     if not any(_is_norm(m) for m in model.modules()):

@@ -211,6 +211,11 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise InputError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"export_onnx: {path!r} is a folder; pass the path of the .onnx file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"export_onnx: the folder {parent!r} of {path!r} does not exist; create it first")
     folded = False
     fold_report = None
     if example_weight and not _has_normalisation(model):

@@ -72,6 +72,8 @@ def test_include_exclude_select_sites():
     ({"seed": "x"}, "seed= must be an int, got 'x'"),
     ({"seed": 1.5}, "seed= must be an int, got 1.5"),
     ({"seed": None}, "seed= must be an int, got None"),
+    ({"inplace": "yes"}, "inplace= must be True or False, got 'yes'"),
+    ({"inplace": 1}, "inplace= must be True or False, got 1"),
 ])
 def test_bad_globs_and_seed_are_input_errors(kwargs, message):
     with pytest.raises(InputError) as info:

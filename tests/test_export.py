@@ -138,6 +138,14 @@ def test_bad_tolerance_or_opset_is_an_input_error(tmp_path, bad):
         bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "b.onnx", **bad)
 
 
+def test_a_folder_or_a_missing_folder_as_the_path_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="is a folder; pass the path of the .onnx file"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path)
+    with pytest.raises(InputError, match="does not exist; create it first"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "no" / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_opset_newer_than_onnx_knows_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=f"opset 99 is newer .* newest is {onnx.defs.onnx_opset_version()}"):
         bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "b.onnx", opset=99)

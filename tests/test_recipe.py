@@ -173,3 +173,10 @@ def test_a_recipe_built_by_hand_is_checked_like_a_parsed_one(components, message
         parse(Recipe(components))
     assert message in str(info.value)
     assert parse(Recipe((Component("fs", SizeOptions()),))).names() == ("fs",)
+
+
+@pytest.mark.parametrize("text, fixed", [("fs:every=+3", "fs:every=3"), ("fs:every=+3,ratio=1/8+vdn", "fs:every=3"),
+                                         ("bs:n=+4", "bs:n=4")])
+def test_a_value_with_a_plus_sign_says_that_plus_joins_components(text, fixed):
+    with pytest.raises(RecipeError, match=f"'\\+' joins recipe components.*write {fixed}$"):
+        parse_recipe(text)
