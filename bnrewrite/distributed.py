@@ -49,7 +49,9 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 def _local_sums(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     dims = [d for d in range(values.dim()) if d != channel_dim]
-    acc = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    # Σx and Σx² in float64: var = Σx²/n − mean² cancels (in float32, values near 1000 with unit
+    # variance lose ~10% of it); MPS has no float64
+    acc = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
     count = values.numel() // max(values.shape[channel_dim], 1)
     if values.numel() == 0:
         zeros = acc.new_zeros(values.shape[channel_dim])
@@ -82,7 +84,9 @@ def synced_moments(x: torch.Tensor, spec, process_group: Any = None) -> tuple[to
             continue
         mean = chunk[:c] / count
         var = (chunk[c:2 * c] / count - mean * mean).clamp_min(0.0)
-        parts.append((weight, mean.to(x.dtype), var.to(x.dtype), counts[-1]))
+        # at least float32, as the unsynced statistics and stock BatchNorm keep them for 16-bit inputs
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        parts.append((weight, mean.to(stat_dtype), var.to(stat_dtype), counts[-1]))
     if not parts:
         from .errors import InputError
 

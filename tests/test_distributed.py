@@ -98,6 +98,51 @@ def test_synced_sampled_statistics_equal_single_process_large_batch(tmp_path):
         torch.testing.assert_close(got["rv"], single["rv"])
 
 
+def _offset_data(dtype, offset):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(WORLD * LOCAL, 4, 8, 8, generator=g, dtype=torch.float64) + offset).to(dtype)
+
+
+OFFSET_CASES = [(torch.bfloat16, 100.0), (torch.float32, 1000.0)]
+
+
+def _offset_worker(rank, port, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        results = []
+        for dtype, offset in OFFSET_CASES:
+            x = _offset_data(dtype, offset)[rank * LOCAL:(rank + 1) * LOCAL]
+            module = _module().float().train()
+            module(x)
+            mean, var, count = module.last_statistics
+            results.append((mean, var, count))
+        torch.save(results, os.path.join(out_dir, f"offset{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_statistics_keep_float32_precision_for_offset_and_16_bit_inputs(tmp_path):
+    """Values far from 0: the synced statistics match float64 statistics of the union of the
+    ranks' samples as closely as the unsynced ones do, not rounded to bfloat16 (the mean of
+    values near 100 is off by up to 0.25 in bfloat16) nor cancelled in float32 (Σx²/n − mean²
+    of values near 1000 with unit variance loses ~10% of the variance)."""
+    mp.spawn(_offset_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"offset{r}.pt") for r in range(WORLD)]
+    for i, (dtype, offset) in enumerate(OFFSET_CASES):
+        # the same sample, on the float64 values of the whole batch, in one process
+        single = _module(sync=False)
+        single(_offset_data(dtype, offset).double())
+        ref_mean, ref_var, ref_count = single.last_statistics
+        for r in range(WORLD):
+            mean, var, count = ranks[r][i]
+            assert count == ref_count
+            assert mean.dtype == torch.float32 and var.dtype == torch.float32
+            assert (mean.double() - ref_mean).abs().max() < 2e-4 * offset / 100, (dtype, mean, ref_mean)
+            assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-3, (dtype, var, ref_var)
+
+
 def _subgroup_worker(rank, port, out_dir):
     """Each rank's SyncBatchNorm synchronises over its own one-rank subgroup only: the sampler
     with sync=true must reduce over that group, i.e. compute the rank's own sample statistics,
