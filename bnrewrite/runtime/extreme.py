@@ -246,7 +246,14 @@ class ExtremeNorm(BatchNormState):
         producer = self.__dict__.get("producer")
         if producer is None:
             return mean
+        if torch.is_autocast_enabled(mean.device.type):
+            # autocast would run this matmul in bfloat16: μ·ΣW, subtracted from outputs near it,
+            # would then be off by |μ·ΣW|·2⁻⁹ (15% of the output's range for values near 75)
+            with torch.autocast(mean.device.type, enabled=False):
+                return self._mean_map(mean)
         w = producer.weight
+        dtype = torch.promote_types(torch.promote_types(mean.dtype, w.dtype), torch.float32)
+        mean, w = mean.to(dtype), w.to(dtype)
         if isinstance(producer, nn.Linear):
             return mean @ w.t()
         groups = producer.groups

@@ -300,6 +300,34 @@ def test_low_precision_input_keeps_its_dtype_like_stock_batchnorm(mode):
     torch.testing.assert_close(y.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
 
 
+@pytest.mark.parametrize("mode", ["brn", "two-tower"])
+def test_mean_times_kernel_sum_stays_float32_under_autocast(mode):
+    """μ·ΣW is subtracted from producer outputs close to it (Alg. 1): under CPU bf16 autocast its
+    matmul ran in bfloat16 and the output was off by 15% of its range here (outputs near 75, a
+    ±1.8 result); now only the output's own bfloat16 rounding is left, as for stock BatchNorm."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.uniform_(0.3, 0.7)
+    layer = ExtremeNorm.from_batchnorm(nn.BatchNorm2d(4), mode=mode, micro=2)
+    layer.site_name = "bn"
+    layer.attach_producer(conv, "conv")
+    x_in = torch.randn(8, 3, 6, 6) * 0.5 + 50.0
+    with torch.no_grad():
+        layer.input_mean.copy_(x_in.mean((0, 2, 3)))
+    layer.input_mean_known = True
+    layer.train()
+    reference = copy.deepcopy(layer)
+    h = conv(x_in).detach().bfloat16()
+    first = mode == "two-tower"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(h, x_in, first_tower=first)
+    want = reference(h.float(), x_in, first_tower=first)
+    y, want = (out[0], want[0]) if first else (out, want)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - want).abs().max() <= want.abs().max() * 2 ** -8
+
+
 def test_rotated_inference_matrix_matches_alg1():
     conv, layer = make_layer(cout=4)
     rot = RotatedExtremeNorm.from_extreme(layer, "hadamard")
