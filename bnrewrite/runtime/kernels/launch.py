@@ -25,11 +25,15 @@ import os
 import warnings
 
 import torch
-from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-_ENABLED = os.environ.get("BNREWRITE_DIRECT_LAUNCH", "1") != "0"
+try:
+    from triton import knobs  # triton >= 3.4: where the launch hooks live
+except ImportError:  # an older triton: its launch path differs, launch through it
+    knobs = None
+
+_ENABLED = os.environ.get("BNREWRITE_DIRECT_LAUNCH", "1") != "0" and knobs is not None
 _CACHE_LIMIT = 4096
 # (kernel, id(plan launch), device, specialisation) -> (plan launch, compiled kernel, constexprs)
 _compiled: dict = {}
@@ -112,7 +116,11 @@ def _compile_and_launch(kernel, plan_launch, head, tail, extra, key) -> None:
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
         disable(f"triton's compiled kernels have no C launcher attributes ({type(compiled).__name__})")
         return
+    try:
+        constexprs = _constexprs(kernel, len(head) + len(plan_launch.args) + len(tail), meta)
+    except Exception as err:  # noqa: BLE001 - this triton's signature objects differ: keep its own path
+        disable(f"cannot read {kernel.__name__}'s signature from this triton: {type(err).__name__}: {err}")
+        return
     if len(_compiled) >= _CACHE_LIMIT:
         _compiled.clear()
-    n_positional = len(head) + len(plan_launch.args) + len(tail)
-    _compiled[key] = (plan_launch, compiled, _constexprs(kernel, n_positional, meta))
+    _compiled[key] = (plan_launch, compiled, constexprs)
