@@ -180,27 +180,48 @@ def _chan_moments(x_ptr, coff, cmask, t0, t1, row0, nrows, P, tiles_per_row, bh,
                   stride_n, stride_d, stride_h, stride_w,
                   FLAT: tl.constexpr, FULL_BOX: tl.constexpr, INT64: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(mean, M2, count) per channel of tiles ``[t0, t1)`` of one group (Eq. 3)."""
-    cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    """(mean, M2, count) per channel of tiles ``[t0, t1)`` of one group (Eq. 3).
+
+    Each element of the tile keeps its own sums over the tiles, so the loop has no reduction
+    across threads (one per tile was the cost of the channels-last statistics, whose tiles hold
+    few positions) and no division: Σ(x−K) and Σ(x−K)² with K the first value that element
+    saw, a sample of its channel, so the variance does not cancel (E[x²]−E[x]² would, for
+    values far from 0). Chan et al.'s combination of the elements' (mean, M2, count) ends it
+    (deviations from the combined mean)."""
+    shift = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    lane_n = tl.zeros([BLOCK_P], dtype=tl.float32)  # the same for every channel of a position
     for t in range(t0, t1):
         offs, pmask = _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
                                     stride_n, stride_d, stride_h, stride_w, FLAT, FULL_BOX, INT64, BLOCK_P)
         m = pmask[:, None] & cmask[None, :]
         xv = tl.load(x_ptr + offs[:, None] + coff[None, :], mask=m, other=0.0).to(tl.float32)
-        tc = tl.sum(m.to(tl.float32), axis=0)
-        tmean = tl.sum(xv, axis=0) / tl.maximum(tc, 1.0)
-        dev = tl.where(m, xv - tmean[None, :], 0.0)
-        tm2 = tl.sum(dev * dev, axis=0)
-        # Chan et al.'s pairwise update: exact in exact arithmetic, no E[x²]−E[x]² cancellation
-        new = cnt + tc
-        delta = tmean - mean
-        frac = tc / tl.maximum(new, 1.0)
-        mean = mean + delta * frac
-        m2 = m2 + tm2 + delta * delta * cnt * frac
-        cnt = new
+        shift = tl.where((lane_n == 0.0)[:, None], xv, shift)
+        d = tl.where(m, xv - shift, 0.0)
+        s1 += d
+        s2 += d * d
+        lane_n += pmask.to(tl.float32)
+    counts = tl.broadcast_to(lane_n[:, None], [BLOCK_P, BLOCK_C])
+    inv = 1.0 / tl.maximum(counts, 1.0)
+    lane_mean = shift + s1 * inv
+    lane_m2 = tl.maximum(s2 - s1 * s1 * inv, 0.0)
+    cnt = tl.sum(counts, axis=0)
+    mean = _weighted_mean(lane_mean, counts, cnt)
+    dev = tl.where(counts > 0, lane_mean - mean[None, :], 0.0)
+    m2 = tl.sum(lane_m2 + counts * dev * dev, axis=0)
     return mean, m2, cnt
+
+
+@triton.jit
+def _weighted_mean(means, counts, total):
+    """Σ counts·means / total along axis 0, summed as deviations from a reference (the plain
+    mean of the non-empty parts): Σ counts·means itself is total × |mean| large, and rounding it
+    cost ~10 float32 ulps of a mean near 1000."""
+    filled = counts > 0
+    ref = tl.sum(tl.where(filled, means, 0.0), axis=0) / tl.maximum(tl.sum(filled.to(tl.float32), axis=0), 1.0)
+    dev = tl.where(filled, means - ref[None, :], 0.0)
+    return ref + tl.sum(counts * dev, axis=0) / tl.maximum(total, 1.0)
 
 
 @triton.jit
@@ -234,7 +255,9 @@ def _stats_partial_kernel(x_ptr, part_ptr, C, splits, tiles_per_split, total_til
 
 @triton.jit
 def _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Mean and biased variance from per-split (mean, M2, count)."""
+    """Mean and biased variance from per-split (mean, M2, count). The mean is split 0's plus the
+    count-weighted deviations of the others from it (see :func:`_weighted_mean`)."""
+    ref = tl.load(part_ptr + cs, mask=cmask, other=0.0)
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     weighted = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, splits, BLOCK_S):
@@ -244,8 +267,8 @@ def _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK
         mu = tl.load(part_ptr + idx, mask=m, other=0.0)
         n = tl.load(part_ptr + 2 * splits * C + idx, mask=m, other=0.0)
         total += tl.sum(n, axis=0)
-        weighted += tl.sum(n * mu, axis=0)
-    mean = weighted / tl.maximum(total, 1.0)
+        weighted += tl.sum(n * tl.where(m, mu - ref[None, :], 0.0), axis=0)
+    mean = ref + weighted / tl.maximum(total, 1.0)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, splits, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
@@ -387,9 +410,10 @@ def _normalize_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, R, K, C, eps, slope
 def _grad_sums(dy_ptr, x_ptr, coff, cmask, mean, rstd, w, b, t0, t1, nrows, P, tiles_per_row, stride_n, stride_w,
                slope, FLAT: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Σ dy' and Σ dy'·x̂ per channel over tiles ``[t0, t1)`` of the whole map."""
-    sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_dyx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    """Σ dy' and Σ dy'·x̂ per channel over tiles ``[t0, t1)`` of the whole map (per-element
+    accumulators, reduced across the tile once at the end, as in :func:`_chan_moments`)."""
+    acc_dy = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(t0, t1):
         offs, pmask = _tile_offsets(t, 0, nrows, P, tiles_per_row, 1, 1, 0, 0, 0,
                                     stride_n, 0, 0, stride_w, FLAT, True, INT64, BLOCK_P)
@@ -401,9 +425,9 @@ def _grad_sums(dy_ptr, x_ptr, coff, cmask, mean, rstd, w, b, t0, t1, nrows, P, t
         if ACT != 0:
             g = _activation_grad(g, xhat * w[None, :] + b[None, :], ACT, slope)
         g = tl.where(m, g, 0.0)
-        sum_dy += tl.sum(g, axis=0)
-        sum_dyx += tl.sum(g * xhat, axis=0)
-    return sum_dy, sum_dyx
+        acc_dy += g
+        acc_dyx += g * xhat
+    return tl.sum(acc_dy, axis=0), tl.sum(acc_dyx, axis=0)
 
 
 @triton.jit

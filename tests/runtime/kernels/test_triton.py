@@ -103,6 +103,30 @@ def test_kernels_match_reference_interpreted(shape, spec_factory, dtype, channel
     _check(shape, spec_factory, dtype, channels_last, act, "cpu")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_statistics_of_values_far_from_zero_are_as_precise_as_torch(channels_last, kernel_path):
+    """Values near 1000 with unit variance, over several tiles per program: each thread's
+    running Welford moments and their combination keep the variance as precise as
+    ``torch.var_mean`` in float32 (E[x²]−E[x]² in float32 would lose all of it)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    x64 = torch.randn(16, 3, 24, 24, generator=gen, dtype=torch.float64) + 1000.0
+    x = x64.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    from bnrewrite.runtime.kernels import region_of
+
+    region, wv, _ = region_of(None, x.shape)
+    _, stats = _kernels().forward(x.to(device), None, None, region, wv, 1e-5, "none", 0.0)
+    exact = x.double()  # the float32 values, exactly
+    var64, mean64 = torch.var_mean(exact, dim=(0, 2, 3), unbiased=False)
+    var32, mean32 = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    torch_err = ((var32.double() - var64).abs() / var64).max().item()
+    ours_err = ((stats[1].cpu().double() - var64).abs() / var64).max().item()
+    assert ours_err <= max(4 * torch_err, 2e-5), (ours_err, torch_err)
+    assert (stats[0].cpu().double() - mean64).abs().max() <= 1e-4
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="triton interpreter not enabled: the cuda cases cover this")
 def test_launch_plans_are_cached_per_shape_layout_and_region(kernel_path):
     """Launch arguments are computed once per (shape, layout, region, flags) and reused: the
