@@ -788,14 +788,16 @@ class _ForwardPlan(NamedTuple):
     finalize: _Launch
     normalize: _Launch
     C: int
+    window_finalize: _Launch                # Cross-iteration BN's finalize instead of ``finalize``
 
 
 class _BackwardPlan(NamedTuple):
     partial: _Launch
     splits: int
-    finalize: _Launch
+    finalize: _Launch                       # args: the group counts n_v, n_s of Eq. 6
     grad_input: _Launch
     C: int
+    finalize_counted: _Launch               # the same without args: the caller passes the counts
 
 
 def _region_parts(region):
@@ -818,7 +820,8 @@ def _forward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v:
     finalize = _Launch((-(-g.C // block_c),), (),
                        dict(HAS_S=has_s, HAS_V=has_v, BLOCK_S=32, BLOCK_C=block_c, num_warps=4))
     normalize = _normalize_launch(shape, is_channels_last, act, has_w, has_b)
-    return _ForwardPlan(sampled, virtual, finalize, normalize, g.C)
+    window_finalize = _Launch(finalize.grid, (), dict(BLOCK_S=32, BLOCK_C=block_c, num_warps=4))
+    return _ForwardPlan(sampled, virtual, finalize, normalize, g.C, window_finalize)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -857,7 +860,7 @@ def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v
     grad_input = _elementwise_launch(g, ALL_SAMPLED=all_sampled, HAS_S=has_s, HAS_V=has_v, HAS_W=has_w, HAS_B=has_b,
                                      ACT=act_id)
     grad_input = grad_input._replace(args=(g.R, g.K, g.C, g.S, g.H, g.W, nv, r0, r1, d0, d1, h0, h1, w0, w1))
-    return _BackwardPlan(partial, splits, finalize, grad_input, g.C)
+    return _BackwardPlan(partial, splits, finalize, grad_input, g.C, finalize._replace(args=()))
 
 
 # Elements one single-pass program covers (values per channel x its channels) up to which a
@@ -945,10 +948,14 @@ def _flags(x: torch.Tensor, region, wv: float, act: str, weight, bias) -> tuple:
 
 
 def update_running_stats(running_mean, running_var, stats, momentum: float, unbias: float) -> None:
-    C = stats.shape[1]
+    launch_cached(_running_update_kernel, _running_update_launch(int(stats.shape[1])), (stats, running_mean, running_var),
+                  (float(momentum), float(unbias)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _running_update_launch(C: int) -> _Launch:
     block_c = min(_pow2(C), 256)
-    _running_update_kernel[(-(-C // block_c),)](stats, running_mean, running_var, C, float(momentum),
-                                                float(unbias), BLOCK_C=block_c, num_warps=4)
+    return _Launch((-(-C // block_c),), (C,), dict(BLOCK_C=block_c, num_warps=4))
 
 
 def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: str,
@@ -1015,9 +1022,8 @@ def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_
     part = torch.empty((3, splits, plan.C), device=x.device, dtype=torch.float32)
     launch_cached(_stats_partial_kernel, launch, (x, part))
     stats = torch.empty((6, plan.C), device=x.device, dtype=torch.float32)
-    fin = plan.finalize
-    _window_finalize_kernel[fin.grid](part, splits, past_mean, past_sq_mean, int(past_mean.shape[0]), stats, plan.C,
-                                      BLOCK_S=fin.meta["BLOCK_S"], BLOCK_C=fin.meta["BLOCK_C"], num_warps=4)
+    launch_cached(_window_finalize_kernel, plan.window_finalize,
+                  (part, splits, past_mean, past_sq_mean, int(past_mean.shape[0]), stats, plan.C))
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 
@@ -1065,11 +1071,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
     dw = torch.empty(C, device=device, dtype=torch.float32)
     db = torch.empty(C, device=device, dtype=torch.float32)
     launch = plan.finalize
-    head = (part, plan.splits, stats, w_arg, coef, dw, db, C, float(eps), float(wv if has_v else 0.0))
+    head = (part, plan.splits, stats, w_arg, coef, dw, db, C)
+    floats = (float(eps), float(wv if has_v else 0.0))
     if group_count is None:  # the plan's args: the group counts n_v, n_s
-        launch_cached(_grad_finalize_kernel, launch, head)
+        launch_cached(_grad_finalize_kernel, launch, (*head, *floats))
     else:
-        _grad_finalize_kernel[launch.grid](*head, launch.args[0], float(group_count), **launch.meta)
+        launch_cached(_grad_finalize_kernel, plan.finalize_counted, head, (*floats, launch.args[0], float(group_count)))
     dx = torch.empty_like(x)
     launch = plan.grad_input
     launch_cached(_grad_input_kernel, launch, (dy, x, stats, w_arg, b_arg, coef, dx), (float(eps), float(slope)))

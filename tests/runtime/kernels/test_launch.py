@@ -35,7 +35,8 @@ def test_direct_launches_pass_the_c_launcher_what_triton_passes():
     assert set(result["direct_kernels"]) >= {"_forward_single_pass_kernel", "_backward_single_pass_kernel",
                                              "_window_single_pass_kernel", "_stats_partial_kernel",
                                              "_stats_finalize_kernel", "_normalize_kernel", "_grad_partial_kernel",
-                                             "_grad_finalize_kernel", "_grad_input_kernel"}, result
+                                             "_grad_finalize_kernel", "_grad_input_kernel", "_running_update_kernel",
+                                             "_window_finalize_kernel"}, result
     # a misaligned input or another window length compiles (and caches) another kernel
     assert result["distinct_compiled"] > len(result["direct_kernels"]), result
 
@@ -183,6 +184,7 @@ def main() -> None:
                     region, wv, count = region_of(spec, shape)
                     y, st = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0,
                                             running=(rm, rv, 0.1, count / (count - 1)))
+                    _triton.update_running_stats(rm, rv, st, 0.1, count / (count - 1))  # the compile path's
                     _triton.backward(dy, x, w, b, st, region, wv, 1e-5, "relu", 0.0)
                 for h in (1, 2, 3):  # CBN: the number of past steps in the window changes
                     past = torch.empty(h, C)
