@@ -39,6 +39,10 @@ def test_direct_launches_pass_the_c_launcher_what_triton_passes():
                                              "_window_finalize_kernel"}, result
     # a misaligned input or another window length compiles (and caches) another kernel
     assert result["distinct_compiled"] > len(result["direct_kernels"]), result
+    fallback = result["fallback"]
+    assert not fallback["enabled_after"] and fallback["launches_made"] == 1, fallback
+    assert any("direct Triton launches turned off (the C launcher rejected the argument list" in m
+               for m in fallback["warnings"]), fallback
 
 
 @pytest.mark.gpu
@@ -193,7 +197,39 @@ def main() -> None:
                                      group_count=float(4 * shape[0]))
     stats["direct_kernels"] = sorted(stats["direct_kernels"])
     stats["distinct_compiled"] = len({id(v[1]) for v in launch._compiled.values()})
+    stats["fallback"] = _fallback_when_the_launcher_rejects(launch, _triton, recorder, records, CompiledKernel)
     print(json.dumps(stats))
+
+
+def _fallback_when_the_launcher_rejects(launch, _triton, recorder, records, CompiledKernel) -> dict:
+    """A launcher that rejects the direct argument list (TypeError, as a C launcher of another
+    signature would): a warning, direct launches off, and that launch made through Triton's path."""
+    import warnings
+
+    import torch
+
+    _triton.launch_cached = launch.launch
+    _triton.SINGLE_PASS_MAX = 1 << 17  # one launch per forward
+    x = torch.empty(8, 16, 7, 7)
+    w = torch.empty(16)
+    region = _triton.whole_batch_region(x.shape)
+    _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)  # cached: the next call is direct
+
+    def picky(kernel):
+        def run(*args):
+            if not sys._getframe(1).f_code.co_filename.endswith("jit.py"):
+                raise TypeError("function takes exactly 3 arguments")
+            records.append((kernel, args))
+        return run
+
+    CompiledKernel.run = property(picky)
+    records.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)
+    CompiledKernel.run = property(recorder)
+    return {"warnings": [str(c.message) for c in caught], "enabled_after": launch.enabled(),
+            "launches_made": len(records)}
 
 
 if __name__ == "__main__":
