@@ -947,6 +947,23 @@ def _flags(x: torch.Tensor, region, wv: float, act: str, weight, bias) -> tuple:
             weight is not None, bias is not None, _target_programs(x))
 
 
+def on_device_of(index: int):
+    """Run the decorated entry point with argument ``index``'s CUDA device current: Triton launches
+    on the current device, and a model moved to ``cuda:1`` without ``torch.cuda.set_device(1)``
+    (a DDP rank that only calls ``model.to(rank)``) would have its kernels launched on ``cuda:0``."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            t = args[index]
+            if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+                with torch.cuda.device(t.device):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return run
+    return wrap
+
+
+@on_device_of(2)
 def update_running_stats(running_mean, running_var, stats, momentum: float, unbias: float) -> None:
     launch_cached(_running_update_kernel, _running_update_launch(int(stats.shape[1])), (stats, running_mean, running_var),
                   (float(momentum), float(unbias)))
@@ -958,6 +975,7 @@ def _running_update_launch(C: int) -> _Launch:
     return _Launch((-(-C // block_c),), (C,), dict(BLOCK_C=block_c, num_warps=4))
 
 
+@on_device_of(0)
 def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: str,
             slope: float, running=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled BN (+ activation) forward. ``x`` must be dense (see :func:`.layout.dense`).
@@ -999,6 +1017,7 @@ def _forward_single_pass(x, weight, bias, wv: float, eps: float, slope: float, r
     return y, stats
 
 
+@on_device_of(0)
 def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_sq_mean: torch.Tensor,
                    eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-iteration BN forward (Eqs. 9–12): one reduction over the batch, the window finalize
@@ -1035,12 +1054,14 @@ def _normalize(x, stats, weight, bias, eps: float, slope: float, launch: _Launch
     return y
 
 
+@on_device_of(0)
 def normalize(x, stats, weight, bias, eps: float, act: str, slope: float) -> torch.Tensor:
     """The normalise(+affine+activation) pass alone (one read and one write of the tensor)."""
     launch = _normalize_launch(x.shape, channels_last(x), act, weight is not None, bias is not None)
     return _normalize(x, stats, weight, bias, eps, slope, launch)
 
 
+@on_device_of(1)
 def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tensor, region, wv: float,
              eps: float, act: str, slope: float, group_count: float | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

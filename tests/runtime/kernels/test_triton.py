@@ -320,3 +320,42 @@ def test_window_kernels_match_cbn_reference_interpreted(shape, dtype, channels_l
                           ((300, 70), torch.float32, False, 2, "none"), ((7, 37, 13, 11), torch.float16, True, 1, "relu")])
 def test_window_kernels_match_cbn_reference_cuda(shape, dtype, channels_last, h, act, kernel_path):
     _check_window(shape, dtype, channels_last, h, "cuda", act)
+
+
+def test_entry_points_make_the_input_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: an input on cuda:1 while cuda:0 is current runs
+    the entry point inside ``torch.cuda.device(cuda:1)``, an input on the current device (or on the
+    CPU) without a device switch."""
+    import contextlib
+    import types
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    inside = []
+    entry = _kernels().on_device_of(1)(lambda a, t: inside.append(list(entered)) or a)
+    on = lambda index: types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))  # noqa: E731
+    assert entry("dy", on(1)) == "dy" and inside[-1] == [torch.device("cuda", 1)]
+    entered.clear()
+    entry("dy", on(0))
+    entry("dy", torch.zeros(1))
+    assert entered == [] and inside[-2:] == [[], []]
+    # every kernel entry point carries it, on the argument that holds the input
+    mod = _kernels()
+    for name in ("forward", "backward", "window_forward", "normalize", "update_running_stats"):
+        assert getattr(mod, name).__wrapped__ is not None, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current(kernel_path):
+    torch.cuda.set_device(0)
+    _check((6, 5, 9, 7), lambda: SampleSpec(rows=(1, 4), patch=((2, 6), (1, 5))), torch.float32, False, "relu",
+           "cuda:1")
+    assert torch.cuda.current_device() == 0
