@@ -22,9 +22,11 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def test_direct_launches_pass_the_c_launcher_what_triton_passes():
+def test_direct_launches_pass_the_c_launcher_what_triton_passes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BNREWRITE_DIRECT_LAUNCH")}
     env["PYTHONPATH"] = ROOT
+    # Triton writes its compile cache under TRITON_HOME (default: the home folder, which CI may not let us write)
+    env["TRITON_HOME"] = env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_home")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

@@ -23,6 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def compiled_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_resources") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Triton writes its compile cache under TRITON_HOME (default: the home folder, which CI may not let us write)
+    env["TRITON_HOME"] = env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_home"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_resources.py"), "--quick",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"compiling the kernels for sm_90 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
