@@ -103,7 +103,7 @@ def compile_instead_of_launch(arch: int, sms: int):
     ``(kernel name, grid, constexpr options, CompiledKernel)`` in the yielded list; no launch."""
     from triton.runtime.jit import JITFunction
 
-    from bnrewrite.runtime.kernels import _triton
+    from bnrewrite.runtime.kernels import _triton, launch
 
     if _triton.is_interpreted():
         raise SystemExit("kernel_resources compiles the kernels: run it without TRITON_INTERPRET")
@@ -115,8 +115,6 @@ def compile_instead_of_launch(arch: int, sms: int):
             launches.append((self.__name__, tuple(grid), {k: v for k, v in kwargs.items() if k.isupper()},
                              kwargs.get("num_warps", 4), kernel))
         return compile_only
-
-    from bnrewrite.runtime.kernels import launch
 
     saved_getitem, saved_programs, saved_direct = JITFunction.__getitem__, _triton._target_programs, launch._ENABLED
     JITFunction.__getitem__ = getitem
