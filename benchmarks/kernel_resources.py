@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -95,6 +96,27 @@ def compile_only_driver(arch: int):
         yield
     finally:
         driver._active = saved
+
+
+@contextlib.contextmanager
+def stubbed_c_launcher(arch: int, on_launch):
+    """Inside: Triton compiles for ``arch`` and runs its whole launch path (binding, cache lookup,
+    launch metadata), except that the C launcher call becomes ``on_launch(compiled_kernel, *its
+    arguments)`` and no cubin is loaded onto a device."""
+    from triton.compiler.compiler import CompiledKernel
+
+    def no_module_load(self):
+        if self.module is None:
+            self.module, self.function = "compile-only", 0
+
+    saved = CompiledKernel.__dict__["_init_handles"], CompiledKernel.__dict__["run"]
+    CompiledKernel._init_handles = no_module_load
+    CompiledKernel.run = property(lambda self: functools.partial(on_launch, self))
+    try:
+        with compile_only_driver(arch):
+            yield
+    finally:
+        CompiledKernel._init_handles, CompiledKernel.run = saved
 
 
 @contextlib.contextmanager

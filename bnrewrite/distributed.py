@@ -50,7 +50,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
 def _local_sums(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     dims = [d for d in range(values.dim()) if d != channel_dim]
     # Σx and Σx² in float64: var = Σx²/n − mean² cancels (in float32, values near 1000 with unit
-    # variance lose ~10% of it); MPS has no float64
+    # variance lose ~15% of it); MPS has no float64
     acc = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
     count = values.numel() // max(values.shape[channel_dim], 1)
     if values.numel() == 0:

@@ -214,8 +214,9 @@ def parse_recipe(text: "str | Recipe", registry: dict[str, Variant] | None = Non
         raise RecipeError(f"empty recipe; known components: {', '.join(sorted(registry))}")
     for before, after in zip(parts, parts[1:]):
         if before.endswith("=") and after[:1].isdigit():  # 'fs:every=+3': '+' was read as a separator
-            raise RecipeError(f"'{before}+{after.split(',')[0]}': '+' joins recipe components, so a value cannot "
-                              f"start with it; write {before}{after.split(',')[0]}")
+            value = after.split(",")[0]
+            raise RecipeError(f"'{before}+{value}': '+' joins recipe components, so a value cannot start with it; "
+                              f"write {before}{value}")
     components = tuple(parse_component(p, registry) for p in parts)
     validate_combination(components, registry)
     return Recipe(components)

@@ -42,7 +42,6 @@ All arithmetic is float32 whatever the storage dtype (fp32, bf16, fp16).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import NamedTuple
 
@@ -97,9 +96,9 @@ def _tile_offsets(t, row0, nrows, P, tiles_per_row, bh, bw, d0, h0, w0,
     """Offsets and mask of the positions of reduction tile ``t`` (channel offset excluded).
 
     ``FLAT``: 0, a tile holds positions of one row; 1, channels-last over the whole map, whose
-    (row, position) pairs have one uniform stride; 2, a
-    tile holds ``BLOCK_P`` consecutive (row, position) pairs of any layout and box, split by
-    division (the single-pass kernels: there a tile spans several rows of a small map)."""
+    (row, position) pairs have one uniform stride; 2, a tile holds ``BLOCK_P`` consecutive
+    (row, position) pairs of any layout and box, split by division (the single-pass kernels:
+    there a tile spans several rows of a small map)."""
     ps = tl.arange(0, BLOCK_P)
     if FLAT == 1:
         q = t * BLOCK_P + ps
@@ -794,10 +793,10 @@ class _ForwardPlan(NamedTuple):
 class _BackwardPlan(NamedTuple):
     partial: _Launch
     splits: int
-    finalize: _Launch                       # args: the group counts n_v, n_s of Eq. 6
+    finalize: _Launch
     grad_input: _Launch
     C: int
-    finalize_counted: _Launch               # the same without args: the caller passes the counts
+    counts: tuple[float, float]             # n_v, n_s of Eq. 6
 
 
 def _region_parts(region):
@@ -855,12 +854,11 @@ def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v
                       dict(FLAT=flat, HAS_W=has_w, HAS_B=has_b, ACT=act_id, INT64=g.int64, BLOCK_P=block_p,
                            BLOCK_C=block_c, num_warps=4))
     fc = min(_pow2(g.C), 64)
-    finalize = _Launch((-(-g.C // fc),), (float(max(n_v, 1)), float(max(n_s, 1))),
-                       dict(HAS_W=has_w, BLOCK_S=32, BLOCK_C=fc, num_warps=4))
+    finalize = _Launch((-(-g.C // fc),), (), dict(HAS_W=has_w, BLOCK_S=32, BLOCK_C=fc, num_warps=4))
     grad_input = _elementwise_launch(g, ALL_SAMPLED=all_sampled, HAS_S=has_s, HAS_V=has_v, HAS_W=has_w, HAS_B=has_b,
                                      ACT=act_id)
     grad_input = grad_input._replace(args=(g.R, g.K, g.C, g.S, g.H, g.W, nv, r0, r1, d0, d1, h0, h1, w0, w1))
-    return _BackwardPlan(partial, splits, finalize, grad_input, g.C, finalize._replace(args=()))
+    return _BackwardPlan(partial, splits, finalize, grad_input, g.C, (float(max(n_v, 1)), float(max(n_s, 1))))
 
 
 # Elements one single-pass program covers (values per channel x its channels) up to which a
@@ -870,8 +868,8 @@ def _backward_plan(shape, is_channels_last: bool, region: tuple[int, ...], has_v
 # overrides it (0: never); benchmarks/bn_layer_speed.py times both sequences side by side.
 SINGLE_PASS_MAX = int(os.environ.get("BNREWRITE_SINGLE_PASS_MAX", 1 << 17))
 # Elements of one single-pass tile (8 warps: 16 per thread, as in the elementwise passes). With
-# 8192 the backward kernel needed 255 registers and spilled up to 120 bytes per thread on sm_90
-# (benchmarks/kernel_resources.py); with 4096 it needs at most 178 and the forward at most 127.
+# 8192 the kernels needed up to 255 registers and spilled up to 120 bytes per thread on sm_90
+# (benchmarks/kernel_resources.py); with 4096 at most 180 and 8 bytes.
 _SINGLE_PASS_TILE = 4096
 
 
@@ -1022,8 +1020,9 @@ def window_forward(x: torch.Tensor, weight, bias, past_mean: torch.Tensor, past_
                    eps: float, act: str, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-iteration BN forward (Eqs. 9–12): one reduction over the batch, the window finalize
     (:func:`_window_finalize_kernel`) with the (h, C) compensated past statistics, one normalise
-    pass; with few values per channel (:func:`single_pass`) all three in one launch. Returns ``(y, stats)``, ``stats`` (6, C) fp32 as that kernel stores it; :func:`backward`
-    with the whole batch as the one group of count k·M differentiates it."""
+    pass; with few values per channel (:func:`single_pass`) all three in one launch. Returns
+    ``(y, stats)``, ``stats`` (6, C) fp32 as that kernel stores it; :func:`backward` with the
+    whole batch as the one group of count k·M differentiates it."""
     key = _flags(x, whole_batch_region(x.shape), 0.0, act, weight, bias)
     past_mean = past_mean.to(torch.float32).contiguous()
     past_sq_mean = past_sq_mean.to(torch.float32).contiguous()
@@ -1073,34 +1072,24 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, bias, stats: torch.Tenso
     dy = like(dy, x)
     w_arg = stats if weight is None else weight
     b_arg = stats if bias is None else bias
-    plan = _single_pass_plan(*key, SINGLE_PASS_MAX)
-    if plan is not None:
-        dx = torch.empty_like(x)
-        dw = torch.empty(plan.C, device=x.device, dtype=torch.float32)
-        db = torch.empty(plan.C, device=x.device, dtype=torch.float32)
-        counts = plan.counts if group_count is None else (plan.counts[0], float(group_count))
-        launch = plan.backward
-        launch_cached(_backward_single_pass_kernel, launch, (dy, x, stats, w_arg, b_arg, dx, dw, db),
-                      (float(wv if has_v else 0.0), *counts, float(eps), float(slope)))
-        return dx, dw, db
-    plan = _backward_plan(*key)
+    single = _single_pass_plan(*key, SINGLE_PASS_MAX)
+    plan = single if single is not None else _backward_plan(*key)
+    counts = plan.counts if group_count is None else (plan.counts[0], float(group_count))
     device, C = x.device, plan.C
-    part = torch.empty((2, plan.splits, C), device=device, dtype=torch.float32)
-    launch = plan.partial
-    launch_cached(_grad_partial_kernel, launch, (dy, x, stats, w_arg, b_arg, part), (float(eps), float(slope)))
-    coef = torch.empty((5, C), device=device, dtype=torch.float32)
     dw = torch.empty(C, device=device, dtype=torch.float32)
     db = torch.empty(C, device=device, dtype=torch.float32)
-    launch = plan.finalize
-    head = (part, plan.splits, stats, w_arg, coef, dw, db, C)
-    floats = (float(eps), float(wv if has_v else 0.0))
-    if group_count is None:  # the plan's args: the group counts n_v, n_s
-        launch_cached(_grad_finalize_kernel, launch, (*head, *floats))
-    else:
-        launch_cached(_grad_finalize_kernel, plan.finalize_counted, head, (*floats, launch.args[0], float(group_count)))
     dx = torch.empty_like(x)
-    launch = plan.grad_input
-    launch_cached(_grad_input_kernel, launch, (dy, x, stats, w_arg, b_arg, coef, dx), (float(eps), float(slope)))
+    if single is not None:
+        launch_cached(_backward_single_pass_kernel, plan.backward, (dy, x, stats, w_arg, b_arg, dx, dw, db),
+                      (float(wv if has_v else 0.0), *counts, float(eps), float(slope)))
+        return dx, dw, db
+    part = torch.empty((2, plan.splits, C), device=device, dtype=torch.float32)
+    launch_cached(_grad_partial_kernel, plan.partial, (dy, x, stats, w_arg, b_arg, part), (float(eps), float(slope)))
+    coef = torch.empty((5, C), device=device, dtype=torch.float32)
+    launch_cached(_grad_finalize_kernel, plan.finalize, (part, plan.splits, stats, w_arg, coef, dw, db, C),
+                  (float(eps), float(wv if has_v else 0.0), *counts))
+    launch_cached(_grad_input_kernel, plan.grad_input, (dy, x, stats, w_arg, b_arg, coef, dx),
+                  (float(eps), float(slope)))
     return dx, dw, db
 
 
