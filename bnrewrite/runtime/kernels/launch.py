@@ -35,7 +35,8 @@ except ImportError:  # an older triton: its launch path differs, launch through 
 
 _ENABLED = os.environ.get("BNREWRITE_DIRECT_LAUNCH", "1") != "0" and knobs is not None
 _CACHE_LIMIT = 4096
-# (kernel, id(plan launch), device, specialisation) -> (plan launch, compiled kernel, constexprs)
+# (id(kernel), id(plan launch), device, extra meta, signature of the head)
+#   -> (plan launch, kernel, compiled kernel, constexprs, 3-d grid)
 _compiled: dict = {}
 
 
@@ -52,16 +53,12 @@ def disable(reason: str) -> None:
     _compiled.clear()
 
 
-def _specialisation(value):
-    """At least as fine as Triton's specialisation of one argument: calls whose arguments agree
-    on these get the same compiled kernel from Triton (floats are not specialised)."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, not value.data_ptr() & 15
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value == 1, not value & 15, -2 ** 31 <= value < 2 ** 31, value < 2 ** 63
-    return type(value)
+def _signature(head: tuple) -> tuple:
+    """At least as fine as Triton's specialisation of the varying arguments (dtype and 16-byte
+    alignment of each tensor, ``== 1`` / ``% 16`` / width of each int): calls that agree on it
+    get the same compiled kernel from Triton. Ints enter by value (a layer's are few: C, the
+    split count, a CBN window length), which is finer and cheaper than classifying them."""
+    return tuple([(v.dtype, v.data_ptr() & 15) if isinstance(v, torch.Tensor) else v for v in head])
 
 
 def _constexprs(kernel, n_positional: int, meta: dict) -> tuple:
@@ -88,22 +85,25 @@ def launch(kernel, plan_launch, head: tuple, tail: tuple = (), **extra) -> None:
         return
     active = driver.active
     device = active.get_current_device()
-    key = (kernel, id(plan_launch), device, *extra.values(), *[_specialisation(v) for v in head])
+    # ids, not the objects: hashing a JITFunction computes its cache key; the entry holds both
+    # objects and is used only when they are the ones of this call
+    key = (id(kernel), id(plan_launch), device, *extra.values(), *_signature(head))
     hit = _compiled.get(key)
-    if hit is None or hit[0] is not plan_launch:
+    if hit is None or hit[0] is not plan_launch or hit[1] is not kernel:
         _compile_and_launch(kernel, plan_launch, head, tail, extra, key)
         return
-    _, compiled, constexprs = hit
+    _, _, compiled, constexprs, (g0, g1, g2) = hit
     args = (*head, *plan_launch.args, *tail, *constexprs)
     stream = active.get_current_stream(device)
-    grid = plan_launch.grid
+    enter_hook = knobs.runtime.launch_enter_hook
+    # Triton's launch metadata is only built for a launch-enter hook (e.g. its profiler)
+    metadata = compiled.launch_metadata(plan_launch.grid, stream, *args) if enter_hook is not None else None
     try:
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                     compiled.function, compiled.packed_metadata, compiled.launch_metadata(grid, stream, *args),
-                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
+                     knobs.runtime.launch_exit_hook, *args)
     except TypeError as err:  # the launcher parses its arguments before it launches anything
         disable(f"the C launcher rejected the argument list: {err}")
-        kernel[grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
+        kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
 
 
 def _compile_and_launch(kernel, plan_launch, head, tail, extra, key) -> None:
@@ -123,4 +123,5 @@ def _compile_and_launch(kernel, plan_launch, head, tail, extra, key) -> None:
         return
     if len(_compiled) >= _CACHE_LIMIT:
         _compiled.clear()
-    _compiled[key] = (plan_launch, compiled, constexprs)
+    grid = (*plan_launch.grid, 1, 1)[:3]
+    _compiled[key] = (plan_launch, kernel, compiled, constexprs, grid)

@@ -20,7 +20,8 @@ from torch import nn
 
 from ...errors import InputError
 from ..base import BatchNormState
-from .functional import fused_batch_norm_region, region_of
+from .functional import region_of
+from .ops import call_batch_norm_act
 
 _ACTIVATION_TYPES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.LeakyReLU, "leaky_relu"))
 
@@ -57,24 +58,23 @@ class _FusedForward:
     compile_path = "inductor"
 
     def fused_activation(self) -> tuple[str, float] | None:
-        return kernel_activation(self)
+        """:func:`kernel_activation`, kept while the ``act`` child, its slope and the post-norm
+        order stay the same (every training step asks; the lookup is measurable host time)."""
+        act_module = self._modules.get("act")
+        # the slope from __dict__: getattr on a module without one goes through Module.__getattr__'s miss
+        slope = act_module.__dict__.get("negative_slope") if act_module is not None else None
+        guard = (act_module, slope, self._post_children)
+        cached = self.__dict__.get("_fused_activation")
+        if cached is None or cached[0] != guard:
+            cached = (guard, kernel_activation(self))
+            self.__dict__["_fused_activation"] = cached
+        return cached[1]
 
     def traced_for_inductor(self) -> bool:
         """Whether this call is a ``torch.compile`` trace that gets the plain-torch computation
         (``compile_path="inductor"``): inductor then generates its own fused kernels for it, as it
         does for stock BatchNorm, instead of calling our opaque op at every layer."""
         return self.compile_path == "inductor" and torch.compiler.is_compiling()
-
-    def _running_update(self, count: int):
-        """(running_mean, running_var, momentum) to update, or (None, None, 0.0); PyTorch's rule."""
-        if not (self.training and self.track_running_stats) or count < 2:
-            return None, None, 0.0
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = float(self.momentum)
-        return self.running_mean, self.running_var, factor
 
     def _region(self, spec, shape: tuple[int, ...]):
         """:func:`region_of` for this step; in eager mode computed once per sample draw and shape
@@ -88,10 +88,21 @@ class _FusedForward:
         return cached[2]
 
     def _run_fused(self, x: torch.Tensor, spec, act: tuple[str, float]):
+        """``(y, stats, count)`` of the fused op (``stats[0]``, ``stats[1]``: mean, variance); in training with running statistics also
+        PyTorch's update of those (EMA with the unbiased variance of the ``count`` values, or the
+        cumulative mean when ``momentum`` is None), inside the op's launch."""
         region, wv, count = self._region(spec, tuple(x.shape))
-        rm, rv, factor = self._running_update(count)
-        return fused_batch_norm_region(x, self.weight, self.bias, region, wv, count, rm, rv, factor, self.eps,
-                                       act[0], act[1])
+        # _parameters/_buffers directly: Module.__getattr__ per attribute is host time per step
+        params, buffers = self._parameters, self._buffers
+        running = None
+        if self.training and self.track_running_stats and count > 1:
+            tracked = buffers["num_batches_tracked"]
+            tracked.add_(1)
+            momentum = 1.0 / float(tracked) if self.momentum is None else float(self.momentum)
+            running = (buffers["running_mean"], buffers["running_var"], momentum, count / (count - 1))
+        y, stats = call_batch_norm_act(x, params["weight"], params["bias"], region, wv, float(self.eps), act[0],
+                                       float(act[1]), running)
+        return y, stats, count
 
     def extra_repr(self) -> str:
         act = self.fused_activation()
@@ -133,8 +144,7 @@ class FusedBatchNorm(_FusedForward, BatchNormState):
                 or self.empty_batch(x)):
             return super().forward(x)
         self.check_values_per_channel(x)
-        y, *_ = self._run_fused(x, None, act)
-        return y
+        return self._run_fused(x, None, act)[0]
 
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
         return self.stock_forward(x)
@@ -167,8 +177,9 @@ class FusedSampledMixin(_FusedForward):
                 "per channel, which has no variance; use a larger n/ratio or batch")
         if full:
             self.check_values_per_channel(x)
-        y, mean, var, count = self._run_fused(x, None if full else spec, self.fused_activation())
-        self.last_statistics = None if full else (mean.detach(), var.detach(), count)
+        y, stats, count = self._run_fused(x, None if full else spec, self.fused_activation())
+        # stats carry no autograd history; a plain attribute, set past Module.__setattr__'s checks
+        self.__dict__["last_statistics"] = None if full else (stats[0], stats[1], count)
         if not full:
             self.note_sample_size(count, shape)
         return y

@@ -141,10 +141,14 @@ class _EagerBatchNormAct(torch.autograd.Function):
         output = impl.forward(*inputs, running=running)
         _setup_context(ctx, inputs, output)
         ctx.impl = impl
+        # the stats output never has a gradient: no zeros allocated for it per backward
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
+        if grad_y is None:  # y unused by what was differentiated
+            return (None,) * 9
         return _gradients(ctx, grad_y, ctx.impl.backward) + (None,)
 
 

@@ -188,7 +188,7 @@ def main() -> None:
                     _triton.backward(dy, x, w, b, st, region_of(None, shape)[0], 0.0, 1e-5, "silu", 0.0,
                                      group_count=float(4 * shape[0]))
     stats["direct_kernels"] = sorted(stats["direct_kernels"])
-    stats["distinct_compiled"] = len({id(v[1]) for v in launch._compiled.values()})
+    stats["distinct_compiled"] = len({id(v[2]) for v in launch._compiled.values()})
     stats["fallback"] = _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records)
     print(json.dumps(stats))
 

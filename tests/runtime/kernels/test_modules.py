@@ -1,0 +1,99 @@
+"""runtime/kernels/modules.py: the lowered modules' training step against stock PyTorch.
+
+Their forward keeps per-module state between steps so a step costs less host time (the fused
+activation, the sample region); these tests change what that state depends on between steps
+and check that the next step follows the change, and that the running-statistics rule (kept
+inside the op's launch) is PyTorch's for every momentum setting. On CPU the fused op runs its
+plain-torch implementation; with ``BNREWRITE_TRITON_CPU=1`` the interpreted Triton kernels."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnrewrite.runtime.kernels import FusedBatchNorm, lowered_class
+from bnrewrite.runtime.sampled import SampledBatchNorm
+
+
+def _fused_with(act: nn.Module | None, **bn_options) -> tuple[FusedBatchNorm, nn.BatchNorm2d]:
+    torch.manual_seed(0)
+    stock = nn.BatchNorm2d(6, **bn_options)
+    if stock.affine:
+        with torch.no_grad():
+            stock.weight.uniform_(0.5, 1.5)
+            stock.bias.uniform_(-0.5, 0.5)
+    fused = FusedBatchNorm.from_batchnorm(copy.deepcopy(stock))  # (from_batchnorm shares its tensors)
+    if act is not None:
+        fused.add_module("act", act)
+        fused._post_children = ("act",)
+    return fused.train(), stock.train()
+
+
+def _step(module, x, dy):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    return y.detach(), grads
+
+
+def test_a_changed_activation_slope_or_child_takes_effect_at_the_next_step():
+    fused, stock = _fused_with(nn.LeakyReLU(0.2))
+    x, dy = torch.randn(4, 6, 5, 5), torch.randn(4, 6, 5, 5)
+    torch.testing.assert_close(fused(x), F.leaky_relu(stock(x), 0.2))
+    fused.act.negative_slope = 0.05
+    torch.testing.assert_close(fused(x), F.leaky_relu(stock(x), 0.05))
+    assert fused.fused_activation() == ("leaky_relu", 0.05)
+    fused.act = nn.SiLU()
+    y, (dx, dw, db) = _step(fused, x, dy)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = F.silu(stock(x_ref))
+    ref = torch.autograd.grad(y_ref, [x_ref, stock.weight, stock.bias], dy)
+    torch.testing.assert_close(y, y_ref.detach())
+    for got, want in zip((dx, dw, db), ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # a child the kernels cannot apply (dropout after the activation): the stock path, still right
+    fused.add_module("drop", nn.Dropout(0.0))
+    fused._post_children = ("act", "drop")
+    assert fused.fused_activation() is None
+    torch.testing.assert_close(fused(x), F.silu(stock(x)))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=["m0.1", "m0.3", "cumulative"])
+def test_running_statistics_follow_stock_batchnorm_for_every_momentum(momentum):
+    fused, stock = _fused_with(nn.ReLU(), momentum=momentum)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(5, 6, 4, 3, generator=gen) * 2 + 0.7
+        torch.testing.assert_close(fused(x), F.relu(stock(x)))
+    torch.testing.assert_close(fused.running_mean, stock.running_mean)
+    torch.testing.assert_close(fused.running_var, stock.running_var)
+    assert int(fused.num_batches_tracked) == int(stock.num_batches_tracked) == 4
+
+
+def test_without_running_statistics_or_affine_it_is_stock_batchnorm():
+    fused, stock = _fused_with(nn.ReLU(), affine=False, track_running_stats=False)
+    x = torch.randn(3, 6, 4, 4)
+    torch.testing.assert_close(fused(x), F.relu(stock(x)))
+    assert fused.running_mean is None and fused.num_batches_tracked is None
+
+
+def test_lowered_sampled_module_records_the_sampled_statistics_without_autograd_history():
+    torch.manual_seed(0)
+    sampled = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(6), strategy="fs", ratio=1 / 4)
+    sampled.__class__ = lowered_class(SampledBatchNorm)
+    sampled.train()
+    x = (torch.randn(4, 6, 8, 8) * 3 + 1).requires_grad_(True)
+    sampled(x)
+    mean, var, count = sampled.last_statistics
+    spec = sampled.sample_spec(tuple(x.shape))
+    (r0, r1), ((h0, h1), (w0, w1)) = spec.rows, spec.patch
+    # Eq. 3 of bn-sampling.txt on the FS patch: the biased moments of the sampled values
+    patch = x.detach()[r0:r1, :, h0:h1, w0:w1].transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(mean, patch.mean(1))
+    torch.testing.assert_close(var, patch.var(1, unbiased=False))
+    assert count == patch.shape[1] == 4 * 4 * 4
+    assert not mean.requires_grad and not var.requires_grad
