@@ -12,7 +12,8 @@ new tensors of the same dtypes. :func:`launch` goes through Triton's path on the
 of each ``(kernel, launch plan, specialisation of the varying arguments)`` and keeps the
 compiled kernel Triton returns; later calls build the same argument list Triton's binder would
 (positional arguments, then the constexprs in signature order) and call the C launcher
-directly with the current stream and Triton's launch hooks, as ``JITFunction.run`` does.
+directly with the current stream and Triton's launch hooks, as ``JITFunction.run`` does
+(with no hook installed, None for the hooks and their launch metadata: nothing is called either way).
 
 Off in Triton's interpreter (nothing is compiled there), with ``BNREWRITE_DIRECT_LAUNCH=0``,
 and when this Triton's compiled kernels lack the launcher attributes used here; a launcher
@@ -51,6 +52,14 @@ def disable(reason: str) -> None:
                       "Triton's own path", RuntimeWarning, stacklevel=3)
     _ENABLED = False
     _compiled.clear()
+
+
+_HookChain = getattr(knobs, "HookChain", ())  # where this triton keeps the launch hooks in chains
+
+
+def _no_hook(hook) -> bool:
+    """Whether calling ``hook`` does nothing: None, or a hook chain holding no hooks."""
+    return hook is None or (isinstance(hook, _HookChain) and not hook.calls)
 
 
 def _signature(head: tuple) -> tuple:
@@ -95,12 +104,16 @@ def launch(kernel, plan_launch, head: tuple, tail: tuple = (), **extra) -> None:
     _, _, compiled, constexprs, (g0, g1, g2) = hit
     args = (*head, *plan_launch.args, *tail, *constexprs)
     stream = active.get_current_stream(device)
-    enter_hook = knobs.runtime.launch_enter_hook
-    # Triton's launch metadata is only built for a launch-enter hook (e.g. its profiler)
-    metadata = compiled.launch_metadata(plan_launch.grid, stream, *args) if enter_hook is not None else None
+    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if _no_hook(enter_hook) and _no_hook(exit_hook):
+        # Triton passes its (empty) hook chains and builds launch metadata for them every launch;
+        # the C launcher skips a None hook, which is what an empty chain does when called
+        metadata = enter_hook = exit_hook = None
+    else:  # a hook is installed (e.g. Triton's profiler): what Triton passes
+        metadata = compiled.launch_metadata(plan_launch.grid, stream, *args)
     try:
         compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
-                     knobs.runtime.launch_exit_hook, *args)
+                     exit_hook, *args)
     except TypeError as err:  # the launcher parses its arguments before it launches anything
         disable(f"the C launcher rejected the argument list: {err}")
         kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)

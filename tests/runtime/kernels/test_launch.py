@@ -34,6 +34,7 @@ def test_direct_launches_pass_the_c_launcher_what_triton_passes(tmp_path):
     assert not result["mismatches"], result["mismatches"][:5]
     # not vacuous: most launches took the direct path, on both launch sequences and every kernel
     assert result["direct"] >= 0.6 * result["launches"], result
+    assert result["direct_with_hook"] >= 10, result
     assert set(result["direct_kernels"]) >= {"_forward_single_pass_kernel", "_backward_single_pass_kernel",
                                              "_window_single_pass_kernel", "_stats_partial_kernel",
                                              "_stats_finalize_kernel", "_normalize_kernel", "_grad_partial_kernel",
@@ -83,14 +84,24 @@ def test_direct_launches_compute_what_triton_launches_compute_on_cuda(single_pas
 
 
 # ------------------------------------------------------------------------------------------ child
-def _records_equal(a, b) -> str | None:
+def _records_equal(a, b, direct: bool) -> str | None:
+    """None when two C launcher calls agree. Launch metadata is a fresh LazyDict per launch (its
+    type is compared); with no launch hook installed, a ``direct`` launch passes None for the
+    hooks and the metadata where Triton passes its empty hook chains (the C launcher calls neither)."""
+    from triton import knobs
+
     (ka, ra), (kb, rb) = a, b
     if ka is not kb:
         return "another compiled kernel"
     if len(ra) != len(rb):
         return f"{len(ra)} vs {len(rb)} launcher arguments"
+    hooks_empty = direct and all(isinstance(h, knobs.HookChain) and not h.calls for h in rb[7:9])
     for i, (u, v) in enumerate(zip(ra, rb)):
-        if i == 6:  # launch metadata: a fresh LazyDict per launch
+        if i in (6, 7, 8) and hooks_empty:
+            if u is not None:
+                return f"launcher argument {i}: {u!r} with no hook installed, expected None"
+            continue
+        if i == 6:
             if type(u) is not type(v):
                 return f"launch metadata {type(u).__name__} vs {type(v).__name__}"
             continue
@@ -142,7 +153,7 @@ def main() -> None:
         if len(ours) != 1 or len(triton_path) != 1:
             stats["mismatches"].append(f"{kernel.__name__}: {len(ours)} vs {len(triton_path)} launches")
             return
-        problem = _records_equal(ours[0], triton_path[0])
+        problem = _records_equal(ours[0], triton_path[0], was_cached)
         if problem:
             stats["mismatches"].append(f"{kernel.__name__} grid {plan_launch.grid}: {problem}")
         if was_cached:
@@ -187,6 +198,25 @@ def main() -> None:
                     y, st = _triton.window_forward(x, w, b, past, past, 1e-5, "silu", 0.0)
                     _triton.backward(dy, x, w, b, st, region_of(None, shape)[0], 0.0, 1e-5, "silu", 0.0,
                                      group_count=float(4 * shape[0]))
+    # with a launch hook installed (as Triton's profiler installs one): the hook chains and the
+    # launch metadata, exactly as Triton passes them
+    from triton import knobs
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    direct_before = stats["direct"]
+    for name, options in recipes.items():
+        shape, dtype, fmt, misaligned = cases[2]
+        x, C = tensor(shape, dtype, fmt, misaligned), shape[1]
+        w = torch.empty(C)
+        spec = None if options is None else SampledBatchNorm(C, **options).sample_spec(shape)
+        region, wv, count = region_of(spec, shape)
+        y, st = _triton.forward(x, w, w, region, wv, 1e-5, "relu", 0.0)
+        _triton.backward(torch.empty_like(x), x, w, w, st, region, wv, 1e-5, "relu", 0.0)
+    knobs.runtime.launch_enter_hook.remove(hook)
+    stats["direct_with_hook"] = stats["direct"] - direct_before
     stats["direct_kernels"] = sorted(stats["direct_kernels"])
     stats["distinct_compiled"] = len({id(v[2]) for v in launch._compiled.values()})
     stats["fallback"] = _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records)
