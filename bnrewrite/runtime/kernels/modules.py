@@ -60,6 +60,8 @@ class _FusedForward:
     def fused_activation(self) -> tuple[str, float] | None:
         """:func:`kernel_activation`, kept while the ``act`` child, its slope and the post-norm
         order stay the same (every training step asks; the lookup is measurable host time)."""
+        if torch.compiler.is_compiling():  # no Python state written while torch.compile traces
+            return kernel_activation(self)
         act_module = self._modules.get("act")
         # the slope from __dict__: getattr on a module without one goes through Module.__getattr__'s miss
         slope = act_module.__dict__.get("negative_slope") if act_module is not None else None

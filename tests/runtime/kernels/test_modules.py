@@ -97,3 +97,16 @@ def test_lowered_sampled_module_records_the_sampled_statistics_without_autograd_
     torch.testing.assert_close(var, patch.var(1, unbiased=False))
     assert count == patch.shape[1] == 4 * 4 * 4
     assert not mean.requires_grad and not var.requires_grad
+
+
+@pytest.mark.parametrize("compile_path", ["inductor", "ops"])
+def test_compiles_fullgraph_without_an_eager_step_first(compile_path):
+    """The per-module state kept for eager steps is not written while torch.compile traces."""
+    fused, stock = _fused_with(nn.ReLU())
+    fused.compile_path = compile_path
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 6, 5, 5)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), F.relu(stock(x)))
+    torch.testing.assert_close(fused.running_mean, stock.running_mean)
