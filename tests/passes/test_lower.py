@@ -305,3 +305,47 @@ def test_lowered_model_on_cuda_trains_like_reference(recipe, channels_last):
     torch.testing.assert_close(train(low), train(ref), rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(low.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["bn", "fs"])
+def test_lowered_training_step_replays_from_a_cuda_graph(recipe):
+    """Small lowered layers are host-bound; a CUDA graph (``torch.cuda.graph``, as
+    ``torch.compile(mode="reduce-overhead")`` uses) replays their launches without the host. The
+    direct launches go to the capturing stream, so replays compute what eager steps compute:
+    outputs, gradients and running statistics (the sample is the epoch's, fixed in the graph)."""
+    torch.manual_seed(0)
+    base = ConvNet().cuda()
+    eager = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="auto")
+    graphed = bnrewrite.transform(copy.deepcopy(base), recipe, seed=3, lower="auto")
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(6, 3, 12, 10, generator=gen).cuda() for _ in range(6)]
+
+    def step(model, x):
+        out = model(x)
+        grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+        return out, grads
+
+    static_x = inputs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles and caches the launches), as PyTorch's docs do
+        for x in inputs[:3]:
+            static_x.copy_(x)
+            step(graphed, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_grads = step(graphed, static_x)
+    # the eager twin takes the same steps: 3 warm-up steps and the capture (which ran nothing)
+    for x in inputs[:3]:
+        step(eager, x)
+    for x in inputs[3:]:
+        static_x.copy_(x)
+        graph.replay()
+        out, grads = step(eager, x)
+        torch.testing.assert_close(static_out, out, rtol=1e-5, atol=1e-5)
+        for got, want in zip(static_grads, grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, b), c in zip(graphed.named_buffers(), eager.buffers()):  # num_batches_tracked too
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
