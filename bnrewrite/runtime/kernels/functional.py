@@ -60,22 +60,19 @@ def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     if activation not in ACTIVATION_NAMES:
         raise InputError(f"fused_batch_norm activation must be one of {', '.join(ACTIVATION_NAMES)}, "
                          f"got {activation!r}")
-    region, wv, count = region_of(spec, tuple(x.shape))
-    return fused_batch_norm_region(x, weight, bias, region, wv, count, running_mean, running_var, momentum, eps,
-                                   activation, negative_slope)
-
-
-def fused_batch_norm_region(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                            region: list[int], virtual_weight: float, count: int,
-                            running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
-                            eps: float, activation: str, negative_slope: float):
-    """:func:`fused_batch_norm` from a :func:`region_of` result (computed once by the caller:
-    a lowered layer reuses it step after step)."""
     from . import ops
 
-    running = None
-    if running_mean is not None and running_var is not None and count > 1:
-        running = (running_mean, running_var, float(momentum), count / (count - 1))
-    y, stats = ops.call_batch_norm_act(x, weight, bias, region, virtual_weight, float(eps), activation,
-                                       float(negative_slope), running)
+    region, wv, count = region_of(spec, tuple(x.shape))
+    y, stats = ops.call_batch_norm_act(x, weight, bias, region, wv, float(eps), activation, float(negative_slope),
+                                       running_argument(running_mean, running_var, momentum, count))
     return y, stats[0], stats[1], count
+
+
+def running_argument(running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
+                     count: int) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+    """The fused op's ``running`` argument: PyTorch's EMA of the running statistics with the
+    unbiased variance of the ``count`` values (``unbias = count/(count-1)``), or None (no update:
+    no running statistics, or a single value, which has no unbiased variance)."""
+    if running_mean is None or running_var is None or count < 2:
+        return None
+    return running_mean, running_var, float(momentum), count / (count - 1)

@@ -33,6 +33,7 @@ try:
     from triton import knobs  # triton >= 3.4: where the launch hooks live
 except ImportError:  # an older triton: its launch path differs, launch through it
     knobs = None
+_HookChain = getattr(knobs, "HookChain", ())  # where this triton keeps the launch hooks in chains
 
 _ENABLED = os.environ.get("BNREWRITE_DIRECT_LAUNCH", "1") != "0" and knobs is not None
 _CACHE_LIMIT = 4096
@@ -52,9 +53,6 @@ def disable(reason: str) -> None:
                       "Triton's own path", RuntimeWarning, stacklevel=3)
     _ENABLED = False
     _compiled.clear()
-
-
-_HookChain = getattr(knobs, "HookChain", ())  # where this triton keeps the launch hooks in chains
 
 
 def _no_hook(hook) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...errors import InputError
 from ..base import BatchNormState
-from .functional import region_of
+from .functional import region_of, running_argument
 from .ops import call_batch_norm_act
 
 _ACTIVATION_TYPES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.LeakyReLU, "leaky_relu"))
@@ -90,9 +90,9 @@ class _FusedForward:
         return cached[2]
 
     def _run_fused(self, x: torch.Tensor, spec, act: tuple[str, float]):
-        """``(y, stats, count)`` of the fused op (``stats[0]``, ``stats[1]``: mean, variance); in training with running statistics also
-        PyTorch's update of those (EMA with the unbiased variance of the ``count`` values, or the
-        cumulative mean when ``momentum`` is None), inside the op's launch."""
+        """``(y, stats, count)`` of the fused op (``stats[0]``, ``stats[1]``: mean, variance); in
+        training with running statistics also PyTorch's update of those (``momentum``, or the
+        cumulative mean when it is None), inside the op's launch."""
         region, wv, count = self._region(spec, tuple(x.shape))
         # _parameters/_buffers directly: Module.__getattr__ per attribute is host time per step
         params, buffers = self._parameters, self._buffers
@@ -100,10 +100,10 @@ class _FusedForward:
         if self.training and self.track_running_stats and count > 1:
             tracked = buffers["num_batches_tracked"]
             tracked.add_(1)
-            momentum = 1.0 / float(tracked) if self.momentum is None else float(self.momentum)
-            running = (buffers["running_mean"], buffers["running_var"], momentum, count / (count - 1))
+            momentum = 1.0 / float(tracked) if self.momentum is None else self.momentum
+            running = running_argument(buffers["running_mean"], buffers["running_var"], momentum, count)
         y, stats = call_batch_norm_act(x, params["weight"], params["bias"], region, wv, float(self.eps), act[0],
-                                       float(act[1]), running)
+                                       act[1], running)
         return y, stats, count
 
     def extra_repr(self) -> str:
