@@ -9,8 +9,10 @@ Usage: python benchmarks/kernel_overhead.py [--shape 128,256,14,14] [--dtype bf1
 kernels run through the Triton path on CPU tensors with every launch replaced by a no-op
 (so Triton's launcher and the kernels themselves are *not* counted), next to stock
 ``nn.BatchNorm2d`` + ``nn.ReLU`` on the same tiny CPU tensor, interleaved, best of ``--reps``.
-``--host-only --triton-launcher`` counts Triton's own Python launch path as well: the kernels are
-compiled for sm_90 on the CPU and only the C launcher call is stubbed; each lowered layer runs
+``--host-only --triton-launcher`` counts Triton's whole launch path as well: the kernels are
+compiled for sm_90 on the CPU and launched through Triton's own compiled C launcher onto a
+stand-in ``libcuda`` (``benchmarks/fake_cuda.py``) whose ``cuLaunchKernelEx`` does nothing, so the
+launcher's argument parsing and every tensor's ``data_ptr()`` are counted; each lowered layer runs
 with this package's direct launches (:mod:`bnrewrite.runtime.kernels.launch`) and, as
 ``triton-path``, with every launch through ``kernel[grid](...)``.
 """
@@ -74,29 +76,28 @@ def measure(name, mod, x, dy, params, iters=50):
 
 def host_only(shape: str, reps: int, triton_launcher: bool = False) -> None:
     """Python host time per forward+backward step of a lowered layer, Triton launches stubbed
-    (``triton_launcher``: Triton's own launch path runs, for kernels compiled for sm_90, up to
-    the C launch call, which is the no-op)."""
+    (``triton_launcher``: Triton's whole launch path runs, for kernels compiled for sm_90, down to
+    the driver's launch call, which is the no-op)."""
     os.environ["BNREWRITE_TRITON_CPU"] = "1"
     import triton
 
-    launches = [0]
+    stubbed = [0]
     if triton_launcher:
         import contextlib
 
-        from kernel_resources import stubbed_c_launcher
-
-        def no_c_launch(kernel, *args):
-            launches[0] += 1
+        import fake_cuda
 
         driver_scope = contextlib.ExitStack()  # held until this function returns
-        driver_scope.enter_context(stubbed_c_launcher(90, no_c_launch))
+        driver_scope.enter_context(fake_cuda.fake_cuda_driver(90))
+        launched = fake_cuda.launches
     else:
         def no_launch(self, grid):
             def launch(*args, **kwargs):
-                launches[0] += 1
+                stubbed[0] += 1
             return launch
 
         triton.runtime.jit.JITFunction.__getitem__ = no_launch
+        launched = lambda: stubbed[0]  # noqa: E731
     from bnrewrite.runtime.kernels import FusedBatchNorm, lowered_class
     from bnrewrite.runtime.sampled import SampledBatchNorm
 
@@ -134,18 +135,18 @@ def host_only(shape: str, reps: int, triton_launcher: bool = False) -> None:
         for name, (module, limit, direct) in modules.items():
             _triton.SINGLE_PASS_MAX, launch._ENABLED = limit, direct
             params = [x, *module.parameters()]
-            launches[0] = 0
+            before = launched()
             start = time.perf_counter()
             for _ in range(200):
                 torch.autograd.grad(module(x), params, dy)
             best[name] = min(best[name], (time.perf_counter() - start) / 200 * 1e6)
-            per_step[name] = launches[0] / 200
-    what = ("Triton's Python launch path counted, its C launcher and the kernels not" if triton_launcher
-            else "Triton launches stubbed: launcher and kernels not counted")
+            per_step[name] = (launched() - before) / 200
+    what = ("Triton's whole launch path counted, its C launcher included; the driver's launch call and the "
+            "kernels not" if triton_launcher else "Triton launches stubbed: launcher and kernels not counted")
     print(f"host-only, CPU, torch {torch.__version__}, shape {shape}, best of {reps}x200 steps ({what})")
     for name, us in best.items():
         print(f"{name:32s} {us:7.1f} us/step  x{us / best['eager']:.2f} eager  "
-              f"({per_step[name]:.0f} stubbed launches/step)")
+              f"({per_step[name]:.0f} {'no-op' if triton_launcher else 'stubbed'} launches/step)")
 
 
 def main():
@@ -155,8 +156,8 @@ def main():
                    help="our Python host time per step on CPU, Triton launches stubbed (no GPU needed)")
     p.add_argument("--reps", type=int, default=30, help="--host-only: interleaved repetitions (best is kept)")
     p.add_argument("--triton-launcher", action="store_true",
-                   help="--host-only: run Triton's own launch path (kernels compiled for sm_90 on the CPU); "
-                        "only the C launch call is stubbed")
+                   help="--host-only: run Triton's whole launch path, its C launcher included (kernels compiled "
+                        "for sm_90 on the CPU, a stand-in libcuda whose launch call does nothing; needs a C compiler)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--profile", action="store_true", help="also print where ours:fs spends host time (cProfile)")
     args = p.parse_args()

@@ -7,7 +7,9 @@ inputs).
 No GPU is needed: a child process without ``TRITON_INTERPRET`` compiles the kernels for sm_90
 (benchmarks/kernel_resources.py's compile-only driver) and replaces only the C launcher (and the
 loading of the cubin onto a device) with a recorder. Each launch runs through
-:func:`launch.launch` and then again through Triton's path, and the two records must agree."""
+:func:`launch.launch` and then again through Triton's path, and the two records must agree.
+A second child goes one level down: Triton's real compiled C launcher runs onto a stand-in
+``libcuda`` (benchmarks/fake_cuda.py), and the driver must receive the same launch both ways."""
 from __future__ import annotations
 
 import json
@@ -46,6 +48,34 @@ def test_direct_launches_pass_the_c_launcher_what_triton_passes(tmp_path):
     assert not fallback["enabled_after"] and fallback["launches_made"] == 1, fallback
     assert any("direct Triton launches turned off (the C launcher rejected the argument list" in m
                for m in fallback["warnings"]), fallback
+
+
+def test_direct_launches_hand_the_driver_what_triton_hands_it(tmp_path):
+    """Below the C launcher: a stand-in libcuda (benchmarks/fake_cuda.py) records what Triton's
+    compiled launcher hands ``cuLaunchKernelEx`` -- grid, block, shared memory, function and the
+    bytes of every kernel parameter. Each launch of the same lowered steps, made direct and through
+    Triton's path, must give the driver the same launch."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import fake_cuda
+    finally:
+        sys.path.pop(0)
+    if fake_cuda.compiler() is None:
+        pytest.skip("no C compiler to build the stand-in libcuda (and Triton's launcher module) with")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BNREWRITE_DIRECT_LAUNCH")}
+    env["PYTHONPATH"] = ROOT
+    env["TRITON_HOME"] = env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_home")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "driver"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["mismatches"], result["mismatches"][:5]
+    assert result["direct"] >= 0.6 * result["launches"], result
+    assert result["pointer_checked"] == result["launches"], result
+    assert len(result["direct_kernels"]) >= 11, result
+    # the hook ran on both paths of every launch made while it was installed, direct ones among them
+    assert result["direct_with_hook"] >= 10, result
+    assert result["hook_calls"] == 3 * result["launches_with_hook"], result
 
 
 @pytest.mark.gpu
@@ -131,14 +161,7 @@ def main() -> None:
     _triton._target_programs = lambda x: 4 * 132
 
     stats = {"launches": 0, "direct": 0, "mismatches": [], "direct_kernels": set()}
-    real_launch, real_first_call = launch.launch, launch._compile_and_launch
-    first_calls = []
-
-    def counted_first_call(*args):
-        first_calls.append(1)
-        return real_first_call(*args)
-
-    launch._compile_and_launch = counted_first_call
+    real_launch, first_calls = launch.launch, _count_first_calls(launch)
 
     def checked(kernel, plan_launch, head, tail=(), **extra):
         first_calls.clear()
@@ -162,31 +185,144 @@ def main() -> None:
 
     _triton.launch_cached = checked
 
-    def tensor(shape, dtype, fmt, misaligned):
-        if misaligned:  # a view one element into its storage: data_ptr % 16 != 0
-            n = 1
-            for s in shape:
-                n *= s
-            return torch.empty(n + 1, dtype=dtype)[1:].view(shape)
-        return torch.empty(shape, dtype=dtype).to(memory_format=fmt)
+    _lowered_steps(_triton, region_of, SampledBatchNorm)
+    # with a launch hook installed (as Triton's profiler installs one): the hook chains and the
+    # launch metadata, exactly as Triton passes them
+    def hook(metadata):
+        pass
 
-    recipes = {"bn": None, "fs": dict(strategy="fs", ratio=1 / 4), "bs": dict(strategy="bs", n=2),
-               "vdn": dict(strategy="vdn", num_virtual=1), "fs+vdn": dict(strategy="fs", ratio=1 / 4, num_virtual=1,
-                                                                        beta=0.5)}
-    cases = [((8, 16, 7, 7), torch.float32, torch.contiguous_format, False),
-             ((8, 16, 7, 7), torch.float32, torch.contiguous_format, True),
-             ((64, 64, 28, 28), torch.bfloat16, torch.channels_last, False),
-             ((4, 32, 56, 56), torch.float16, torch.contiguous_format, False),
-             ((4, 32, 56, 56), torch.float16, torch.contiguous_format, True)]
+    direct_before = stats["direct"]
+    _steps_with_hook(_triton, region_of, SampledBatchNorm, hook)
+    stats["direct_with_hook"] = stats["direct"] - direct_before
+    stats["direct_kernels"] = sorted(stats["direct_kernels"])
+    stats["distinct_compiled"] = len({id(v[2]) for v in launch._compiled.values()})
+    stats["fallback"] = _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records)
+    print(json.dumps(stats))
+
+
+def main_driver() -> None:
+    """Child of :func:`test_direct_launches_hand_the_driver_what_triton_hands_it`: each launch of
+    the lowered steps goes through Triton's path and then direct, onto the stand-in libcuda."""
+    import contextlib
+    import struct
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fake_cuda
+
+    from bnrewrite.runtime.kernels import _triton, launch, region_of
+    from bnrewrite.runtime.sampled import SampledBatchNorm
+
+    scope = contextlib.ExitStack()
+    scope.enter_context(fake_cuda.fake_cuda_driver(90))
+    _triton._target_programs = lambda x: 4 * 132
+    stats = {"launches": 0, "direct": 0, "mismatches": [], "direct_kernels": set(), "pointer_checked": 0,
+             "hook_calls": 0, "direct_with_hook": 0}
+    real_launch, first_calls = launch.launch, _count_first_calls(launch)
+
+    def checked(kernel, plan_launch, head, tail=(), **extra):
+        args, meta = (*head, *plan_launch.args, *tail), {**plan_launch.meta, **extra}
+        compiled = kernel[plan_launch.grid](*args, **meta)  # compiles on a first call; tells the sizes
+        fake_cuda.expect_parameters(compiled)
+        before = fake_cuda.launches()
+        kernel[plan_launch.grid](*args, **meta)
+        triton_path = fake_cuda.last_launch()
+        first_calls.clear()
+        real_launch(kernel, plan_launch, head, tail, **extra)
+        direct = not first_calls
+        ours = fake_cuda.last_launch()
+        stats["launches"] += 1
+        where = f"{kernel.__name__} grid {plan_launch.grid}"
+        if fake_cuda.launches() - before != 2:
+            stats["mismatches"].append(f"{where}: {fake_cuda.launches() - before} driver launches, expected 2")
+        elif ours != triton_path:
+            diff = [k for k in ours if ours[k] != triton_path[k]]
+            stats["mismatches"].append(f"{where}: the driver received other {diff}")
+        elif ours["function"] != compiled.function:
+            stats["mismatches"].append(f"{where}: launched another function than Triton's compiled kernel")
+        if isinstance(head[0], torch.Tensor):  # the recorder reads real parameters: the first pointer
+            stats["pointer_checked"] += ours["parameters"][:8] == struct.pack("<Q", head[0].data_ptr())
+        if direct:
+            stats["direct"] += 1
+            stats["direct_kernels"].add(kernel.__name__)
+
+    _triton.launch_cached = checked
+    _lowered_steps(_triton, region_of, SampledBatchNorm)
+
+    # a launch hook installed (as Triton's profiler installs one): the C launcher calls it on the
+    # direct path as on Triton's, with the launch metadata of the kernel
+    def hook(metadata):
+        stats["hook_calls"] += 1
+        if metadata.get()["name"] not in {k.__name__ for k in _KERNELS(_triton)}:
+            stats["mismatches"].append(f"hook metadata names {metadata.get()['name']!r}")
+
+    direct_before, launches_before = stats["direct"], stats["launches"]
+    _steps_with_hook(_triton, region_of, SampledBatchNorm, hook)
+    stats["direct_with_hook"] = stats["direct"] - direct_before
+    stats["launches_with_hook"] = stats["launches"] - launches_before
+    stats["direct_kernels"] = sorted(stats["direct_kernels"])
+    print(json.dumps(stats))
+
+
+def _KERNELS(_triton):
+    from triton.runtime.jit import JITFunction
+
+    return [v for v in vars(_triton).values() if isinstance(v, JITFunction)]
+
+
+def _count_first_calls(launch) -> list:
+    """A list that gets an entry at each launch Triton's path serves for lack of a cached kernel."""
+    first_calls, real_first_call = [], launch._compile_and_launch
+
+    def counted_first_call(*args):
+        first_calls.append(1)
+        return real_first_call(*args)
+
+    launch._compile_and_launch = counted_first_call
+    return first_calls
+
+
+def _tensor(shape, dtype, fmt, misaligned):
+    import torch
+
+    if misaligned:  # a view one element into its storage: data_ptr % 16 != 0
+        n = 1
+        for s in shape:
+            n *= s
+        return torch.empty(n + 1, dtype=dtype)[1:].view(shape)
+    return torch.empty(shape, dtype=dtype).to(memory_format=fmt)
+
+
+_RECIPES = {"bn": None, "fs": dict(strategy="fs", ratio=1 / 4), "bs": dict(strategy="bs", n=2),
+            "vdn": dict(strategy="vdn", num_virtual=1), "fs+vdn": dict(strategy="fs", ratio=1 / 4, num_virtual=1,
+                                                                     beta=0.5)}
+
+
+def _cases():
+    import torch
+
+    return [((8, 16, 7, 7), torch.float32, torch.contiguous_format, False),
+            ((8, 16, 7, 7), torch.float32, torch.contiguous_format, True),
+            ((64, 64, 28, 28), torch.bfloat16, torch.channels_last, False),
+            ((4, 32, 56, 56), torch.float16, torch.contiguous_format, False),
+            ((4, 32, 56, 56), torch.float16, torch.contiguous_format, True)]
+
+
+def _lowered_steps(_triton, region_of, SampledBatchNorm) -> None:
+    """Three training steps of every recipe and CBN windows of 1–3 past steps, per case, on both
+    launch sequences: every launch goes through ``_triton.launch_cached``."""
+    import torch
+
     for split in (False, True):
         _triton.SINGLE_PASS_MAX = 0 if split else 1 << 17
-        for shape, dtype, fmt, misaligned in cases:
+        for shape, dtype, fmt, misaligned in _cases():
             C = shape[1]
             w, b, rm, rv = (torch.empty(C) for _ in range(4))
             for step in range(3):
-                x = tensor(shape, dtype, fmt, misaligned)
+                x = _tensor(shape, dtype, fmt, misaligned)
                 dy = torch.empty_like(x)
-                for name, options in recipes.items():
+                for name, options in _RECIPES.items():
                     spec = None if options is None else SampledBatchNorm(C, **options).sample_spec(shape)
                     region, wv, count = region_of(spec, shape)
                     y, st = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0,
@@ -198,29 +334,25 @@ def main() -> None:
                     y, st = _triton.window_forward(x, w, b, past, past, 1e-5, "silu", 0.0)
                     _triton.backward(dy, x, w, b, st, region_of(None, shape)[0], 0.0, 1e-5, "silu", 0.0,
                                      group_count=float(4 * shape[0]))
-    # with a launch hook installed (as Triton's profiler installs one): the hook chains and the
-    # launch metadata, exactly as Triton passes them
+
+
+def _steps_with_hook(_triton, region_of, SampledBatchNorm, hook) -> None:
+    """A training step of every recipe with ``hook`` installed as Triton's launch-enter hook."""
+    import torch
     from triton import knobs
 
-    def hook(metadata):
-        pass
-
     knobs.runtime.launch_enter_hook.add(hook)
-    direct_before = stats["direct"]
-    for name, options in recipes.items():
-        shape, dtype, fmt, misaligned = cases[2]
-        x, C = tensor(shape, dtype, fmt, misaligned), shape[1]
-        w = torch.empty(C)
-        spec = None if options is None else SampledBatchNorm(C, **options).sample_spec(shape)
-        region, wv, count = region_of(spec, shape)
-        y, st = _triton.forward(x, w, w, region, wv, 1e-5, "relu", 0.0)
-        _triton.backward(torch.empty_like(x), x, w, w, st, region, wv, 1e-5, "relu", 0.0)
-    knobs.runtime.launch_enter_hook.remove(hook)
-    stats["direct_with_hook"] = stats["direct"] - direct_before
-    stats["direct_kernels"] = sorted(stats["direct_kernels"])
-    stats["distinct_compiled"] = len({id(v[2]) for v in launch._compiled.values()})
-    stats["fallback"] = _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records)
-    print(json.dumps(stats))
+    try:
+        for name, options in _RECIPES.items():
+            shape, dtype, fmt, misaligned = _cases()[2]
+            x, C = _tensor(shape, dtype, fmt, misaligned), shape[1]
+            w = torch.empty(C)
+            spec = None if options is None else SampledBatchNorm(C, **options).sample_spec(shape)
+            region, wv, count = region_of(spec, shape)
+            y, st = _triton.forward(x, w, w, region, wv, 1e-5, "relu", 0.0)
+            _triton.backward(torch.empty_like(x), x, w, w, st, region, wv, 1e-5, "relu", 0.0)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
 
 
 def _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records) -> dict:
@@ -254,4 +386,4 @@ def _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records) ->
 
 
 if __name__ == "__main__":
-    main()
+    main_driver() if sys.argv[1:] == ["driver"] else main()
