@@ -24,10 +24,12 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # kernel_resources is a sibling script, not a package module
+    sys.path.insert(0, _HERE)
 from kernel_resources import _CompileOnlyDriver  # noqa: E402
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda", "libcuda.c")
+_SOURCE = os.path.join(_HERE, "fake_cuda", "libcuda.c")
 # sizes of a kernel parameter by Triton signature type (triton/backends/nvidia/driver.c's extractors)
 _PARAM_BYTES = {"i1": 4, "i8": 1, "i16": 2, "i32": 4, "i64": 8, "u1": 4, "u8": 1, "u16": 2, "u32": 4, "u64": 8,
                 "fp16": 2, "bf16": 2, "fp32": 4, "f32": 4, "fp64": 8}
@@ -35,8 +37,9 @@ _library = None
 
 
 def compiler() -> str | None:
-    """The C compiler Triton would build its launcher with, or None."""
-    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+    """A C compiler, looked for as Triton looks for the one it builds its launcher with ($CC, gcc,
+    then clang; also cc), or None."""
+    for name in (os.environ.get("CC"), "gcc", "clang", "cc"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None

@@ -218,7 +218,7 @@ def main_driver() -> None:
     scope.enter_context(fake_cuda.fake_cuda_driver(90))
     _triton._target_programs = lambda x: 4 * 132
     stats = {"launches": 0, "direct": 0, "mismatches": [], "direct_kernels": set(), "pointer_checked": 0,
-             "hook_calls": 0, "direct_with_hook": 0}
+             "hook_calls": 0}
     real_launch, first_calls = launch.launch, _count_first_calls(launch)
 
     def checked(kernel, plan_launch, head, tail=(), **extra):
@@ -252,9 +252,13 @@ def main_driver() -> None:
 
     # a launch hook installed (as Triton's profiler installs one): the C launcher calls it on the
     # direct path as on Triton's, with the launch metadata of the kernel
+    from triton.runtime.jit import JITFunction
+
+    kernel_names = {v.__name__ for v in vars(_triton).values() if isinstance(v, JITFunction)}
+
     def hook(metadata):
         stats["hook_calls"] += 1
-        if metadata.get()["name"] not in {k.__name__ for k in _KERNELS(_triton)}:
+        if metadata.get()["name"] not in kernel_names:
             stats["mismatches"].append(f"hook metadata names {metadata.get()['name']!r}")
 
     direct_before, launches_before = stats["direct"], stats["launches"]
@@ -263,12 +267,6 @@ def main_driver() -> None:
     stats["launches_with_hook"] = stats["launches"] - launches_before
     stats["direct_kernels"] = sorted(stats["direct_kernels"])
     print(json.dumps(stats))
-
-
-def _KERNELS(_triton):
-    from triton.runtime.jit import JITFunction
-
-    return [v for v in vars(_triton).values() if isinstance(v, JITFunction)]
 
 
 def _count_first_calls(launch) -> list:
