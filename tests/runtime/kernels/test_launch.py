@@ -9,7 +9,8 @@ No GPU is needed: a child process without ``TRITON_INTERPRET`` compiles the kern
 loading of the cubin onto a device) with a recorder. Each launch runs through
 :func:`launch.launch` and then again through Triton's path, and the two records must agree.
 A second child goes one level down: Triton's real compiled C launcher runs onto a stand-in
-``libcuda`` (benchmarks/fake_cuda.py), and the driver must receive the same launch both ways."""
+``libcuda`` (benchmarks/fake_cuda.py), and the driver must receive the same launch both ways;
+there a direct argument list the real launcher rejects must fall back to exactly one launch."""
 from __future__ import annotations
 
 import json
@@ -76,6 +77,10 @@ def test_direct_launches_hand_the_driver_what_triton_hands_it(tmp_path):
     # the hook ran on both paths of every launch made while it was installed, direct ones among them
     assert result["direct_with_hook"] >= 10, result
     assert result["hook_calls"] == 3 * result["launches_with_hook"], result
+    fallback = result["fallback"]
+    assert not fallback["enabled_after"] and fallback["launches_made"] == 1 and fallback["same_launch"], fallback
+    assert any("direct Triton launches turned off (the C launcher rejected the argument list" in m
+               for m in fallback["warnings"]), fallback
 
 
 @pytest.mark.gpu
@@ -266,7 +271,33 @@ def main_driver() -> None:
     stats["direct_with_hook"] = stats["direct"] - direct_before
     stats["launches_with_hook"] = stats["launches"] - launches_before
     stats["direct_kernels"] = sorted(stats["direct_kernels"])
+    stats["fallback"] = _fallback_when_the_real_launcher_rejects(launch, _triton, fake_cuda)
     print(json.dumps(stats))
+
+
+def _fallback_when_the_real_launcher_rejects(launch, _triton, fake_cuda) -> dict:
+    """Triton's compiled C launcher itself rejecting the direct argument list (here a grid
+    dimension that is not an int, which it parses with the rest before it launches): a warning,
+    direct launches off, and exactly one launch reaching the driver, Triton's, with its grid."""
+    import warnings
+
+    import torch
+
+    _triton.launch_cached = launch.launch
+    _triton.SINGLE_PASS_MAX = 1 << 17  # one launch per forward
+    x = torch.empty(8, 16, 7, 7)
+    w = torch.empty(16)
+    region = _triton.whole_batch_region(x.shape)
+    _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)  # cached: the next call is direct
+    expected = fake_cuda.last_launch()
+    for key, (plan_launch, kernel, compiled, constexprs, (g0, g1, _g2)) in list(launch._compiled.items()):
+        launch._compiled[key] = (plan_launch, kernel, compiled, constexprs, (g0, g1, "one"))
+    before = fake_cuda.launches()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)
+    return {"warnings": [str(c.message) for c in caught], "enabled_after": launch.enabled(),
+            "launches_made": fake_cuda.launches() - before, "same_launch": fake_cuda.last_launch() == expected}
 
 
 def _count_first_calls(launch) -> list:
