@@ -3,7 +3,7 @@ or device (kernels). Small ResNet shapes are host-bound when the host time per s
 device time; that is what the layer benchmark measures there, not kernel speed.
 
 Usage: python benchmarks/kernel_overhead.py [--shape 128,256,14,14] [--dtype bf16]
-       python benchmarks/kernel_overhead.py --host-only [--triton-launcher] [--shape 2,8,4,4]   # no GPU
+       python benchmarks/kernel_overhead.py --host-only [--triton-launcher] [--phases] [--shape 2,8,4,4]  # no GPU
 
 ``--host-only`` measures the part of the host time that is this package's own Python: the
 kernels run through the Triton path on CPU tensors with every launch replaced by a no-op
@@ -74,7 +74,58 @@ def measure(name, mod, x, dy, params, iters=50):
           f"({kernels:.0f} kernels)  cuda-graph replay {graphed:7.3f} ms")
 
 
-def host_only(shape: str, reps: int, triton_launcher: bool = False) -> None:
+class _EmptyBatchNormAct(torch.autograd.Function):
+    """The floor of the eager lowered path: an ``autograd.Function`` taking the fused op's nine
+    arguments and saving what it saves, with no kernels and no bookkeeping."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running):
+        stats = x.new_empty((4, x.shape[1]), dtype=torch.float32)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.config = (list(region), virtual_weight, eps, activation, slope)
+        ctx.set_materialize_grads(False)
+        return torch.empty_like(x), stats
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_stats):
+        x, weight, bias, _stats = ctx.saved_tensors
+        return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)) + (None,) * 6
+
+
+class _EmptyLayer(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return _EmptyBatchNormAct.apply(x, self.weight, self.bias, [0] * 9, 0.0, 1e-5, "relu", 0.0, None)[0]
+
+
+def phases(modules: dict, x: torch.Tensor, dy: torch.Tensor, reps: int) -> None:
+    """Forward and backward host time of each module, timed inside the same loop of steps (timed
+    apart, each looks cheaper: the alternation is part of the cost), best of ``reps`` x 200."""
+    print("forward / backward within one loop of steps (us/step, best total of the repetitions):")
+    for name, (module, limit, direct) in modules.items():
+        from bnrewrite.runtime.kernels import _triton, launch
+
+        _triton.SINGLE_PASS_MAX, launch._ENABLED = limit, direct
+        params = [x, *module.parameters()]
+        best = (float("inf"), 0.0, 0.0)
+        for _ in range(reps):
+            forward = backward = 0.0
+            for _ in range(200):
+                t0 = time.perf_counter()
+                y = module(x)
+                t1 = time.perf_counter()
+                torch.autograd.grad(y, params, dy)
+                t2 = time.perf_counter()
+                forward, backward = forward + t1 - t0, backward + t2 - t1
+            best = min(best, (forward + backward, forward, backward))
+        total, forward, backward = (v / 200 * 1e6 for v in best)
+        print(f"{name:32s} forward {forward:6.1f}  backward {backward:6.1f}  total {total:6.1f}")
+
+
+def host_only(shape: str, reps: int, triton_launcher: bool = False, with_phases: bool = False) -> None:
     """Python host time per forward+backward step of a lowered layer, Triton launches stubbed
     (``triton_launcher``: Triton's whole launch path runs, for kernels compiled for sm_90, down to
     the driver's launch call, which is the no-op)."""
@@ -118,6 +169,8 @@ def host_only(shape: str, reps: int, triton_launcher: bool = False) -> None:
     # sequences; with Triton's launcher, also with every launch through kernel[grid](...)
     split, single = 0, 2 ** 62
     modules = {"eager": (nn.Sequential(bn, nn.ReLU()), split, True)}
+    if with_phases:
+        modules["empty autograd.Function"] = (_EmptyLayer(c), split, True)
     for recipe, module in (("bn", fused), ("fs", fs)):
         for sequence, limit in (("split", split), ("single-pass", single)):
             # stubbed kernel[grid] returns no compiled kernel, so there is nothing to launch directly
@@ -147,6 +200,8 @@ def host_only(shape: str, reps: int, triton_launcher: bool = False) -> None:
     for name, us in best.items():
         print(f"{name:32s} {us:7.1f} us/step  x{us / best['eager']:.2f} eager  "
               f"({per_step[name]:.0f} {'no-op' if triton_launcher else 'stubbed'} launches/step)")
+    if with_phases:
+        phases({k: v for k, v in modules.items() if "triton-path" not in k}, x, dy, reps)
 
 
 def main():
@@ -158,11 +213,14 @@ def main():
     p.add_argument("--triton-launcher", action="store_true",
                    help="--host-only: run Triton's whole launch path, its C launcher included (kernels compiled "
                         "for sm_90 on the CPU, a stand-in libcuda whose launch call does nothing; needs a C compiler)")
+    p.add_argument("--phases", action="store_true",
+                   help="--host-only: also split each step into forward and backward, next to an empty "
+                        "autograd.Function with the fused op's arguments (the floor of the eager lowered path)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--profile", action="store_true", help="also print where ours:fs spends host time (cProfile)")
     args = p.parse_args()
     if args.host_only:
-        host_only(args.shape or "2,8,4,4", args.reps, args.triton_launcher)
+        host_only(args.shape or "2,8,4,4", args.reps, args.triton_launcher, args.phases)
         return
     args.shape = args.shape or "128,256,14,14"
     if not torch.cuda.is_available():
