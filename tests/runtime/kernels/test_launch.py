@@ -279,25 +279,40 @@ def _fallback_when_the_real_launcher_rejects(launch, _triton, fake_cuda) -> dict
     """Triton's compiled C launcher itself rejecting the direct argument list (here a grid
     dimension that is not an int, which it parses with the rest before it launches): a warning,
     direct launches off, and exactly one launch reaching the driver, Triton's, with its grid."""
-    import warnings
-
-    import torch
-
-    _triton.launch_cached = launch.launch
-    _triton.SINGLE_PASS_MAX = 1 << 17  # one launch per forward
-    x = torch.empty(8, 16, 7, 7)
-    w = torch.empty(16)
-    region = _triton.whole_batch_region(x.shape)
-    _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)  # cached: the next call is direct
+    forward = _cached_forward(launch, _triton)
     expected = fake_cuda.last_launch()
     for key, (plan_launch, kernel, compiled, constexprs, (g0, g1, _g2)) in list(launch._compiled.items()):
         launch._compiled[key] = (plan_launch, kernel, compiled, constexprs, (g0, g1, "one"))
     before = fake_cuda.launches()
+    caught = _warnings_of(forward)
+    return {"warnings": caught, "enabled_after": launch.enabled(),
+            "launches_made": fake_cuda.launches() - before, "same_launch": fake_cuda.last_launch() == expected}
+
+
+def _cached_forward(launch, _triton):
+    """A single-pass forward (one launch) made once, so that calling it again launches directly."""
+    import torch
+
+    _triton.launch_cached = launch.launch
+    _triton.SINGLE_PASS_MAX = 1 << 17
+    x = torch.empty(8, 16, 7, 7)
+    w = torch.empty(16)
+    region = _triton.whole_batch_region(x.shape)
+
+    def forward():
+        _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)
+
+    forward()
+    return forward
+
+
+def _warnings_of(call) -> list[str]:
+    import warnings
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)
-    return {"warnings": [str(c.message) for c in caught], "enabled_after": launch.enabled(),
-            "launches_made": fake_cuda.launches() - before, "same_launch": fake_cuda.last_launch() == expected}
+        call()
+    return [str(c.message) for c in caught]
 
 
 def _count_first_calls(launch) -> list:
@@ -387,16 +402,7 @@ def _steps_with_hook(_triton, region_of, SampledBatchNorm, hook) -> None:
 def _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records) -> dict:
     """A launcher that rejects the direct argument list (TypeError, as a C launcher of another
     signature would): a warning, direct launches off, and that launch made through Triton's path."""
-    import warnings
-
-    import torch
-
-    _triton.launch_cached = launch.launch
-    _triton.SINGLE_PASS_MAX = 1 << 17  # one launch per forward
-    x = torch.empty(8, 16, 7, 7)
-    w = torch.empty(16)
-    region = _triton.whole_batch_region(x.shape)
-    _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)  # cached: the next call is direct
+    forward = _cached_forward(launch, _triton)
     record = c_launcher[0]
 
     def picky(kernel, args):
@@ -406,12 +412,9 @@ def _fallback_when_the_launcher_rejects(launch, _triton, c_launcher, records) ->
 
     c_launcher[0] = picky
     records.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _triton.forward(x, w, w, region, 0.0, 1e-5, "relu", 0.0)
+    caught = _warnings_of(forward)
     c_launcher[0] = record
-    return {"warnings": [str(c.message) for c in caught], "enabled_after": launch.enabled(),
-            "launches_made": len(records)}
+    return {"warnings": caught, "enabled_after": launch.enabled(), "launches_made": len(records)}
 
 
 if __name__ == "__main__":
