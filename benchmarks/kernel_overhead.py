@@ -104,10 +104,10 @@ class _EmptyLayer(nn.Module):
 def phases(modules: dict, x: torch.Tensor, dy: torch.Tensor, reps: int) -> None:
     """Forward and backward host time of each module, timed inside the same loop of steps (timed
     apart, each looks cheaper: the alternation is part of the cost), best of ``reps`` x 200."""
+    from bnrewrite.runtime.kernels import _triton, launch
+
     print("forward / backward within one loop of steps (us/step, best total of the repetitions):")
     for name, (module, limit, direct) in modules.items():
-        from bnrewrite.runtime.kernels import _triton, launch
-
         _triton.SINGLE_PASS_MAX, launch._ENABLED = limit, direct
         params = [x, *module.parameters()]
         best = (float("inf"), 0.0, 0.0)
