@@ -9,19 +9,8 @@ from torch import nn
 
 import bnrewrite
 from bnrewrite.runtime.extreme import ExtremeNorm
+from tests.extreme_reference import EPS, randomise_extreme_layers, reference_brn
 from tests.models import NestedUntraceable
-
-EPS = 1e-5
-
-
-def sg(t):
-    return t.detach()
-
-
-def paper_scale_grad(S, Q, r):
-    """§3.1: ScaleGrad(S, Q, r) = StopGradient(r)·Q + StopGradient(S − r·Q)."""
-    r = sg(r) if isinstance(r, torch.Tensor) else r
-    return r * Q + sg(S - r * Q)
 
 
 class Mixed(nn.Module):
@@ -115,17 +104,7 @@ class TwoLayer(nn.Module):
 
 def brn_layer(x, W, gamma, beta, mu_bar, nu_bar, group, r_m, r_v, f_max, u_max):
     """Alg. 1 with one tower and μ‡, ν‡ of micro-batches (§5): x → ReLU(γ q + β)."""
-    B = x.shape[0]
-    gid = torch.arange(B) // group
-    mu = x.mean((2, 3))
-    mu_g = torch.stack([mu[gid == gid[i]].mean(0) for i in range(B)])
-    p = F.conv2d(x, W, padding=1) - (paper_scale_grad(mu_bar, mu_g, r_m) @ W.sum((2, 3)).t())[:, :, None, None]
-    nu = (p ** 2).mean((2, 3)) + EPS
-    nu_g = torch.stack([nu[gid == gid[i]].mean(0) for i in range(B)])
-    nu_dd = paper_scale_grad(nu_bar, nu_g, r_v * torch.clamp(nu_bar / sg(nu_g), max=f_max))
-    clip = sg(torch.clamp(u_max * torch.sqrt(nu_bar / nu), max=1.0))
-    q = p / torch.sqrt(nu_dd)[:, :, None, None] * clip[:, :, None, None]
-    return torch.relu(q * gamma[None, :, None, None] + beta[None, :, None, None])
+    return torch.relu(reference_brn(x, W, None, gamma, beta, mu_bar, nu_bar, group, r_m, r_v, f_max, u_max)[0])
 
 
 @pytest.mark.parametrize("micro", [1, 2, 4])
@@ -134,14 +113,7 @@ def test_gradients_match_alg1_one_tower_reference(micro):
     torch.manual_seed(2)
     tm = bnrewrite.transform(TwoLayer().double(), "brn:micro=%d,%s" % (
         micro, ",".join(f"{k}={v}" for k, v in opts.items()))).train()
-    for name in ("bn1", "bn2"):
-        layer = tm.get_submodule(name)
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-0.3, 0.3)
-            layer.input_mean.uniform_(-0.2, 0.2)
-            layer.running_var.uniform_(0.3, 1.5)
-        layer.input_mean_known = True
+    randomise_extreme_layers(tm)
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64) * torch.tensor([0.5, 1, 2, 4.0], dtype=torch.float64)[:, None, None, None]
     y = torch.tensor([0, 1, 4, 2])
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in tm.named_parameters()}

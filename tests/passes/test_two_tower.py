@@ -14,19 +14,8 @@ from torch import nn
 import bnrewrite
 from bnrewrite.errors import CaptureError, RecipeError, UnsupportedPatternError
 from bnrewrite.runtime.extreme import ExtremeNorm, RotatedExtremeNorm
+from tests.extreme_reference import EPS, paper_scale_grad, randomise_extreme_layers, sg
 from tests.models import NestedUntraceable, UntraceableRoot
-
-EPS = 1e-5
-
-
-def sg(t):
-    return t.detach()
-
-
-def paper_scale_grad(S, Q, r):
-    """§3.1: ScaleGrad(S, Q, r) = StopGradient(r)·Q + StopGradient(S − r·Q)."""
-    r = sg(r) if isinstance(r, torch.Tensor) else r
-    return r * Q + sg(S - r * Q)
 
 
 class TwoLayer(nn.Module):
@@ -100,14 +89,7 @@ def prepared(recipe, c2=8, seed=0, dtype=torch.float64):
     x = torch.randn(4, 3, 6, 6, dtype=dtype)
     tm = bnrewrite.transform(model, recipe, example_inputs=(x,))
     torch.manual_seed(seed + 1)
-    for name in ("bn1", "bn2"):
-        layer = tm.get_submodule(name)
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-0.3, 0.3)
-            layer.input_mean.uniform_(-0.2, 0.2)
-            layer.running_var.uniform_(0.3, 1.5)
-        layer.input_mean_known = True
+    randomise_extreme_layers(tm)
     return tm.train()
 
 

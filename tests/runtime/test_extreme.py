@@ -16,18 +16,7 @@ from bnrewrite.errors import InputError, UnsupportedPatternError
 from bnrewrite.runtime.extreme import (ExtremeNorm, RotatedExtremeNorm, hadamard_matrix, random_rotation,
                                        rotation_matrix, scale_grad)
 from tests import models
-
-EPS = 1e-5
-
-
-def sg(t):
-    return t.detach()
-
-
-def paper_scale_grad(S, Q, r):
-    """§3.1 verbatim: ScaleGrad(S, Q, r) = StopGradient(r)·Q + StopGradient(S − r·Q)."""
-    r = sg(r) if isinstance(r, torch.Tensor) else r
-    return r * Q + sg(S - r * Q)
+from tests.extreme_reference import EPS, paper_scale_grad, reference_brn, sg
 
 
 # ------------------------------------------------------------------------------------ ScaleGrad
@@ -113,24 +102,6 @@ def make_layer(cin=3, cout=4, bias=False, groups=1, mode="brn", micro=2, produce
             layer.input_mean.uniform_(-0.3, 0.3)
         layer.input_mean_known = True
     return conv, layer
-
-
-def reference_brn(x_in, W, b, gamma, beta, mu_bar, nu_bar, group, r_m=1.0, r_v=1.0, f_max=2.0, u_max=5.0):
-    """Alg. 1 with one tower whose μ‡, ν‡ come from groups of ``group`` examples (§5)."""
-    B = x_in.shape[0]
-    mu = x_in.mean((2, 3))                                              # B x Ci
-    gid = torch.arange(B) // group
-    mu_g = torch.stack([mu[gid == gid[i]].mean(0) for i in range(B)])
-    mu_dd = paper_scale_grad(mu_bar, mu_g, r_m)
-    W_sum = W.sum((2, 3))                                               # Co x Ci
-    p = F.conv2d(x_in, W, b, padding=1) - (0 if b is None else b[None, :, None, None]) \
-        - (mu_dd @ W_sum.t())[:, :, None, None]
-    nu = (p ** 2).mean((2, 3)) + EPS
-    nu_g = torch.stack([nu[gid == gid[i]].mean(0) for i in range(B)])
-    nu_dd = paper_scale_grad(nu_bar, nu_g, r_v * torch.clamp(nu_bar / sg(nu_g), max=f_max))
-    clip = sg(torch.clamp(u_max * torch.sqrt(nu_bar / nu), max=1.0))
-    q = p / torch.sqrt(nu_dd)[:, :, None, None] * clip[:, :, None, None]
-    return q * gamma[None, :, None, None] + beta[None, :, None, None], mu, nu
 
 
 @pytest.mark.parametrize("micro,batch", [(1, 4), (2, 4), (2, 5), (4, 4), (8, 3)])
