@@ -234,6 +234,9 @@ def main(argv=None):
                         "e.g. 'roi_heads.*': the paper's default COCO setting has normalizers in the heads only")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"cbn_overhead --device {args.device} needs a CUDA device")
+        return []
     torch.set_num_threads(args.threads)
     rows = []
     print(f"device={args.device} threads={args.threads} lower={args.lower} include={args.include}; "
