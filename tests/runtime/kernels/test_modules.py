@@ -110,3 +110,44 @@ def test_compiles_fullgraph_without_an_eager_step_first(compile_path):
     for _ in range(2):
         torch.testing.assert_close(compiled(x), F.relu(stock(x)))
     torch.testing.assert_close(fused.running_mean, stock.running_mean)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "interpreted-split", "interpreted-single-pass"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_model_in_16_bit_keeps_its_dtypes_and_rounds_once(dtype, kernels, monkeypatch):
+    """``model.to(torch.bfloat16)`` before lowering: parameters, buffers and gradients stay in
+    that dtype, and since the kernels compute in float32 and round once, every result is within
+    one 16-bit rounding step of stock ``nn.BatchNorm2d`` run in float32 on the same values."""
+    if kernels != "reference":
+        from bnrewrite.runtime.kernels import _triton
+
+        if torch.cuda.is_available() or not _triton.is_interpreted():
+            pytest.skip("the interpreted kernels run on CPU tensors without a GPU (tests/conftest.py)")
+        monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
+        monkeypatch.setattr(_triton, "SINGLE_PASS_MAX", 0 if kernels == "interpreted-split" else 2 ** 62)
+    torch.manual_seed(0)
+    stock = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        stock.weight.uniform_(0.5, 1.5)
+        stock.bias.uniform_(-0.5, 0.5)
+        stock.running_mean.uniform_(-0.5, 0.5)
+        stock.running_var.uniform_(0.5, 2.0)
+    stock = stock.to(dtype).train()
+    fused = FusedBatchNorm.from_batchnorm(copy.deepcopy(stock))
+    fused.add_module("act", nn.ReLU())
+    fused._post_children = ("act",)
+    fused.train()
+    stock32 = copy.deepcopy(stock).float()  # the same (16-bit representable) values, in float32
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 6, 5, 5, generator=gen) * 2 + 0.5).to(dtype)
+    dy = torch.randn(4, 6, 5, 5, generator=gen).to(dtype)
+    y, grads = _step(fused, x, dy)
+    x32 = x.float().requires_grad_(True)
+    y32 = F.relu(stock32(x32))
+    ref = torch.autograd.grad(y32, [x32, stock32.weight, stock32.bias], dy.float())
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert fused.running_mean.dtype == fused.running_var.dtype == dtype
+    ulp = 2 ** -7 if dtype is torch.bfloat16 else 2 ** -10  # relative spacing of the 16-bit values
+    for got, want in [(y, y32.detach()), *zip(grads, ref), (fused.running_mean, stock32.running_mean),
+                      (fused.running_var, stock32.running_var)]:
+        torch.testing.assert_close(got.float(), want, rtol=ulp, atol=1e-5)
