@@ -47,7 +47,8 @@ def _kernels_for(x: Tensor):
     """The Triton module when the kernels run on ``x``'s device, else None (reference path)."""
     if x.is_cuda:
         return _triton_kernels() if triton_available() else None
-    if x.device.type == "cpu" and os.environ.get("BNREWRITE_TRITON_CPU") == "1" and triton_available():
+    # is_cpu, not device.type: no torch.device built per call (this runs at every eager step)
+    if x.is_cpu and os.environ.get("BNREWRITE_TRITON_CPU") == "1" and triton_available():
         return _triton_kernels()
     return None
 
@@ -136,20 +137,28 @@ class _EagerBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running):
-        inputs = (dense(x), weight, bias, region, virtual_weight, eps, activation, slope)
-        impl = _kernels_for(inputs[0]) or reference
-        output = impl.forward(*inputs, running=running)
-        _setup_context(ctx, inputs, output)
-        ctx.impl = impl
+        x = dense(x)
+        impl = _kernels_for(x) or reference
+        y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope, running)
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, weight, bias, stats)
+        # region comes from region_of (the module caches it per draw): a list nothing changes in place
+        ctx.config = (impl, region, virtual_weight, eps, activation, slope)
         # the stats output never has a gradient: no zeros allocated for it per backward
         ctx.set_materialize_grads(False)
-        return output
+        return y, stats
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
         if grad_y is None:  # y unused by what was differentiated
             return (None,) * 9
-        return _gradients(ctx, grad_y, ctx.impl.backward) + (None,)
+        x, weight, bias, stats = ctx.saved_tensors
+        impl, region, virtual_weight, eps, activation, slope = ctx.config
+        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # fp32 dweight/dbias: autograd casts them to a 16-bit parameter's dtype itself
+        return (dx if need_x else None, dw if need_w and weight is not None else None,
+                db if need_b and bias is not None else None, None, None, None, None, None, None)
 
 
 def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
