@@ -109,10 +109,10 @@ class _LeanBatchNormAct(torch.autograd.Function):
     a step costs on the host when only the autograd node, the allocations and the two launches remain."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, lean):
+    def forward(ctx, x, weight, bias, running_mean, running_var, tracked, lean):
         stats = torch.empty((4, x.shape[1]), dtype=torch.float32)
         y = torch.empty_like(x)
-        lean.launch_forward((x, y, stats, weight, bias, running_mean, running_var))
+        lean.forward_launch((x, y, stats, weight, bias, running_mean, running_var, tracked))
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
@@ -123,45 +123,56 @@ class _LeanBatchNormAct(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_stats):
         x, weight, bias, stats = ctx.saved_tensors
         dw, db, dx = torch.empty(x.shape[1]), torch.empty(x.shape[1]), torch.empty_like(x)
-        ctx.lean.launch_backward((grad_y, x, stats, weight, bias, dx, dw, db))
-        return dx, dw, db, None, None, None
+        ctx.lean.backward_launch((grad_y, x, stats, weight, bias, dx, dw, db))
+        return dx, dw, db, None, None, None, None
+
+
+class _PreparedLaunch:
+    """One kernel launch compiled through Triton's own path once, then made by calling its C
+    launcher with a new head of tensors and the rest of the argument list as prepared."""
+
+    def __init__(self, kernel, plan_launch, head, tail, **extra):
+        from bnrewrite.runtime.kernels import launch
+
+        meta = {**plan_launch.meta, **extra}
+        self.compiled = kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **meta)
+        constexprs = launch._constexprs(kernel, len(head) + len(plan_launch.args) + len(tail), meta)
+        self.grid = (*plan_launch.grid, 1, 1)[:3]
+        self.rest = (*plan_launch.args, *tail, *constexprs)
+
+    def __call__(self, head):
+        compiled, (g0, g1, g2) = self.compiled, self.grid
+        compiled.run(g0, g1, g2, 0, compiled.function, compiled.packed_metadata, None, None, None, *head,
+                     *self.rest)
 
 
 class _LeanLayer(nn.Module):
-    """Runs :class:`_LeanBatchNormAct` on ``fused``'s tensors, with the compiled kernels and the
-    constant launch arguments that ``fused``'s own single-pass steps left in the direct-launch cache."""
+    """Runs :class:`_LeanBatchNormAct` on ``fused``'s tensors: the launches of ``fused``'s eager
+    single-pass step (running statistics and ``num_batches_tracked`` updated in the forward launch)."""
 
-    def __init__(self, fused: nn.Module, x: torch.Tensor):
+    def __init__(self, fused: nn.Module, x: torch.Tensor, dy: torch.Tensor):
         super().__init__()
-        from bnrewrite.runtime.kernels import _triton, launch
+        from bnrewrite.runtime.kernels import _triton
 
         self.fused = fused
         region = fused._region(None, tuple(x.shape))[0]
         plan = _triton._single_pass_plan(*_triton._flags(x, region, 0.0, "relu", fused.weight, fused.bias), 2 ** 62)
-        entries = {id(plan_launch): (plan_launch, compiled, constexprs, grid)
-                   for plan_launch, _kernel, compiled, constexprs, grid in launch._compiled.values()}
-        n = x.numel() // x.shape[1]
-        self.forward_tail = (0.0, float(fused.eps), 0.0, float(fused.momentum), n / (n - 1))
-        self.backward_tail = (0.0, *plan.counts, float(fused.eps), 0.0)
-        self.forward_launch, self.backward_launch = entries[id(plan.forward)], entries[id(plan.backward)]
-
-    @staticmethod
-    def _run(entry, head, tail):
-        plan_launch, compiled, constexprs, (g0, g1, g2) = entry
-        compiled.run(g0, g1, g2, 0, compiled.function, compiled.packed_metadata, None, None, None, *head,
-                     *plan_launch.args, *tail, *constexprs)
+        n, c = x.numel() // x.shape[1], x.shape[1]
+        w, b, rm, rv, tracked = (fused._parameters[k] if k in fused._parameters else fused._buffers[k]
+                                 for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+        stats = torch.empty((4, c))
+        self.forward_launch = _PreparedLaunch(
+            _triton._forward_single_pass_kernel, plan.forward, (x, torch.empty_like(x), stats, w, b, rm, rv, tracked),
+            (0.0, float(fused.eps), 0.0, float(fused.momentum), n / (n - 1)), HAS_RUNNING=True, HAS_TRACKED=True)
+        self.backward_launch = _PreparedLaunch(
+            _triton._backward_single_pass_kernel, plan.backward,
+            (dy, x, stats, w, b, torch.empty_like(x), torch.empty(c), torch.empty(c)),
+            (0.0, *plan.counts, float(fused.eps), 0.0))
 
     def forward(self, x):
         params, buffers = self.fused._parameters, self.fused._buffers
-        buffers["num_batches_tracked"].add_(1)
         return _LeanBatchNormAct.apply(x, params["weight"], params["bias"], buffers["running_mean"],
-                                       buffers["running_var"], self)[0]
-
-    def launch_forward(self, head):
-        self._run(self.forward_launch, head, self.forward_tail)
-
-    def launch_backward(self, head):
-        self._run(self.backward_launch, head, self.backward_tail)
+                                       buffers["running_var"], buffers["num_batches_tracked"], self)[0]
 
 
 def phases(modules: dict, x: torch.Tensor, dy: torch.Tensor, reps: int) -> None:
@@ -266,10 +277,18 @@ def host_only(shape: str, reps: int, triton_launcher: bool = False, with_phases:
     if with_phases:
         rows = {k: v for k, v in modules.items() if "triton-path" not in k}
         if triton_launcher:  # after ours:bn single-pass ran: its compiled kernels are cached
-            lean = _LeanLayer(fused, x)
-            before = launched()
-            torch.autograd.grad(lean(x), [x, *lean.parameters()], dy)
-            assert launched() - before == 2, "the lean step should make the two launches of ours:bn single-pass"
+            lean = _LeanLayer(fused, x, dy)
+            _triton.SINGLE_PASS_MAX, launch._ENABLED = single, True
+            launches = []  # per step: its launch count, and grid, block, shared memory, attributes and
+            for layer in (fused, lean):  # compiled function of its forward and its backward launch
+                before = launched()
+                y = layer(x)
+                forward_launch = fake_cuda.last_launch()
+                torch.autograd.grad(y, [x, *layer.parameters()], dy)
+                backward_launch = fake_cuda.last_launch()
+                launches.append([launched() - before] + [[v for k, v in r.items() if k != "parameters"]
+                                                         for r in (forward_launch, backward_launch)])
+            assert launches[0] == launches[1], f"the lean step should make ours:bn single-pass's launches: {launches}"
             rows["lean bn single-pass"] = (lean, single, True)
         phases(rows, x, dy, reps)
 

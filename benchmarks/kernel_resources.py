@@ -176,7 +176,7 @@ def resident_warps(regs: int, shared: int, num_warps: int, arch: int) -> int:
 
 def layer_step(recipe: str, x: torch.Tensor):
     """One lowered training step of ``recipe`` on ``x``: forward with the running-statistics
-    update, backward (the launches only; nothing is read back)."""
+    and ``num_batches_tracked`` update, backward (the launches only; nothing is read back)."""
     from bnrewrite.runtime.kernels import _triton, region_of
     from bnrewrite.runtime.sampled import SampledBatchNorm
 
@@ -198,7 +198,8 @@ def layer_step(recipe: str, x: torch.Tensor):
         spec = SampledBatchNorm(C, **options).sample_spec(tuple(x.shape))
     region, wv, count = region_of(spec, x.shape)
     unbias = count / (count - 1) if count > 1 else 1.0
-    y, stats = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0, running=(rm, rv, 0.1, unbias))
+    tracked = torch.zeros((), dtype=torch.int64, device=x.device)  # num_batches_tracked, as the eager path passes it
+    y, stats = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0, running=(rm, rv, 0.1, unbias), tracked=tracked)
     if recipe == "bn":  # under torch.compile the running update is a launch of its own
         _triton.update_running_stats(rm, rv, stats, 0.1, unbias)
     _triton.backward(dy, x, w, b, stats, region, wv, 1e-5, "relu", 0.0)

@@ -284,22 +284,26 @@ def _combine_splits(part_ptr, splits, C, cs, cmask, BLOCK_S: tl.constexpr, BLOCK
 
 @triton.jit
 def _store_statistics(stats_ptr, C, cs, cmask, mean, var, mean_v, mean_s, rm_ptr, rv_ptr, momentum, unbias,
-                      HAS_RUNNING: tl.constexpr):
+                      tracked_ptr, HAS_RUNNING: tl.constexpr, HAS_TRACKED: tl.constexpr):
     """The saved statistics rows [mean, var, mean_virtual, mean_sampled]; with ``HAS_RUNNING``
-    also the running-statistics EMA."""
+    also the running-statistics EMA; with ``HAS_TRACKED`` program 0 adds 1 to the int64
+    ``num_batches_tracked`` (in eager mode: no separate ``add_`` launch per layer step)."""
     tl.store(stats_ptr + cs, mean, mask=cmask)
     tl.store(stats_ptr + C + cs, var, mask=cmask)
     tl.store(stats_ptr + 2 * C + cs, mean_v, mask=cmask)
     tl.store(stats_ptr + 3 * C + cs, mean_s, mask=cmask)
     if HAS_RUNNING:
         _running_ema(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias)
+    if HAS_TRACKED:
+        if tl.program_id(0) == 0:
+            tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
 
 
 @triton.jit
 def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr, C, wv,
-                           rm_ptr, rv_ptr, momentum, unbias,
+                           rm_ptr, rv_ptr, tracked_ptr, momentum, unbias,
                            HAS_S: tl.constexpr, HAS_V: tl.constexpr, HAS_RUNNING: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                           HAS_TRACKED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Eq. 4 mixing of the groups into the saved statistics; with ``HAS_RUNNING`` also the
     running-statistics EMA (eager mode: one launch fewer than the separate update op)."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -317,7 +321,7 @@ def _stats_finalize_kernel(part_s_ptr, splits_s, part_v_ptr, splits_v, stats_ptr
         mean += (1.0 - wv) * mean_s
         var += (1.0 - wv) * var_s
     _store_statistics(stats_ptr, C, cs, cmask, mean, var, mean_v, mean_s, rm_ptr, rv_ptr, momentum, unbias,
-                      HAS_RUNNING)
+                      tracked_ptr, HAS_RUNNING, HAS_TRACKED)
 
 
 @triton.jit
@@ -568,12 +572,13 @@ def _grad_input_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, b_ptr, coef_ptr, dx_ptr,
 # and needs no partials. A program's channels are small, so their second read mostly hits L2.
 
 @triton.jit
-def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, C, N, S, tiles_map,
+def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, tracked_ptr, C, N, S, tiles_map,
                                 nv, tiles_v, r0, nrows_s, P_s, tiles_s, bh, bw, d0, h0, w0,
                                 stride_n, stride_c, stride_d, stride_h, stride_w, wv, eps, slope, momentum, unbias,
                                 FULL_BOX_S: tl.constexpr, HAS_S: tl.constexpr, HAS_V: tl.constexpr,
-                                HAS_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                                ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                                HAS_RUNNING: tl.constexpr, HAS_TRACKED: tl.constexpr, HAS_W: tl.constexpr,
+                                HAS_B: tl.constexpr, ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
     """:func:`_stats_partial_kernel` + :func:`_stats_finalize_kernel` + :func:`_normalize_kernel`
     for the channels of one program (Eq. 3 per group, Eq. 4 mixing, Eq. 1 over every point)."""
     cs, cmask, coff = _channel_offsets(C, stride_c, INT64, BLOCK_C)
@@ -593,7 +598,7 @@ def _forward_single_pass_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rm_ptr, r
         mean += (1.0 - wv) * mean_s
         var += (1.0 - wv) * tl.maximum(m2_s / tl.maximum(cnt_s, 1.0), 0.0)
     _store_statistics(stats_ptr, C, cs, cmask, mean, var, mean_v, mean_s, rm_ptr, rv_ptr, momentum, unbias,
-                      HAS_RUNNING)
+                      tracked_ptr, HAS_RUNNING, HAS_TRACKED)
     _normalize_channels(x_ptr, y_ptr, w_ptr, b_ptr, coff, cs, cmask, mean, var, N, S, tiles_map, stride_n, stride_w,
                         eps, slope, HAS_W, HAS_B, ACT, INT64, BLOCK_P, BLOCK_C)
 
@@ -975,15 +980,16 @@ def _running_update_launch(C: int) -> _Launch:
 
 @on_device_of(0)
 def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: str,
-            slope: float, running=None) -> tuple[torch.Tensor, torch.Tensor]:
+            slope: float, running=None, tracked=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled BN (+ activation) forward. ``x`` must be dense (see :func:`.layout.dense`).
     Returns ``(y, stats)`` with ``stats = [mean, var, mean_virtual, mean_sampled]`` (4, C) fp32.
     ``running = (running_mean, running_var, momentum, unbias)``: also update those in place, as
-    :func:`update_running_stats` does, in the same launch that finalizes the statistics."""
+    :func:`update_running_stats` does, in the same launch that finalizes the statistics;
+    ``tracked``: an int64 one-element tensor (``num_batches_tracked``) that launch adds 1 to."""
     key = _flags(x, region, wv, act, weight, bias)
     single = _single_pass_plan(*key, SINGLE_PASS_MAX)
     if single is not None:
-        return _forward_single_pass(x, weight, bias, wv, eps, slope, running, single)
+        return _forward_single_pass(x, weight, bias, wv, eps, slope, running, tracked, single)
     plan = _forward_plan(*key)
     dummy = stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
     partials = []
@@ -997,21 +1003,24 @@ def forward(x: torch.Tensor, weight, bias, region, wv: float, eps: float, act: s
         partials += [part, splits]
     rm, rv, momentum, unbias = running if running is not None else (stats, stats, 0.0, 1.0)
     fin = plan.finalize
-    launch_cached(_stats_finalize_kernel, fin, (*partials, stats, plan.C, float(wv), rm, rv, float(momentum),
-                                                float(unbias)), HAS_RUNNING=running is not None)
+    launch_cached(_stats_finalize_kernel, fin, (*partials, stats, plan.C, float(wv), rm, rv,
+                                                stats if tracked is None else tracked, float(momentum),
+                                                float(unbias)), HAS_RUNNING=running is not None,
+                  HAS_TRACKED=tracked is not None)
     return _normalize(x, stats, weight, bias, eps, slope, plan.normalize), stats
 
 
-def _forward_single_pass(x, weight, bias, wv: float, eps: float, slope: float, running,
+def _forward_single_pass(x, weight, bias, wv: float, eps: float, slope: float, running, tracked,
                          plan: _SinglePassPlan) -> tuple[torch.Tensor, torch.Tensor]:
     stats = torch.empty((4, plan.C), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     rm, rv, momentum, unbias = running if running is not None else (stats, stats, 0.0, 1.0)
     launch = plan.forward
     launch_cached(_forward_single_pass_kernel, launch,
-                  (x, y, stats, stats if weight is None else weight, stats if bias is None else bias, rm, rv),
+                  (x, y, stats, stats if weight is None else weight, stats if bias is None else bias, rm, rv,
+                   stats if tracked is None else tracked),
                   (float(wv), float(eps), float(slope), float(momentum), float(unbias)),
-                  HAS_RUNNING=running is not None)
+                  HAS_RUNNING=running is not None, HAS_TRACKED=tracked is not None)
     return y, stats
 
 

@@ -92,18 +92,22 @@ class _FusedForward:
     def _run_fused(self, x: torch.Tensor, spec, act: tuple[str, float]):
         """``(y, stats, count)`` of the fused op (``stats[0]``, ``stats[1]``: mean, variance); in
         training with running statistics also PyTorch's update of those (``momentum``, or the
-        cumulative mean when it is None), inside the op's launch."""
+        cumulative mean when it is None) and of ``num_batches_tracked``, inside the op's launch
+        (the count on the host first for the cumulative mean, which divides by it)."""
         region, wv, count = self._region(spec, tuple(x.shape))
         # _parameters/_buffers directly: Module.__getattr__ per attribute is host time per step
         params, buffers = self._parameters, self._buffers
-        running = None
+        running = tracked = None
         if self.training and self.track_running_stats and count > 1:
             tracked = buffers["num_batches_tracked"]
-            tracked.add_(1)
-            momentum = 1.0 / float(tracked) if self.momentum is None else self.momentum
+            if self.momentum is None:  # the cumulative average needs the new count on the host first
+                tracked.add_(1)
+                momentum, tracked = 1.0 / float(tracked), None
+            else:  # the op's launch adds the 1 (no add_ launch of its own)
+                momentum = self.momentum
             running = running_argument(buffers["running_mean"], buffers["running_var"], momentum, count)
         y, stats = call_batch_norm_act(x, params["weight"], params["bias"], region, wv, float(self.eps), act[0],
-                                       act[1], running)
+                                       act[1], running, tracked)
         return y, stats, count
 
     def extra_repr(self) -> str:

@@ -136,10 +136,10 @@ class _EagerBatchNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running):
+    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked):
         x = dense(x)
         impl = _kernels_for(x) or reference
-        y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope, running)
+        y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked)
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(x, weight, bias, stats)
         # region comes from region_of (the module caches it per draw): a list nothing changes in place
@@ -151,31 +151,37 @@ class _EagerBatchNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
         if grad_y is None:  # y unused by what was differentiated
-            return (None,) * 9
+            return (None,) * 10
         x, weight, bias, stats = ctx.saved_tensors
         impl, region, virtual_weight, eps, activation, slope = ctx.config
         dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # fp32 dweight/dbias: autograd casts them to a 16-bit parameter's dtype itself
         return (dx if need_x else None, dw if need_w and weight is not None else None,
-                db if need_b and bias is not None else None, None, None, None, None, None, None)
+                db if need_b and bias is not None else None, None, None, None, None, None, None, None)
 
 
 def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
                         virtual_weight: float, eps: float, activation: str, slope: float,
-                        running: tuple[Tensor, Tensor, float, float] | None = None) -> tuple[Tensor, Tensor]:
+                        running: tuple[Tensor, Tensor, float, float] | None = None,
+                        tracked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """:func:`batch_norm_act` as a custom op under ``torch.compile``, directly in eager mode.
 
     ``running = (running_mean, running_var, momentum, unbias)``: update the running statistics
     too -- in eager mode inside the same kernel launch, under compile with
     :func:`update_running_stats_` (a mutating op cannot be part of an op with an autograd formula).
+    ``tracked``: a ``num_batches_tracked`` buffer to add 1 to -- in eager mode in that launch too
+    (on a GPU, one ``add_`` launch fewer per layer step), under compile with ``add_``.
     """
     if torch.compiler.is_compiling():
         y, stats = batch_norm_act(x, weight, bias, region, virtual_weight, eps, activation, slope)
         if running is not None:
             update_running_stats_(running[0], running[1], stats, running[2], running[3])
+        if tracked is not None:
+            tracked.add_(1)
         return y, stats
-    return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope, running)
+    return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope, running,
+                                    tracked)
 
 
 class _FusedWindowBatchNorm(torch.autograd.Function):

@@ -72,7 +72,7 @@ def update_running_stats(running_mean, running_var, stats, momentum, unbias) -> 
         running_var.copy_(running_var.float() * (1 - momentum) + stats[1] * unbias * momentum)
 
 
-def forward(x, weight, bias, region, wv, eps, act, slope, running=None):
+def forward(x, weight, bias, region, wv, eps, act, slope, running=None, tracked=None):
     x5 = _view5(x).float()
     C = x5.shape[1]
     has_s, sampled, has_v, virtual = _groups(region, wv)
@@ -96,6 +96,9 @@ def forward(x, weight, bias, region, wv, eps, act, slope, running=None):
     if running is not None:
         running_mean, running_var, momentum, unbias = running
         update_running_stats(running_mean, running_var, stats, momentum, unbias)
+    if tracked is not None:
+        with torch.no_grad():
+            tracked.add_(1)
     return y, stats
 
 

@@ -371,8 +371,10 @@ def _lowered_steps(_triton, region_of, SampledBatchNorm) -> None:
                 for name, options in _RECIPES.items():
                     spec = None if options is None else SampledBatchNorm(C, **options).sample_spec(shape)
                     region, wv, count = region_of(spec, shape)
+                    # num_batches_tracked in the launch (eager, momentum set) on two of the three steps
+                    tracked = torch.zeros((), dtype=torch.int64) if step != 1 else None
                     y, st = _triton.forward(x, w, b, region, wv, 1e-5, "relu", 0.0,
-                                            running=(rm, rv, 0.1, count / (count - 1)))
+                                            running=(rm, rv, 0.1, count / (count - 1)), tracked=tracked)
                     _triton.update_running_stats(rm, rv, st, 0.1, count / (count - 1))  # the compile path's
                     _triton.backward(dy, x, w, b, st, region, wv, 1e-5, "relu", 0.0)
                 for h in (1, 2, 3):  # CBN: the number of past steps in the window changes

@@ -62,16 +62,37 @@ def test_a_changed_activation_slope_or_child_takes_effect_at_the_next_step():
     torch.testing.assert_close(fused(x), F.silu(stock(x)))
 
 
+KERNELS = ["reference", "interpreted-split", "interpreted-single-pass"]
+
+
+def _use_kernels(kernels: str, monkeypatch) -> None:
+    """Run the lowered modules on the plain-torch implementation, or on the Triton kernels in
+    Triton's interpreter on one launch sequence (split: statistics, finalize, normalise; single-pass)."""
+    if kernels == "reference":
+        return
+    from bnrewrite.runtime.kernels import _triton
+
+    if torch.cuda.is_available() or not _triton.is_interpreted():
+        pytest.skip("the interpreted kernels run on CPU tensors without a GPU (tests/conftest.py)")
+    monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
+    monkeypatch.setattr(_triton, "SINGLE_PASS_MAX", 0 if kernels == "interpreted-split" else 2 ** 62)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=["m0.1", "m0.3", "cumulative"])
-def test_running_statistics_follow_stock_batchnorm_for_every_momentum(momentum):
+def test_running_statistics_follow_stock_batchnorm_for_every_momentum(momentum, kernels, monkeypatch):
+    """The EMA and ``num_batches_tracked`` (both inside the forward launch with a momentum; the
+    count on the host first for the cumulative mean) match stock BatchNorm step by step."""
+    _use_kernels(kernels, monkeypatch)
     fused, stock = _fused_with(nn.ReLU(), momentum=momentum)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
+    for step in range(1, 5):
         x = torch.randn(5, 6, 4, 3, generator=gen) * 2 + 0.7
         torch.testing.assert_close(fused(x), F.relu(stock(x)))
-    torch.testing.assert_close(fused.running_mean, stock.running_mean)
-    torch.testing.assert_close(fused.running_var, stock.running_var)
-    assert int(fused.num_batches_tracked) == int(stock.num_batches_tracked) == 4
+        assert int(fused.num_batches_tracked) == int(stock.num_batches_tracked) == step
+        torch.testing.assert_close(fused.running_mean, stock.running_mean)
+        torch.testing.assert_close(fused.running_var, stock.running_var)
+    assert fused.num_batches_tracked.dtype == torch.int64
 
 
 def test_without_running_statistics_or_affine_it_is_stock_batchnorm():
@@ -112,19 +133,13 @@ def test_compiles_fullgraph_without_an_eager_step_first(compile_path):
     torch.testing.assert_close(fused.running_mean, stock.running_mean)
 
 
-@pytest.mark.parametrize("kernels", ["reference", "interpreted-split", "interpreted-single-pass"])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_a_model_in_16_bit_keeps_its_dtypes_and_rounds_once(dtype, kernels, monkeypatch):
     """``model.to(torch.bfloat16)`` before lowering: parameters, buffers and gradients stay in
     that dtype, and since the kernels compute in float32 and round once, every result is within
     one 16-bit rounding step of stock ``nn.BatchNorm2d`` run in float32 on the same values."""
-    if kernels != "reference":
-        from bnrewrite.runtime.kernels import _triton
-
-        if torch.cuda.is_available() or not _triton.is_interpreted():
-            pytest.skip("the interpreted kernels run on CPU tensors without a GPU (tests/conftest.py)")
-        monkeypatch.setenv("BNREWRITE_TRITON_CPU", "1")
-        monkeypatch.setattr(_triton, "SINGLE_PASS_MAX", 0 if kernels == "interpreted-split" else 2 ** 62)
+    _use_kernels(kernels, monkeypatch)
     torch.manual_seed(0)
     stock = nn.BatchNorm2d(6)
     with torch.no_grad():

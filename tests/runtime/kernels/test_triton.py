@@ -89,10 +89,13 @@ def _check(shape, spec_factory, dtype, channels_last, act, device):
     assert torch.allclose(rm.cpu().double(), 0.9 * 0.3 + 0.1 * rmean, rtol=1e-5, atol=1e-6)
     assert torch.allclose(rv.cpu().double(), 0.9 * 2.0 + 0.1 * rvar * count / (count - 1), rtol=1e-5, atol=1e-6)
     # the same EMA folded into the forward's finalize launch (eager mode's path)
+    # (and num_batches_tracked's + 1, made by one program of that launch)
     rm, rv = torch.full((C,), 0.3, device=device), torch.full((C,), 2.0, device=device)
+    tracked = torch.tensor(5, device=device)
     y2, stats2 = triton_mod.forward(x, weight, bias, region, wv, eps, act, slope,
-                                    running=(rm, rv, 0.1, count / (count - 1)))
+                                    running=(rm, rv, 0.1, count / (count - 1)), tracked=tracked)
     assert torch.equal(y2, y) and torch.equal(stats2, stats)
+    assert tracked.dtype == torch.int64 and int(tracked) == 6
     assert torch.allclose(rm.cpu().double(), 0.9 * 0.3 + 0.1 * rmean, rtol=1e-5, atol=1e-6)
     assert torch.allclose(rv.cpu().double(), 0.9 * 2.0 + 0.1 * rvar * count / (count - 1), rtol=1e-5, atol=1e-6)
 
