@@ -279,8 +279,10 @@ def host_only(shape: str, reps: int, triton_launcher: bool = False, with_phases:
         if triton_launcher:  # after ours:bn single-pass ran: its compiled kernels are cached
             lean = _LeanLayer(fused, x, dy)
             _triton.SINGLE_PASS_MAX, launch._ENABLED = single, True
-            launches = []  # per step: its launch count, and grid, block, shared memory, attributes and
-            for layer in (fused, lean):  # compiled function of its forward and its backward launch
+            # per step: its launch count, and the grid, block, shared memory, attributes and compiled
+            # function of its forward and of its backward launch (the last launch of each direction)
+            launches = []
+            for layer in (fused, lean):
                 before = launched()
                 y = layer(x)
                 forward_launch = fake_cuda.last_launch()

@@ -140,18 +140,12 @@ def test_a_model_in_16_bit_keeps_its_dtypes_and_rounds_once(dtype, kernels, monk
     that dtype, and since the kernels compute in float32 and round once, every result is within
     one 16-bit rounding step of stock ``nn.BatchNorm2d`` run in float32 on the same values."""
     _use_kernels(kernels, monkeypatch)
-    torch.manual_seed(0)
-    stock = nn.BatchNorm2d(6)
-    with torch.no_grad():
-        stock.weight.uniform_(0.5, 1.5)
-        stock.bias.uniform_(-0.5, 0.5)
+    fused, stock = (module.to(dtype) for module in _fused_with(nn.ReLU()))
+    with torch.no_grad():  # running statistics away from 0 and 1, the same in both
         stock.running_mean.uniform_(-0.5, 0.5)
         stock.running_var.uniform_(0.5, 2.0)
-    stock = stock.to(dtype).train()
-    fused = FusedBatchNorm.from_batchnorm(copy.deepcopy(stock))
-    fused.add_module("act", nn.ReLU())
-    fused._post_children = ("act",)
-    fused.train()
+        fused.running_mean.copy_(stock.running_mean)
+        fused.running_var.copy_(stock.running_var)
     stock32 = copy.deepcopy(stock).float()  # the same (16-bit representable) values, in float32
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 6, 5, 5, generator=gen) * 2 + 0.5).to(dtype)
