@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import (BnRewriteError, CaptureError, ExportError, InputError, RecipeError,
+from .errors import (BnRewriteError, CaptureError, ExportError, InputError, KernelError, RecipeError,
                      UnsupportedPatternError)
 
 __version__ = "0.1.0"
@@ -33,7 +33,7 @@ _LAZY = {
     "update_bn": ("bnrewrite.schedule", "update_bn"),
 }
 
-__all__ = sorted(list(_LAZY) + ["BnRewriteError", "CaptureError", "ExportError", "InputError",
+__all__ = sorted(list(_LAZY) + ["BnRewriteError", "CaptureError", "ExportError", "InputError", "KernelError",
                                  "RecipeError", "UnsupportedPatternError"])
 
 

@@ -56,6 +56,11 @@ class InputError(BnRewriteError, ValueError):
     """Wrong arguments or inputs given to a bnrewrite function or a rewritten model."""
 
 
+class KernelError(BnRewriteError, RuntimeError):
+    """A fused Triton kernel that does not compile or launch on this device (``lower="fused"``
+    on a GPU the kernels do not support, a Triton that rejects them)."""
+
+
 class ExportError(BnRewriteError):
     """ONNX export failed, or onnxruntime disagrees with torch."""
 

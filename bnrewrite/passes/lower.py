@@ -19,7 +19,8 @@ Where the graph shows the site's only user is a ReLU/ReLU6/SiLU/LeakyReLU (modul
 or method), that node is removed and the activation becomes the norm's ``act`` child, applied
 inside the kernel in training and by ``post_norm`` in eval (so folding still sees it).
 
-``mode``: ``"auto"`` lowers when the model lives on a CUDA device and Triton is importable,
+``mode``: ``"auto"`` lowers when the model lives on an NVIDIA GPU of compute capability 7.0 or
+newer (:func:`unsupported_gpu`) and Triton is importable,
 ``"fused"`` always lowers (CPU runs the op's plain-torch implementation), ``"reference"``
 never lowers. ``compile_path`` (see :class:`LowerOptions`) says what a lowered site hands
 ``torch.compile``: by default its plain-torch computation, so inductor fuses it like stock BN.
@@ -73,20 +74,45 @@ class LoweringRecord:
     reason: str | None = None
 
 
-def _on_cuda(module: nn.Module) -> bool:
+# The oldest NVIDIA GPUs "auto" lowers on: torch's own Triton check refuses older ones ("Triton only
+# supports devices of CUDA Capability >= 7.0", torch._inductor.exc.GPUTooOldForTriton). Every kernel
+# of a training step compiles for sm_70 (benchmarks/kernel_resources.py --quick --arch 70).
+MIN_CAPABILITY = (7, 0)
+
+
+def _model_device(module: nn.Module) -> torch.device | None:
     for t in list(module.parameters()) + list(module.buffers()):
-        return t.is_cuda
-    return False
+        return t.device
+    return None
+
+
+def unsupported_gpu(device: torch.device) -> str | None:
+    """Why ``lower="auto"`` leaves a model on ``device`` (a CUDA device) on the reference path, or
+    None: ROCm builds of torch also call AMD GPUs ``cuda``, and the kernels are built and tested for
+    NVIDIA ones; Triton does not support NVIDIA GPUs older than :data:`MIN_CAPABILITY`."""
+    if torch.version.hip is not None:
+        return ("the GPU is an AMD one (a ROCm build of torch): the fused kernels are tested on NVIDIA GPUs "
+                "only; lower='fused' uses them anyway")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (f"{name} is sm_{capability[0]}{capability[1]}: the fused kernels need compute capability "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
+    return None
 
 
 def should_lower(module: nn.Module, mode: str) -> tuple[bool, str]:
     if mode == "reference":
         return False, "lower='reference'"
-    if importlib.util.find_spec("triton") is None and mode == "auto":
+    if mode == "fused":
+        return True, ""
+    if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
-    if mode == "auto" and not _on_cuda(module):
+    device = _model_device(module)
+    if device is None or device.type != "cuda":
         return False, "the model is not on a CUDA device (move it with .cuda() before transform, or lower='fused')"
-    return True, ""
+    why = unsupported_gpu(device)
+    return (False, why) if why else (True, "")
 
 
 def _lowered_module(norm: nn.Module) -> tuple[nn.Module | None, str | None]:
@@ -200,6 +226,7 @@ def lower_model(module: nn.Module, sites, options: LowerOptions | str = "auto") 
             records.append(LoweringRecord(site.name, kind, False, reason=reason))
             continue
         if new is not norm:
+            new.site_name = site.name  # what its error messages name
             set_submodule(module, site.name, new)
         if hasattr(new, "traced_for_inductor"):  # cbn's window op has no custom op: plain torch under compile
             new.compile_path = options.compile_path

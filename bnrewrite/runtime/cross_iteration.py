@@ -864,7 +864,7 @@ class CrossIterationBatchNorm(BatchNormState):
             if fused is not None:
                 act = (self.fused_activation() if post_norm else None) or ("none", 0.0)
                 y, mean, var, mean_now, var_now = fused(x, self.weight, self.bias, past_mean, past_sq_mean, self.eps,
-                                                        *act)
+                                                        *act, site=self)
                 activated = act[0] != "none"
             else:
                 y, mean, var, mean_now, var_now = window_batch_norm(x, self.weight, self.bias, past_mean,

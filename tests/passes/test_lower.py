@@ -125,6 +125,31 @@ def test_modes_reference_and_auto_on_cpu_do_not_lower():
     assert not any(isinstance(m, FusedSampledMixin) for m in auto.modules())
 
 
+@pytest.mark.parametrize("hip, capability, lowered", [(None, (9, 0), True), (None, (7, 0), True),
+                                                     (None, (6, 1), False), ("6.2", (9, 4), False)],
+                         ids=["sm_90", "sm_70", "sm_61", "rocm"])
+def test_auto_lowers_on_the_gpus_the_kernels_compile_for(hip, capability, lowered, monkeypatch):
+    """``lower="auto"`` on a CUDA model: NVIDIA GPUs of compute capability 7.0 and newer (every
+    kernel compiles for sm_70: benchmarks/kernel_resources.py --quick --arch 70); an older one, or
+    an AMD GPU under a ROCm build (which torch also calls ``cuda``), keeps the reference path with
+    the reason in the lowering records. The device is given to the decision as torch reports it."""
+    from bnrewrite.passes import lower
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P40")
+    why = lower.unsupported_gpu(torch.device("cuda", 0))
+    assert (why is None) == lowered, why
+    if hip is not None:
+        assert "AMD" in why and "lower='fused'" in why
+    elif not lowered:
+        assert why == "Tesla P40 is sm_61: the fused kernels need compute capability 7.0 or newer"
+    meta = ConvNet().to("meta")
+    assert lower.should_lower(meta, "auto") == (False, "the model is not on a CUDA device (move it with .cuda() "
+                                                       "before transform, or lower='fused')")
+    assert lower.should_lower(meta, "fused") == (True, "")
+
+
 def test_variants_without_kernels_stay_on_the_reference_path():
     torch.manual_seed(0)
     model = bnrewrite.transform(ConvNet(), "frs:ratio=1/4", lower="fused")
@@ -263,6 +288,45 @@ def test_cbn_window_norm_on_interpreted_triton_kernels_trains_like_reference(rec
     assert len(calls) == 4 * 3  # every site from the second step on (the first fills the window)
     x = _assert_same_buffers_and_eval(low, ref, buffer_atol=1e-5, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bnrewrite.fold_for_inference(low)(x), low(x), rtol=1e-4, atol=1e-5)
+
+
+def _break_single_pass_launch(_triton, monkeypatch, which: str) -> None:
+    """Make the single-pass ``which`` launch (forward, backward or window) one Triton cannot run:
+    a tile of 3 positions (``tl.arange`` takes powers of 2)."""
+    plan_of = _triton._single_pass_plan
+
+    def broken(*key):
+        plan = plan_of(*key)
+        launch = getattr(plan, which)
+        return plan._replace(**{which: launch._replace(meta=dict(launch.meta, BLOCK_P=3))})
+
+    monkeypatch.setattr(_triton, "SINGLE_PASS_MAX", 2 ** 62)
+    monkeypatch.setattr(_triton, "_single_pass_plan", broken)
+
+
+# the site that launches first: the backward runs the last site first
+@pytest.mark.parametrize("recipe, which, site", [("bn", "forward", "b1"), ("fs:ratio=1/4", "backward", "b4"),
+                                                 ("cbn:k=2", "window", "b1")])
+def test_a_kernel_triton_cannot_run_is_a_kernel_error_naming_site_kernel_and_input(recipe, which, site, monkeypatch):
+    """A Triton error in a lowered site's forward or backward launch (here the interpreter's; on a GPU
+    a kernel that does not compile for it, tests/runtime/kernels/test_launch.py) reaches the training
+    loop as a KernelError that names the site, the kernel, the device and the input, and says what to do."""
+    from triton.errors import TritonError
+
+    _triton = _interpreted_kernels(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
+        model = bnrewrite.transform(ConvNet(), recipe, lower="fused")
+    _break_single_pass_launch(_triton, monkeypatch, which)
+    x = torch.randn(4, 3, 6, 6)
+    with pytest.raises(bnrewrite.KernelError) as info:
+        for _ in range(2):  # cbn runs its window op from the second step (the first fills the window)
+            model(x).sum().backward()
+    message = str(info.value)
+    assert message.startswith(f"{type(model.get_submodule(site)).__name__} '{site}': Triton kernel _{which}_single_pass_kernel failed on "
+                              "Triton's CPU interpreter for an input of shape (4, 8, 6, 6)"), message
+    assert "power of 2" in message and message.endswith("lower='reference' to train it without the fused kernels")
+    assert isinstance(info.value.__cause__, TritonError)
 
 
 def test_cbn_with_renorm_backward_is_not_lowered():

@@ -19,6 +19,10 @@ Off in Triton's interpreter (nothing is compiled there), with ``BNREWRITE_DIRECT
 and when this Triton's compiled kernels lack the launcher attributes used here; a launcher
 that rejects the argument list (a Triton whose launcher signature differs) turns it off for
 the process with a warning, and that launch goes through Triton's path.
+
+A launch through Triton's path that raises a Triton error (a kernel that does not compile for
+this GPU, or needs more of it than it has) is a :class:`~bnrewrite.errors.KernelError` naming the
+kernel, the device and the input, and saying how to train without the kernels.
 """
 from __future__ import annotations
 
@@ -26,8 +30,11 @@ import os
 import warnings
 
 import torch
+from triton.errors import TritonError
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+from ...errors import KernelError, first_line
 
 try:
     from triton import knobs  # triton >= 3.4: where the launch hooks live
@@ -88,7 +95,7 @@ def launch(kernel, plan_launch, head: tuple, tail: tuple = (), **extra) -> None:
     part of the key by identity); ``head`` holds the tensors and ints that vary per call, ``tail``
     the floats (which Triton does not specialise on)."""
     if not _ENABLED or not isinstance(kernel, JITFunction):  # InterpretedFunction: nothing compiled
-        kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
+        triton_launch(kernel, plan_launch.grid, (*head, *plan_launch.args, *tail), {**plan_launch.meta, **extra})
         return
     active = driver.active
     device = active.get_current_device()
@@ -114,7 +121,41 @@ def launch(kernel, plan_launch, head: tuple, tail: tuple = (), **extra) -> None:
                      exit_hook, *args)
     except TypeError as err:  # the launcher parses its arguments before it launches anything
         disable(f"the C launcher rejected the argument list: {err}")
-        kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **plan_launch.meta, **extra)
+        triton_launch(kernel, plan_launch.grid, (*head, *plan_launch.args, *tail), {**plan_launch.meta, **extra})
+
+
+def triton_launch(kernel, grid, args: tuple, meta: dict):
+    """``kernel[grid](*args, **meta)`` (Triton's own path: it compiles on a first call), a Triton
+    error raised there as a :class:`~bnrewrite.errors.KernelError`."""
+    try:
+        return kernel[grid](*args, **meta)
+    except TritonError as err:
+        raise KernelError(_failure_message(kernel, args, err)) from err
+
+
+def _failure_message(kernel, args: tuple, err: Exception) -> str:
+    x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if not isinstance(kernel, JITFunction):
+        where = "Triton's CPU interpreter"
+    elif torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        where = f"{torch.cuda.get_device_name(index)} (cuda:{index}, sm_{major}{minor})"
+    else:
+        where = "this device"
+    shape = f" for an input of shape {tuple(x.shape)}, {x.dtype}" if x is not None else ""
+    return (f"Triton kernel {getattr(kernel, '__name__', kernel)} failed on {where}{shape}: {_reason(err)}. "
+            "Transform the model with lower='reference' to train it without the fused kernels")
+
+
+def _reason(err: Exception) -> str:
+    """What went wrong, in one line: Triton wraps an error raised in a ``@triton.jit`` function the
+    kernel calls in one CompilationError per call level, each a source excerpt, so the innermost
+    error says it."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    message = getattr(err, "error_message", None)  # a CompilationError's own, below its source excerpt
+    return first_line(err) if not message else f"{type(err).__name__}: {message.strip().splitlines()[0]}"
 
 
 def _compile_and_launch(kernel, plan_launch, head, tail, extra, key) -> None:
@@ -123,7 +164,7 @@ def _compile_and_launch(kernel, plan_launch, head, tail, extra, key) -> None:
         raise TypeError(f"{kernel.__name__}: the tail of a cached launch holds floats only, got "
                         f"{[type(v).__name__ for v in tail]}")
     meta = {**plan_launch.meta, **extra}
-    compiled = kernel[plan_launch.grid](*head, *plan_launch.args, *tail, **meta)
+    compiled = triton_launch(kernel, plan_launch.grid, (*head, *plan_launch.args, *tail), meta)
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
         disable(f"triton's compiled kernels have no C launcher attributes ({type(compiled).__name__})")
         return

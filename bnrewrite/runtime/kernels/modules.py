@@ -107,7 +107,7 @@ class _FusedForward:
                 momentum = self.momentum
             running = running_argument(buffers["running_mean"], buffers["running_var"], momentum, count)
         y, stats = call_batch_norm_act(x, params["weight"], params["bias"], region, wv, float(self.eps), act[0],
-                                       act[1], running, tracked)
+                                       act[1], running, tracked, self)
         return y, stats, count
 
     def extra_repr(self) -> str:

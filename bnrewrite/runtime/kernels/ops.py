@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...errors import KernelError
 from . import reference
 from .functional import whole_batch_region
 from .layout import dense, output_like
@@ -136,14 +137,18 @@ class _EagerBatchNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked):
+    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked, site):
         x = dense(x)
         impl = _kernels_for(x) or reference
-        y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked)
+        try:
+            y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope, running,
+                                    tracked)
+        except KernelError as err:
+            raise _at_site(err, site) from err.__cause__
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(x, weight, bias, stats)
         # region comes from region_of (the module caches it per draw): a list nothing changes in place
-        ctx.config = (impl, region, virtual_weight, eps, activation, slope)
+        ctx.config = (impl, region, virtual_weight, eps, activation, slope, site)
         # the stats output never has a gradient: no zeros allocated for it per backward
         ctx.set_materialize_grads(False)
         return y, stats
@@ -151,20 +156,24 @@ class _EagerBatchNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
         if grad_y is None:  # y unused by what was differentiated
-            return (None,) * 10
+            return (None,) * 11
         x, weight, bias, stats = ctx.saved_tensors
-        impl, region, virtual_weight, eps, activation, slope = ctx.config
-        dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
+        impl, region, virtual_weight, eps, activation, slope, site = ctx.config
+        try:
+            dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation,
+                                       slope)
+        except KernelError as err:
+            raise _at_site(err, site) from err.__cause__
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # fp32 dweight/dbias: autograd casts them to a 16-bit parameter's dtype itself
         return (dx if need_x else None, dw if need_w and weight is not None else None,
-                db if need_b and bias is not None else None, None, None, None, None, None, None, None)
+                db if need_b and bias is not None else None, None, None, None, None, None, None, None, None)
 
 
 def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], region: list[int],
                         virtual_weight: float, eps: float, activation: str, slope: float,
                         running: tuple[Tensor, Tensor, float, float] | None = None,
-                        tracked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                        tracked: Optional[Tensor] = None, site=None) -> tuple[Tensor, Tensor]:
     """:func:`batch_norm_act` as a custom op under ``torch.compile``, directly in eager mode.
 
     ``running = (running_mean, running_var, momentum, unbias)``: update the running statistics
@@ -172,6 +181,8 @@ def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     :func:`update_running_stats_` (a mutating op cannot be part of an op with an autograd formula).
     ``tracked``: a ``num_batches_tracked`` buffer to add 1 to -- in eager mode in that launch too
     (on a GPU, one ``add_`` launch fewer per layer step), under compile with ``add_``.
+    ``site``: the module calling, named in a :class:`~bnrewrite.errors.KernelError` of its forward
+    or backward launches.
     """
     if torch.compiler.is_compiling():
         y, stats = batch_norm_act(x, weight, bias, region, virtual_weight, eps, activation, slope)
@@ -181,7 +192,14 @@ def call_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
             tracked.add_(1)
         return y, stats
     return _EagerBatchNormAct.apply(x, weight, bias, region, virtual_weight, eps, activation, slope, running,
-                                    tracked)
+                                    tracked, site)
+
+
+def _at_site(err: KernelError, site) -> KernelError:
+    """``err`` with the module it happened in named first (the site label, as other errors give it)."""
+    if site is None:
+        return err
+    return KernelError(f"{type(site).__name__}{getattr(site, 'site_label', '')}: {err}")
 
 
 class _FusedWindowBatchNorm(torch.autograd.Function):
@@ -189,19 +207,26 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
     :func:`fused_window_batch_norm`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, activation, slope):
+    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, activation, slope, site):
         x = dense(x)
         impl = _kernels_for(x)
-        output = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, activation, slope)
+        try:
+            output = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, activation, slope)
+        except KernelError as err:
+            raise _at_site(err, site) from err.__cause__
         # the sampled op's backward with the whole batch as its one group, of count k·M
         _setup_context(ctx, (x, weight, bias, whole_batch_region(x.shape), 0.0, eps, activation, slope), output)
         ctx.backward = functools.partial(impl.backward,
                                          group_count=(past_mean.shape[0] + 1) * (x.numel() // x.shape[1]))
+        ctx.site = site
         return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
-        return _gradients(ctx, grad_y, ctx.backward)
+        try:
+            return (*_gradients(ctx, grad_y, ctx.backward), None)
+        except KernelError as err:
+            raise _at_site(err, ctx.site) from err.__cause__
 
 
 def fused_window_available(x: Tensor) -> bool:
@@ -214,11 +239,11 @@ def fused_window_available(x: Tensor) -> bool:
 
 def fused_window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
                             past_sq_mean: Tensor, eps: float, activation: str = "none",
-                            slope: float = 0.0) -> tuple[Tensor, ...]:
+                            slope: float = 0.0, site=None) -> tuple[Tensor, ...]:
     """:func:`bnrewrite.runtime.cross_iteration.window_batch_norm` on the Triton kernels, then
     ``activation`` in the same pass: ``(y, μ̄, σ̄², μ_t, var_t)``. Its backward is App. C Eq. 6
     of the sampling paper with one group (the whole batch) of count k·M and mean μ̄, i.e. the
-    sampled BN backward kernels."""
+    sampled BN backward kernels. ``site``: the module calling, named in a kernel error."""
     y, stats = _FusedWindowBatchNorm.apply(x, weight, bias, past_mean, past_sq_mean, float(eps), activation,
-                                           float(slope))
+                                           float(slope), site)
     return y, stats[0], stats[1], stats[4], stats[5]

@@ -74,6 +74,14 @@ def test_direct_launches_hand_the_driver_what_triton_hands_it(tmp_path):
     # the hook ran on both paths of every launch made while it was installed, direct ones among them
     assert result["direct_with_hook"] >= 10, result
     assert result["hook_calls"] == 3 * result["launches_with_hook"], result
+    # a kernel Triton cannot compile for the GPU: a KernelError saying which and what to do; nothing
+    # launched, and the other kernels keep their direct launches
+    failure = result["compile_failure"]
+    assert failure["raised"] == "KernelError" and failure["cause"] == "CompilationError", failure
+    assert failure["message"].startswith("Triton kernel _forward_single_pass_kernel failed on this device for an "
+                                         "input of shape (4, 8, 3, 3), torch.float32: CompilationError"), failure
+    assert "lower='reference'" in failure["message"], failure
+    assert failure["launches_made"] == 0 and failure["direct_enabled_after"], failure
     _assert_fell_back_once(result["fallback"])
     assert result["fallback"]["same_launch"], result["fallback"]
 
@@ -273,8 +281,31 @@ def main_driver() -> None:
     stats["direct_with_hook"] = stats["direct"] - direct_before
     stats["launches_with_hook"] = stats["launches"] - launches_before
     stats["direct_kernels"] = sorted(stats["direct_kernels"])
+    stats["compile_failure"] = _launch_that_does_not_compile(launch, _triton, fake_cuda)
     stats["fallback"] = _fallback_when_the_real_launcher_rejects(launch, _triton, fake_cuda)
     print(json.dumps(stats))
+
+
+def _launch_that_does_not_compile(launch, _triton, fake_cuda) -> dict:
+    """A first launch that Triton cannot compile for sm_90 (a tile of 3 positions: ``tl.arange``
+    takes powers of 2), made through the direct path: what it raises, and that nothing launched."""
+    import torch
+
+    tiling = _triton._single_pass_tiling
+    _triton._single_pass_tiling = lambda g, programs: (1, 3)
+    _triton._single_pass_plan.cache_clear()
+    _triton.launch_cached, _triton.SINGLE_PASS_MAX = launch.launch, 1 << 17
+    x = torch.empty(4, 8, 3, 3)
+    before = fake_cuda.launches()
+    try:
+        _triton.forward(x, None, None, _triton.whole_batch_region(x.shape), 0.0, 1e-5, "relu", 0.0)
+        result = {"raised": None}
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        result = {"raised": type(err).__name__, "message": str(err), "cause": type(err.__cause__).__name__}
+    finally:
+        _triton._single_pass_tiling = tiling
+        _triton._single_pass_plan.cache_clear()
+    return dict(result, launches_made=fake_cuda.launches() - before, direct_enabled_after=launch.enabled())
 
 
 def _fallback_when_the_real_launcher_rejects(launch, _triton, fake_cuda) -> dict:
