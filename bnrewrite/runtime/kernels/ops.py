@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...errors import KernelError
+from ...errors import InputError, KernelError
 from . import reference
 from .functional import whole_batch_region
 from .layout import dense, output_like
@@ -140,6 +140,9 @@ class _EagerBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked, site):
         x = dense(x)
         impl = _kernels_for(x) or reference
+        if impl is not reference:  # torch's own ops check devices on the reference path
+            _check_devices(x, site, _OP_TENSORS, (weight, bias, tracked) if running is None else
+                           (weight, bias, tracked, running[0], running[1]))
         try:
             y, stats = impl.forward(x, weight, bias, region, virtual_weight, eps, activation, slope, running,
                                     tracked)
@@ -199,7 +202,25 @@ def _at_site(err: KernelError, site) -> KernelError:
     """``err`` with the module it happened in named first (the site label, as other errors give it)."""
     if site is None:
         return err
-    return KernelError(f"{type(site).__name__}{getattr(site, 'site_label', '')}: {err}")
+    return type(err)(f"{type(site).__name__}{getattr(site, 'site_label', '')}: {err}")
+
+
+# what the tensors handed to _check_devices are, in its messages
+_OP_TENSORS = ("weight", "bias", "num_batches_tracked", "running_mean", "running_var")
+_WINDOW_TENSORS = ("weight", "bias", "the past steps' means", "the past steps' squared means")
+
+
+def _check_devices(x: Tensor, site, names: tuple[str, ...], tensors: tuple[Optional[Tensor], ...]) -> None:
+    """Refuse a launch whose tensors are not all on ``x``'s device, as torch's own ops do: a kernel
+    handed another device's pointer (or a meta tensor's null) reads memory that is not there.
+    (A loop over a tuple: keyword arguments cost several µs per step.)"""
+    device = x.device
+    for t in tensors:
+        if t is not None and t.device != device:
+            name = names[next(i for i, u in enumerate(tensors) if u is t)]
+            raise _at_site(InputError(
+                f"the input is on {device} but {name} is on {t.device}; move the model and its inputs to one "
+                f"device (model.to({str(device)!r}))"), site)
 
 
 class _FusedWindowBatchNorm(torch.autograd.Function):
@@ -210,6 +231,7 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, activation, slope, site):
         x = dense(x)
         impl = _kernels_for(x)
+        _check_devices(x, site, _WINDOW_TENSORS, (weight, bias, past_mean, past_sq_mean))
         try:
             output = impl.window_forward(x, weight, bias, past_mean, past_sq_mean, eps, activation, slope)
         except KernelError as err:
