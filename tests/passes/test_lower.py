@@ -329,26 +329,30 @@ def test_a_kernel_triton_cannot_run_is_a_kernel_error_naming_site_kernel_and_inp
     assert isinstance(info.value.__cause__, TritonError)
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("recipe, name, label", [("bn", "weight", "weight"), ("fs:ratio=1/4", "running_var", "running_var"),
                                                 ("cbn:k=2", "bias", "bias")])
 def test_a_lowered_site_refuses_tensors_on_another_device_than_its_input(recipe, name, label, monkeypatch):
     """A kernel handed another device's pointer reads memory that is not there (a meta tensor's is
     null): before it launches, the site refuses with an InputError naming it and the tensor, as
-    torch's ops refuse mixed devices."""
-    _interpreted_kernels(monkeypatch)
+    torch's ops refuse mixed devices. On a GPU: a CPU tensor at a CUDA site; on CPU (interpreted
+    kernels): a meta tensor at a CPU site."""
+    device, other = ("cuda", "cpu") if torch.cuda.is_available() else ("cpu", "meta")
+    if device == "cpu":
+        _interpreted_kernels(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
-        model = bnrewrite.transform(ConvNet(), recipe, lower="fused")
-    x = torch.randn(4, 3, 6, 6)
+        model = bnrewrite.transform(ConvNet().to(device), recipe, lower="fused")
+    x = torch.randn(4, 3, 6, 6, device=device)
     model(x).sum().backward()  # cbn: the first step fills the window; the window op runs from the second
     site = model.b1
     moved = getattr(site, name)
-    on_meta = torch.empty_like(moved, device="meta")
-    setattr(site, name, nn.Parameter(on_meta) if isinstance(moved, nn.Parameter) else on_meta)
+    elsewhere = torch.empty_like(moved, device=other)
+    setattr(site, name, nn.Parameter(elsewhere) if isinstance(moved, nn.Parameter) else elsewhere)
     with pytest.raises(bnrewrite.InputError) as info:
         model(x)
-    assert str(info.value) == (f"{type(site).__name__} 'b1': the input is on cpu but {label} is on meta; move the "
-                               "model and its inputs to one device (model.to('cpu'))")
+    assert str(info.value) == (f"{type(site).__name__} 'b1': the input is on {x.device} but {label} is on {other}; "
+                               f"move the model and its inputs to one device (model.to('{x.device}'))")
 
 
 def test_cbn_with_renorm_backward_is_not_lowered():
