@@ -304,27 +304,46 @@ def _break_single_pass_launch(_triton, monkeypatch, which: str) -> None:
     monkeypatch.setattr(_triton, "_single_pass_plan", broken)
 
 
+def _lowered_on_the_kernels(recipe: str, monkeypatch) -> tuple[nn.Module, torch.device]:
+    """ConvNet rewritten with ``recipe`` and lowered, on CUDA where there is a GPU, else on CPU
+    with the interpreted kernels."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        _interpreted_kernels(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
+        return bnrewrite.transform(ConvNet().to(device), recipe, lower="fused"), torch.device(device)
+
+
+def _kernels_device_name() -> str:
+    """How a KernelError names the device the kernels run on."""
+    if not torch.cuda.is_available():
+        return "Triton's CPU interpreter"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (cuda:{torch.cuda.current_device()}, sm_{major}{minor})"
+
+
 # the site that launches first: the backward runs the last site first
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("recipe, which, site", [("bn", "forward", "b1"), ("fs:ratio=1/4", "backward", "b4"),
                                                  ("cbn:k=2", "window", "b1")])
 def test_a_kernel_triton_cannot_run_is_a_kernel_error_naming_site_kernel_and_input(recipe, which, site, monkeypatch):
-    """A Triton error in a lowered site's forward or backward launch (here the interpreter's; on a GPU
-    a kernel that does not compile for it, tests/runtime/kernels/test_launch.py) reaches the training
-    loop as a KernelError that names the site, the kernel, the device and the input, and says what to do."""
+    """A Triton error in a lowered site's forward or backward launch (a tile Triton rejects: on a GPU
+    its compiler, on CPU its interpreter) reaches the training loop as a KernelError that names the
+    site, the kernel, the device and the input, gives the innermost cause and says what to do."""
+    from bnrewrite.runtime.kernels import _triton
     from triton.errors import TritonError
 
-    _triton = _interpreted_kernels(monkeypatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
-        model = bnrewrite.transform(ConvNet(), recipe, lower="fused")
+    model, device = _lowered_on_the_kernels(recipe, monkeypatch)
     _break_single_pass_launch(_triton, monkeypatch, which)
-    x = torch.randn(4, 3, 6, 6)
+    x = torch.randn(4, 3, 6, 6, device=device)
     with pytest.raises(bnrewrite.KernelError) as info:
         for _ in range(2):  # cbn runs its window op from the second step (the first fills the window)
             model(x).sum().backward()
     message = str(info.value)
-    assert message.startswith(f"{type(model.get_submodule(site)).__name__} '{site}': Triton kernel _{which}_single_pass_kernel failed on "
-                              "Triton's CPU interpreter for an input of shape (4, 8, 6, 6)"), message
+    assert message.startswith(f"{type(model.get_submodule(site)).__name__} '{site}': Triton kernel "
+                              f"_{which}_single_pass_kernel failed on {_kernels_device_name()} for an input of shape "
+                              "(4, 8, 6, 6), torch.float32: "), message
     assert "power of 2" in message and message.endswith("lower='reference' to train it without the fused kernels")
     assert isinstance(info.value.__cause__, TritonError)
 
@@ -337,12 +356,8 @@ def test_a_lowered_site_refuses_tensors_on_another_device_than_its_input(recipe,
     null): before it launches, the site refuses with an InputError naming it and the tensor, as
     torch's ops refuse mixed devices. On a GPU: a CPU tensor at a CUDA site; on CPU (interpreted
     kernels): a meta tensor at a CPU site."""
-    device, other = ("cuda", "cpu") if torch.cuda.is_available() else ("cpu", "meta")
-    if device == "cpu":
-        _interpreted_kernels(monkeypatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
-        model = bnrewrite.transform(ConvNet().to(device), recipe, lower="fused")
+    model, device = _lowered_on_the_kernels(recipe, monkeypatch)
+    other = "cpu" if device.type == "cuda" else "meta"
     x = torch.randn(4, 3, 6, 6, device=device)
     model(x).sum().backward()  # cbn: the first step fills the window; the window op runs from the second
     site = model.b1
