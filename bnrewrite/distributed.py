@@ -37,9 +37,9 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        # the sum over ranks is its own adjoint: through this op again, so that the gradient is
+        # differentiable again under create_graph=True (a plain all_reduce would cut that graph)
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

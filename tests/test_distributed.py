@@ -49,6 +49,15 @@ def _step(module, x, dy):
             "var": var, "count": count, "rm": module.running_mean.clone(), "rv": module.running_var.clone()}
 
 
+def _penalty_step(module, x, dy):
+    """An input-gradient penalty through the synced statistics: its gradient is taken with
+    create_graph=True (the backward all-reduces), then differentiated again (all-reducing again)."""
+    x = x.clone().requires_grad_(True)
+    (dx,) = torch.autograd.grad((module(x) * dy).sum(), x, create_graph=True)
+    (dw,) = torch.autograd.grad(dx.square().sum(), [module.weight])  # (β does not reach dx)
+    return {"dx": dx.detach(), "dw": dw}
+
+
 def _worker(rank, port, out_dir):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -61,6 +70,7 @@ def _worker(rank, port, out_dir):
         local = torch.cat([virtual[rank:rank + 1], x[mine]])
         local_dy = torch.cat([dy[rank:rank + 1], dy[WORLD:][mine]])
         results["fs+vdn"] = _step(_module(num_virtual=1), local, local_dy)
+        results["penalty"] = _penalty_step(_module(), x[mine], dy[WORLD:][mine])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -84,6 +94,12 @@ def test_synced_sampled_statistics_equal_single_process_large_batch(tmp_path):
     # the loss is the sum of the ranks' losses: parameter gradients add up (DDP would average them)
     torch.testing.assert_close(ranks[0]["fs"]["dw"] + ranks[1]["fs"]["dw"], single["dw"])
     torch.testing.assert_close(ranks[0]["fs"]["db"] + ranks[1]["fs"]["db"], single["db"])
+
+    # second derivatives through the all-reduce: each rank's share of the whole batch's penalty
+    single = _penalty_step(_module(sync=False), x, dy[WORLD:])
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(res["penalty"]["dx"], single["dx"][r * LOCAL:(r + 1) * LOCAL])
+    torch.testing.assert_close(ranks[0]["penalty"]["dw"] + ranks[1]["penalty"]["dw"], single["dw"])
 
     # one process with both virtual rows at the front of the whole batch
     single = _step(_module(num_virtual=WORLD, sync=False), torch.cat([virtual, x]), dy)

@@ -378,6 +378,29 @@ def is_stock_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm)
 
 
+def differentiable_gradients(recompute, inputs: tuple, grad_outputs: tuple, needs_input_grad) -> list:
+    """The gradients an ``autograd.Function``'s backward returns when it runs with
+    ``create_graph=True`` (grad mode is then on inside it): by autograd through
+    ``recompute(*inputs)``, a plain-torch forward of the same function, so that they are
+    differentiable again. A closed-form backward is not: it reads statistics its forward saved,
+    which carry no history, so a second derivative (a gradient penalty, MAML's meta-gradient)
+    would silently miss their terms. ``inputs`` are the saved inputs (they unpack with their
+    history); ``grad_outputs`` pair with ``recompute``'s outputs. One gradient (or None) per input."""
+    wanted = [i for i, t in enumerate(inputs) if needs_input_grad[i] and isinstance(t, torch.Tensor)]
+    gradients: list = [None] * len(inputs)
+    if not wanted:
+        return gradients
+    with torch.enable_grad():
+        outputs = recompute(*inputs)
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, found):
+        gradients[i] = g
+    return gradients
+
+
 class _BatchMoments(torch.autograd.Function):
     """(biased var, mean) per channel; backward saves only x, which the normalisation keeps anyway
     (autograd through the two passes would also keep x − μ, one more activation-sized tensor)."""

@@ -368,6 +368,25 @@ def window_statistics(x: torch.Tensor, past_mean: torch.Tensor, past_sq_mean: to
     return mean, var
 
 
+def window_statistics_of_x(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, mean_now: torch.Tensor,
+                           var_now: torch.Tensor, k) -> tuple[torch.Tensor, ...]:
+    """``(var_t, μ_t, μ̄, σ̄²)`` recomputed from ``x`` with autograd history, the past iterations
+    held constant (§3.3): for a backward under ``create_graph=True``. ``mean``, ``var``,
+    ``mean_now``, ``var_now``: what the forward computed from the same x (no history), ``k``: the
+    iterations in the window. The past rows themselves are not needed (a ring slot may hold the
+    next step's statistics by the time backward runs): Eqs. 9 and 11 are, in μ_t and var_t,
+
+        μ̄ = μ_t / k + const,   σ̄² = (var_t + μ_t²) / k − μ̄² + const,
+
+    written as the saved value plus the change since the forward, which is exact in any precision
+    at the saved point."""
+    var_x, mean_x = batch_moments(x)
+    change = mean_x - mean_now
+    mean_x_bar = mean + change / k
+    var_x_bar = var + (var_x - var_now) / k + change / k * (mean_x + mean_now - mean_x_bar - mean)
+    return var_x, mean_x, mean_x_bar, var_x_bar
+
+
 def _native_kernels_apply(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether ATen's BatchNorm kernels can compute the fused op's moments and normalisation:
     they return fp16/bf16 statistics for fp16/bf16 input, which Eqs. 9–11 must not use."""
@@ -416,7 +435,7 @@ class _WindowBatchNorm(torch.autograd.Function):
             scale = rstd if weight is None else rstd * weight
             shift = -mean * scale if bias is None else bias - mean * scale
             y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))  # Eq. 12
-        ctx.save_for_backward(x, weight, mean_now, mean, rstd, var_now, None if valid is None else k)
+        ctx.save_for_backward(x, weight, mean_now, mean, rstd, var_now, None if valid is None else k, var)
         ctx.native = native
         ctx.k = k if valid is None else None
         ctx.renorm = renorm
@@ -426,13 +445,20 @@ class _WindowBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *_statistics):
-        x, weight, mean_now, mean, rstd, var_now, k = ctx.saved_tensors
+        x, weight, mean_now, mean, rstd, var_now, k, var = ctx.saved_tensors
+        k = ctx.k if k is None else k
+        native = ctx.native
+        if torch.is_grad_enabled():
+            # create_graph=True: the statistics again as functions of x, with their history (the
+            # saved ones carry none), and the formulas below in differentiable ops, so that the
+            # gradients can be differentiated again (a gradient penalty, MAML), as stock BatchNorm's can
+            var_now, mean_now, mean, var = window_statistics_of_x(x, mean, var, mean_now, var_now, k)
+            rstd, native = torch.rsqrt(var + ctx.eps), False
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         stat_dtype = mean.dtype
         count = x.numel() // x.shape[1]
-        k = ctx.k if k is None else k
-        if ctx.native:
+        if native:
             # ATen's BatchNorm backward reductions alone: Σ g·(x − μ̄)·r and Σ g in one pass
             _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, weight, None, None, mean, rstd, True, ctx.eps, [False, True, True])

@@ -319,6 +319,26 @@ def test_module_gradcheck_with_history(store):
     assert torch.autograd.gradcheck(fresh, (x, gamma, beta))
 
 
+@pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive-cbn"])
+def test_module_gradients_can_be_differentiated_again(compensate):
+    """Second derivatives through a module step (create_graph=True: a gradient penalty, MAML):
+    gradgradcheck in fp64. The step writes its own statistics into the history ring after the
+    forward, over a slot the forward read (naive-cbn reads the ring itself), so a backward that
+    re-read the past rows would differentiate another function."""
+    producer, cbn, _, shape = _run_history(compensate, k=2, steps=3)
+    torch.manual_seed(9)
+    u = torch.randn(shape, dtype=D)
+    x = producer(u).detach().requires_grad_(True)
+    gamma = cbn.weight.detach().clone().requires_grad_(True)
+
+    def fresh(x_, gamma_):
+        m = copy.deepcopy(cbn)  # each evaluation starts from the same history
+        return functional_call(m, {"weight": gamma_, "bias": cbn.bias}, (x_, u))
+
+    assert cbn._filled == 1 and cbn.resolved_window == 2
+    assert torch.autograd.gradgradcheck(fresh, (x, gamma))
+
+
 def test_history_is_detached_and_holds_the_last_iterations():
     producer, cbn, record, _ = _run_history(True, k=3, steps=3)
     for key in ("cbn_mean", "cbn_sq_mean", "cbn_grad_mean", "cbn_grad_sq_mean", "cbn_mean_offset"):
@@ -666,6 +686,34 @@ def test_renorm_backward_is_batch_renormalization_through_autograd(affine, windo
     # it is not CBN's backward
     (cbn_gx,) = torch.autograd.grad(window_batch_norm(x, gamma, beta, past_mean, past_sq_mean, eps)[0], x, g)
     assert not torch.allclose(cbn_gx, got[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("valid", [None, (True, False, True)], ids=["whole-window", "ring-with-a-gap"])
+@pytest.mark.parametrize("renorm", [False, True], ids=["window", "renorm"])
+def test_fused_window_norm_gradients_can_be_differentiated_again(renorm, valid, window_kernels):
+    """Gradients taken with ``create_graph=True`` (a gradient penalty, MAML's meta-gradient) are the
+    closed-form ones and differentiate again correctly: gradgradcheck in fp64 compares their
+    derivatives with finite differences of the backward. (Computed from the statistics the forward
+    saved, which carry no history, they missed those terms.)"""
+    from bnrewrite.runtime.cross_iteration import window_batch_norm
+    torch.manual_seed(0)
+    x = (torch.randn(3, 4, 3, 2, dtype=D) * 2 + 1).requires_grad_(True)
+    gamma = (torch.rand(4, dtype=D) + 0.5).requires_grad_(True)
+    beta = torch.randn(4, dtype=D).requires_grad_(True)
+    past_mean = torch.randn(3, 4, dtype=D)
+    past_sq_mean = past_mean.square() + torch.rand(3, 4, dtype=D)
+    valid = None if valid is None else torch.tensor(valid)
+
+    def op(x, gamma, beta):
+        return window_batch_norm(x, gamma, beta, past_mean, past_sq_mean, 1e-3, renorm, valid)[0]
+
+    g = torch.randn_like(x)
+    plain = torch.autograd.grad(op(x, gamma, beta), (x, gamma, beta), g)
+    graphed = torch.autograd.grad(op(x, gamma, beta), (x, gamma, beta), g, create_graph=True)
+    assert graphed[0].requires_grad and graphed[1].requires_grad  # dβ = Σg depends on g alone
+    for a, b in zip(graphed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradgradcheck(op, (x, gamma, beta))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ...errors import InputError, KernelError
+from ..base import differentiable_gradients
 from . import reference
 from .functional import whole_batch_region
 from .layout import dense, output_like
@@ -97,7 +98,7 @@ def _gradients(ctx, grad_y, backward_fn):
     """The autograd formula both entry points share: ``backward_fn`` computes (dx, dw, db)."""
     x, weight, bias, stats = ctx.saved_tensors
     region, virtual_weight, eps, activation, slope = ctx.config
-    dx, dw, db = backward_fn(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation, slope)
+    dx, dw, db = backward_fn(grad_y, dense(x), weight, bias, stats, region, virtual_weight, eps, activation, slope)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     # the kernels' dweight/dbias are fp32; a parameter of another dtype gets its own (.to is not free per call)
     return (dx if need_x else None,
@@ -137,8 +138,8 @@ class _EagerBatchNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked, site):
-        x = dense(x)
+    def forward(ctx, x_in, weight, bias, region, virtual_weight, eps, activation, slope, running, tracked, site):
+        x = dense(x_in)
         impl = _kernels_for(x) or reference
         if impl is not reference:  # torch's own ops check devices on the reference path
             _check_devices(x, site, _OP_TENSORS, (weight, bias, tracked) if running is None else
@@ -149,7 +150,8 @@ class _EagerBatchNormAct(torch.autograd.Function):
         except KernelError as err:
             raise _at_site(err, site) from err.__cause__
         ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(x, weight, bias, stats)
+        # the input itself, not a dense copy of it: that would be kept to the backward, and carries no history
+        ctx.save_for_backward(x_in, weight, bias, stats)
         # region comes from region_of (the module caches it per draw): a list nothing changes in place
         ctx.config = (impl, region, virtual_weight, eps, activation, slope, site)
         # the stats output never has a gradient: no zeros allocated for it per backward
@@ -162,8 +164,14 @@ class _EagerBatchNormAct(torch.autograd.Function):
             return (None,) * 11
         x, weight, bias, stats = ctx.saved_tensors
         impl, region, virtual_weight, eps, activation, slope, site = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            def forward_by_autograd(x, weight, bias):
+                return reference.forward(dense(x), weight, bias, region, virtual_weight, eps, activation, slope)[0]
+
+            return (*differentiable_gradients(forward_by_autograd, (x, weight, bias), (grad_y,),
+                                              ctx.needs_input_grad), *(None,) * 8)
         try:
-            dx, dw, db = impl.backward(grad_y, x, weight, bias, stats, region, virtual_weight, eps, activation,
+            dx, dw, db = impl.backward(grad_y, dense(x), weight, bias, stats, region, virtual_weight, eps, activation,
                                        slope)
         except KernelError as err:
             raise _at_site(err, site) from err.__cause__
@@ -228,8 +236,8 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
     :func:`fused_window_batch_norm`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_sq_mean, eps, activation, slope, site):
-        x = dense(x)
+    def forward(ctx, x_in, weight, bias, past_mean, past_sq_mean, eps, activation, slope, site):
+        x = dense(x_in)
         impl = _kernels_for(x)
         _check_devices(x, site, _WINDOW_TENSORS, (weight, bias, past_mean, past_sq_mean))
         try:
@@ -237,14 +245,32 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
         except KernelError as err:
             raise _at_site(err, site) from err.__cause__
         # the sampled op's backward with the whole batch as its one group, of count k·M
-        _setup_context(ctx, (x, weight, bias, whole_batch_region(x.shape), 0.0, eps, activation, slope), output)
+        _setup_context(ctx, (x_in, weight, bias, whole_batch_region(x.shape), 0.0, eps, activation, slope), output)
         ctx.backward = functools.partial(impl.backward,
                                          group_count=(past_mean.shape[0] + 1) * (x.numel() // x.shape[1]))
         ctx.site = site
+        ctx.window = past_mean.shape[0] + 1
         return output
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats):
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            from ..cross_iteration import window_statistics_of_x
+
+            stats = ctx.saved_tensors[3]
+            _region, _wv, eps, activation, slope = ctx.config
+
+            def forward_by_autograd(x, weight, bias):
+                x = dense(x)
+                _, _, mean, var = window_statistics_of_x(x, stats[0], stats[1], stats[4], stats[5], ctx.window)
+                shape = [1, -1] + [1] * (x.dim() - 2)
+                z = (x.float() - mean.reshape(shape)) * torch.rsqrt(var + eps).reshape(shape)
+                z = z if weight is None else z * weight.float().reshape(shape)
+                z = z if bias is None else z + bias.float().reshape(shape)
+                return reference.apply_activation(z, activation, slope).to(x.dtype)
+
+            return (*differentiable_gradients(forward_by_autograd, ctx.saved_tensors[:3], (grad_y,),
+                                              ctx.needs_input_grad), *(None,) * 6)
         try:
             return (*_gradients(ctx, grad_y, ctx.backward), None)
         except KernelError as err:
