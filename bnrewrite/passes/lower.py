@@ -28,6 +28,7 @@ never lowers. ``compile_path`` (see :class:`LowerOptions`) says what a lowered s
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,9 +82,8 @@ MIN_CAPABILITY = (7, 0)
 
 
 def _model_device(module: nn.Module) -> torch.device | None:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return None
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if first is None else first.device
 
 
 def unsupported_gpu(device: torch.device) -> str | None:

@@ -223,9 +223,8 @@ def _check_devices(x: Tensor, site, names: tuple[str, ...], tensors: tuple[Optio
     handed another device's pointer (or a meta tensor's null) reads memory that is not there.
     (A loop over a tuple: keyword arguments cost several µs per step.)"""
     device = x.device
-    for t in tensors:
+    for name, t in zip(names, tensors):
         if t is not None and t.device != device:
-            name = names[next(i for i, u in enumerate(tensors) if u is t)]
             raise _at_site(InputError(
                 f"the input is on {device} but {name} is on {t.device}; move the model and its inputs to one "
                 f"device (model.to({str(device)!r}))"), site)
@@ -263,11 +262,7 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
             def forward_by_autograd(x, weight, bias):
                 x = dense(x)
                 _, _, mean, var = window_statistics_of_x(x, stats[0], stats[1], stats[4], stats[5], ctx.window)
-                shape = [1, -1] + [1] * (x.dim() - 2)
-                z = (x.float() - mean.reshape(shape)) * torch.rsqrt(var + eps).reshape(shape)
-                z = z if weight is None else z * weight.float().reshape(shape)
-                z = z if bias is None else z + bias.float().reshape(shape)
-                return reference.apply_activation(z, activation, slope).to(x.dtype)
+                return reference.normalized(x, mean, var, weight, bias, eps, activation, slope)
 
             return (*differentiable_gradients(forward_by_autograd, ctx.saved_tensors[:3], (grad_y,),
                                               ctx.needs_input_grad), *(None,) * 6)

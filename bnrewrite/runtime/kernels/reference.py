@@ -72,6 +72,19 @@ def update_running_stats(running_mean, running_var, stats, momentum, unbias) -> 
         running_var.copy_(running_var.float() * (1 - momentum) + stats[1] * unbias * momentum)
 
 
+def normalized(x, mean, var, weight, bias, eps, act, slope):
+    """Eq. 1 and the activation: ``act((x − mean)·rsqrt(var + eps)·γ + β)`` per channel, computed
+    in fp32, in x's dtype and memory format (as the kernels give); differentiable."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    z = (_view5(x).float() - _channel(mean)) * _channel(scale)
+    if bias is not None:
+        z = z + _channel(bias.float())
+    y = apply_activation(z, act, slope).reshape(x.shape).to(x.dtype)
+    return torch.empty_like(x).copy_(y)
+
+
 def forward(x, weight, bias, region, wv, eps, act, slope, running=None, tracked=None):
     x5 = _view5(x).float()
     C = x5.shape[1]
@@ -84,14 +97,7 @@ def forward(x, weight, bias, region, wv, eps, act, slope, running=None, tracked=
     if has_s:
         mean_s, var_s = _moments(x5[sampled])
         mean, var = mean + (1 - wv) * mean_s, var + (1 - wv) * var_s
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.float()
-    z = (x5 - _channel(mean)) * _channel(scale)
-    if bias is not None:
-        z = z + _channel(bias.float())
-    y = apply_activation(z, act, slope).reshape(x.shape).to(x.dtype)
-    y = torch.empty_like(x).copy_(y)  # the input's memory format, as the kernels give
+    y = normalized(x, mean, var, weight, bias, eps, act, slope)
     stats = torch.stack([mean, var, mean_v, mean_s])
     if running is not None:
         running_mean, running_var, momentum, unbias = running
