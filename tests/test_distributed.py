@@ -22,9 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _module(num_virtual=0, sync=True):
+def _module(num_virtual=0, sync=True, track_running_stats=True):
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(4).double()
+    bn = nn.BatchNorm2d(4, track_running_stats=track_running_stats).double()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
@@ -58,6 +58,22 @@ def _penalty_step(module, x, dy):
     return {"dx": dx.detach(), "dw": dw}
 
 
+def _func_step(x, dy, tangent, sync=True):
+    """torch.func through the synced statistics: reverse mode (grad, the buffers passed in) and
+    forward mode (jvp along ``tangent``, without running statistics: a transform refuses in-place
+    updates of captured buffers, stock BatchNorm's too)."""
+    module = _module(sync=sync)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+
+    def loss(x, params, buffers):
+        return (torch.func.functional_call(module, (params, buffers), (x,)) * dy).sum()
+
+    dx, dparams = torch.func.grad(loss, argnums=(0, 1))(x, params, dict(module.named_buffers()))
+    plain = _module(sync=sync, track_running_stats=False)
+    _, derivative = torch.func.jvp(lambda x: (plain(x) * dy).sum(), (x,), (tangent,))
+    return {"dx": dx, "dw": dparams["weight"], "jvp": derivative}
+
+
 def _worker(rank, port, out_dir):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -71,6 +87,7 @@ def _worker(rank, port, out_dir):
         local_dy = torch.cat([dy[rank:rank + 1], dy[WORLD:][mine]])
         results["fs+vdn"] = _step(_module(num_virtual=1), local, local_dy)
         results["penalty"] = _penalty_step(_module(), x[mine], dy[WORLD:][mine])
+        results["func"] = _func_step(x[mine], dy[WORLD:][mine], dy[:WORLD * LOCAL][mine])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -100,6 +117,15 @@ def test_synced_sampled_statistics_equal_single_process_large_batch(tmp_path):
     for r, res in enumerate(ranks):
         torch.testing.assert_close(res["penalty"]["dx"], single["dx"][r * LOCAL:(r + 1) * LOCAL])
     torch.testing.assert_close(ranks[0]["penalty"]["dw"] + ranks[1]["penalty"]["dw"], single["dw"])
+
+    # torch.func.grad and jvp through the all-reduce (its setup_context-style twin)
+    single = _step(_module(sync=False), x, dy[WORLD:])
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(res["func"]["dx"], single["dx"][r * LOCAL:(r + 1) * LOCAL])
+    torch.testing.assert_close(ranks[0]["func"]["dw"] + ranks[1]["func"]["dw"], single["dw"])
+    # each rank's loss moves with every rank's tangent: the ranks' jvps add up to the whole batch's
+    torch.testing.assert_close(ranks[0]["func"]["jvp"] + ranks[1]["func"]["jvp"],
+                               (single["dx"] * dy[:WORLD * LOCAL]).sum())
 
     # one process with both virtual rows at the front of the whole batch
     single = _step(_module(num_virtual=WORLD, sync=False), torch.cat([virtual, x]), dy)

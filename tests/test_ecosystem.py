@@ -194,3 +194,136 @@ def test_channels_last_input_gives_channels_last_output_like_stock(recipe, dims)
         want = stock(x).is_contiguous(memory_format=layout)
         assert want
         assert model(x).is_contiguous(memory_format=layout) == want, f"{recipe}, training={training}"
+
+
+def _func_loss(model, data_y):
+    """The loss as a function of (parameters, buffers), as torch.func's users write it: the
+    buffers passed in, so that training steps' in-place updates of them are allowed."""
+    x, y = data_y
+
+    def loss(params, buffers):
+        return F.cross_entropy(torch.func.functional_call(model, (params, buffers), (x,)), y)
+
+    return loss
+
+
+def _warmed_up_pair(recipe):
+    """Two identical models after three training steps (histories and schedules have moved)."""
+    model = make(recipe)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.05), batches(3), seed=5)
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_func_grad_equals_autograd(recipe):
+    """torch.func.grad of training steps (functional code, as MAML libraries write it) from a fresh
+    model, so that lazily allocated state (CBN's history) is made under the transform: autograd's
+    parameter gradients and the same buffer updates at every step, and the model can be copied
+    and saved afterwards (no dead transform wrapper left in it). The transforms refuse our
+    old-style autograd Functions, so under them every op runs its plain-torch formulation."""
+    func_model = make(recipe).train()
+    model = copy.deepcopy(func_model)
+    for step, data in enumerate(batches(3, seed=7)):
+        params = {name: p.detach() for name, p in func_model.named_parameters()}
+        torch.manual_seed(step)  # VDN draws its virtual rows from the global generator
+        grads = torch.func.grad(_func_loss(func_model, data))(params, dict(func_model.named_buffers()))
+        torch.manual_seed(step)
+        model.zero_grad()
+        F.cross_entropy(model(data[0]), data[1]).backward()
+        scale = max(p.grad.abs().max() for p in model.parameters())
+        assert scale > 1e-3  # not vacuous
+        for name, p in model.named_parameters():
+            # fp32: the closed-form backward and autograd's round differently; zero gradients (the
+            # head of a BN-normalised conv) agree up to that rounding at the largest gradient's scale
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6 * scale,
+                                       msg=f"{recipe}, step {step}: {name}")
+    state = func_model.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    for (name, a), b in zip(state.items(), model.state_dict().values()):  # (forward values round differently too)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{recipe}: {name}")
+    copied = copy.deepcopy(func_model)
+    torch.save(func_model, io.BytesIO())
+    x = batches(1, seed=9)[0][0]
+    torch.manual_seed(0)
+    expected = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(copied(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_func_forward_mode_equals_reverse_mode(recipe):
+    """torch.func.jacfwd (forward mode, as hessian uses it) of a training step's loss gives the
+    gradients autograd's reverse mode gives: for the stem conv's weight, which every
+    normalisation site lies downstream of, and for the first site's affine weight."""
+    func_model, model = _warmed_up_pair(recipe)
+    data = batches(1, seed=7)[0]
+    params = {name: p.detach() for name, p in func_model.named_parameters()}
+    chosen = {name: params.pop(name) for name in ("stem.0.weight", "stem.1.weight")}
+    loss = _func_loss(func_model, data)
+    torch.manual_seed(11)
+    # buffers as an argument, not captured (a transform refuses in-place updates of captured
+    # tensors, stock BatchNorm's too); randomness="same": one sample draw for every tangent
+    grads = torch.func.jacfwd(lambda chosen, rest, buffers: loss({**chosen, **rest}, buffers), argnums=0,
+                              randomness="same")(chosen, params, dict(func_model.named_buffers()))
+    torch.manual_seed(11)
+    model.zero_grad()
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    for name in chosen:
+        expected = model.get_parameter(name).grad
+        torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max(),
+                                   msg=f"{recipe}: {name}")
+        assert expected.abs().max() > 1e-4  # not vacuous
+
+
+STATEFUL = ("cbn", "naive-cbn", "two-tower", "brn")
+
+
+def _without_running_stats(model):
+    """What torch.func.replace_all_batch_norm_modules_ does to stock BatchNorm, for every site."""
+    torch.func.replace_all_batch_norm_modules_(model)
+    for module in model.modules():
+        if getattr(module, "is_bnrewrite_norm", False):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    return model
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_func_vmap_of_a_training_step(recipe):
+    """vmap over a stack of batches (model ensembles, per-example gradients) in training mode: with
+    running statistics, and for a variant with per-step state always, a clear InputError naming the
+    site (stock BatchNorm refuses the former too); without running statistics, a stateless variant's
+    outputs equal one call per batch; in eval mode every variant's do."""
+    model = make(recipe)
+    stack = torch.rand(3, 4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def vmapped(model):
+        buffers = dict(model.named_buffers())
+        torch.manual_seed(11)
+        return torch.func.vmap(lambda x: torch.func.functional_call(model, (params, buffers), (x,)),
+                               randomness="same")(stack)
+
+    def one_call_per_batch(model):
+        outs = []
+        for x in stack:
+            copy_ = copy.deepcopy(model)  # each batch from the same state, with the same draw
+            torch.manual_seed(11)
+            outs.append(copy_(x))
+        return torch.stack(outs)
+
+    model.train()
+    if recipe == "bn":  # stock BatchNorm stays: torch's own refusal
+        with pytest.raises(RuntimeError, match="Batch norm got a batched tensor"):
+            vmapped(model)
+    else:
+        with pytest.raises(bnrewrite.InputError, match=r"'stem\.1'.*cannot train under torch\.func\.vmap"):
+            vmapped(model)
+    _without_running_stats(model)
+    if recipe.split(":")[0].split("+")[0] in STATEFUL:
+        with pytest.raises(bnrewrite.InputError, match=r"cannot train under torch\.func\.vmap: a step updates its"):
+            vmapped(model)
+    else:
+        torch.testing.assert_close(vmapped(model), one_call_per_batch(model), rtol=1e-5, atol=1e-6)
+    model = make(recipe).eval()
+    torch.testing.assert_close(vmapped(model), one_call_per_batch(model), rtol=1e-5, atol=1e-6)

@@ -228,7 +228,7 @@ def lower_model(module: nn.Module, sites, options: LowerOptions | str = "auto") 
         if new is not norm:
             new.site_name = site.name  # what its error messages name
             set_submodule(module, site.name, new)
-        if hasattr(new, "traced_for_inductor"):  # cbn's window op has no custom op: plain torch under compile
+        if hasattr(new, "runs_plain_torch"):  # cbn's window op has no custom op: plain torch under compile
             new.compile_path = options.compile_path
         done[site.name] = new
         fusable = options.fuse_activation and hasattr(new, "fused_activation")

@@ -62,6 +62,7 @@ class BatchNormState(nn.Module):
     # EMAs), so a recomputation would silently change the gradients: :meth:`check_input` refuses it.
     checkpoint_recompute_safe = True
     recompute_state_name = "variant state"  # what a refusal says the first call advanced
+    step_state_name = "variant state"  # what a training step updates besides the running statistics
     # under torch.distributed: whether the training statistics are all-reduced over a process
     # group (as SyncBatchNorm's are) or computed per process; transform warns when a
     # SyncBatchNorm becomes a per-process module, with the variant's ``per_process_note``
@@ -154,6 +155,8 @@ class BatchNormState(nn.Module):
                              f"{self.source_kind} took")
         if self.training and not self.checkpoint_recompute_safe and self.recomputing():
             self._refuse_recomputation()
+        if self.training and functorch_active() and vmapped(x):
+            self._refuse_vmap()
 
     @staticmethod
     def recomputing() -> bool:
@@ -175,6 +178,48 @@ class BatchNormState(nn.Module):
             "variant's training forward depends on state the first call already advanced (the "
             f"{self.recompute_state_name}), so the recomputed gradients would be silently wrong. Checkpoint "
             "segments that do not contain this layer, or use a stateless recipe (bn, ghost, bgn, the samplers)")
+
+    def keep_statistics(self, mean: torch.Tensor, var: torch.Tensor, count) -> None:
+        """``last_statistics = (mean, var, count)``, detached: the statistics a training step
+        normalised with, for inspection. Under a ``torch.func`` transform, their values without the
+        transform's wrappers, which die with it (a module holding a dead one can no longer be
+        copied or saved); under ``vmap``, where there is one value per vmapped batch, None."""
+        mean, var = mean.detach(), var.detach()
+        if functorch_active():
+            if vmapped(mean):
+                self.last_statistics = None
+                return
+            mean, var = plain_value(mean), plain_value(var)
+        self.last_statistics = (mean, var, count)
+
+    def release_transform_wrappers(self) -> None:
+        """Replace state tensors created inside a ``torch.func`` transform (lazily allocated
+        history, say) by their values: a transform wraps every tensor made under it, the wrappers
+        die with it, and a module holding a dead one can no longer be copied or saved. Called at
+        the end of a training step under a transform (the step itself updates them wrapped)."""
+        for name, t in self._buffers.items():
+            if t is not None:
+                self._buffers[name] = plain_value(t)
+
+    def _refuse_vmap(self) -> None:
+        """A training step under ``torch.func.vmap`` (model ensembles, per-example gradients): one
+        module's state, which a step updates in place, cannot take a value per vmapped batch.
+        Stock BatchNorm refuses it too; for its running statistics torch offers
+        ``replace_all_batch_norm_modules_``, which does not see bnrewrite's modules."""
+        from ..errors import InputError
+        where = f"{type(self).__name__}{self.site_label} (replacing {self.source_kind})"
+        if not self.checkpoint_recompute_safe:
+            raise InputError(
+                f"{where} cannot train under torch.func.vmap: a step updates its {self.step_state_name}, "
+                "one set for all the vmapped batches. Vmap it in eval mode, or use a stateless recipe (bn, ghost, "
+                "bgn, the samplers) with running statistics off")
+        if self.track_running_stats and self.running_mean is not None:
+            raise InputError(
+                f"{where} cannot train under torch.func.vmap with running statistics: a step updates them in "
+                "place, one set for all the vmapped batches. Turn them off first, as "
+                "torch.func.replace_all_batch_norm_modules_ does for stock BatchNorm (it does not see bnrewrite's "
+                "modules): for each such module set track_running_stats = False and running_mean = running_var = "
+                "num_batches_tracked = None; or vmap it in eval mode")
 
     def empty_batch(self, x: torch.Tensor) -> bool:
         """True for an input without values (N = 0) where the statistics would come from the batch.
@@ -401,16 +446,54 @@ def differentiable_gradients(recompute, inputs: tuple, grad_outputs: tuple, need
     return gradients
 
 
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap).
+
+    Our ``autograd.Function`` s are old-style (``forward(ctx, ...)``), which those transforms
+    refuse. The setup_context style they need costs ~30 µs more per call in eager mode (torch
+    binds its arguments with ``inspect.signature`` at every call: several times a lowered layer's
+    whole host time). So under a transform each op runs its plain-torch formulation instead,
+    which the transforms differentiate, in reverse and forward mode, like any torch code."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a dimension ``torch.func.vmap`` maps over, at any level of nested
+    transforms (``vmap(grad(f))``). Not the tangents jacfwd vmaps over: a primal has none."""
+    from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            return True
+        t = get_unwrapped(t)
+    return False
+
+
+def plain_value(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the wrappers a ``torch.func`` transform's forward sees (grad, jvp): the
+    tensor holding its values."""
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def _two_pass_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, dtype=torch.promote_types(x.dtype, torch.float32))
+    var = (x - mean.reshape(shape)).square().mean(dims)
+    return var, mean
+
+
 class _BatchMoments(torch.autograd.Function):
     """(biased var, mean) per channel; backward saves only x, which the normalisation keeps anyway
     (autograd through the two passes would also keep x − μ, one more activation-sized tensor)."""
 
     @staticmethod
     def forward(ctx, x):
-        dims = [d for d in range(x.dim()) if d != 1]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        mean = x.mean(dims, dtype=torch.promote_types(x.dtype, torch.float32))
-        var = (x - mean.reshape(shape)).square().mean(dims)
+        var, mean = _two_pass_moments(x)
         ctx.save_for_backward(x, mean)
         return var, mean
 
@@ -433,6 +516,9 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Two passes (mean, then mean of squared deviations): as exact as ``torch.var_mean`` and, on
     a CPU, 5–20× faster than its Welford reduction over the non-contiguous N, H, W dims.
     Differentiable (double backward too). Used by CBN (the current batch's part of its
-    Eqs. 9–11) and sampled BN (the sample's moments, Eq. 3).
+    Eqs. 9–11) and sampled BN (the sample's moments, Eq. 3). Under a ``torch.func`` transform,
+    the same two passes in plain torch (:func:`functorch_active`).
     """
+    if functorch_active():
+        return _two_pass_moments(x)
     return _BatchMoments.apply(x)

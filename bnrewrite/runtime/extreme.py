@@ -165,6 +165,7 @@ class ExtremeNorm(BatchNormState):
     # the EMAs the forward normalises with were already updated with this batch
     checkpoint_recompute_safe = False
     recompute_state_name = "moving averages it normalises with, already updated with this batch"
+    step_state_name = "moving averages, which it normalises with"
 
     @property
     def update_bn_refusal(self) -> str:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import BatchNormState, batch_moments
+from .base import BatchNormState, batch_moments, plain_value
 
 STRATEGIES = ("ns", "bs", "fs", "frs", "vdn", "full")
 
@@ -410,7 +410,8 @@ class SampledBatchNorm(BatchNormState):
         if count >= total:
             return (0, n_real), None, None
         gen = draw_generator(self._seed, self._stream, self._draw, n_real, *spatial)
-        points = torch.randperm(total, generator=gen)[:count].sort().values
+        # plain_value: drawn inside a torch.func transform, the cached draw outlives it
+        points = plain_value(torch.randperm(total, generator=gen)[:count].sort().values)
         return (0, n_real), None, points
 
     # ---------------------------------------------------------------- training forward
@@ -461,7 +462,7 @@ class SampledBatchNorm(BatchNormState):
             self._check_values_per_channel(spec, tuple(x.shape))
         mean, var, count = sampled_statistics(x, spec, self.process_group, sync=sync)
         self.note_sample_size(count, tuple(x.shape))
-        self.last_statistics = (mean.detach(), var.detach(), count)
+        self.keep_statistics(mean, var, count)
         if self.track_running_stats and count > 1:
             self.update_running_stats(mean, var, count)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)

@@ -370,6 +370,23 @@ def test_a_lowered_site_refuses_tensors_on_another_device_than_its_input(recipe,
                                f"move the model and its inputs to one device (model.to('{x.device}'))")
 
 
+def _lowered_pair_on_kernels(recipe, kernels, monkeypatch):
+    """(device, (stock, reference rewrite, lowered rewrite)) of the test ConvNet, its 4 sites all
+    lowered; ``kernels``: "triton" runs the kernels (interpreted on a CPU), "reference-impl" the
+    lowered op's plain-torch implementation (CPU only: on CUDA the op runs the kernels)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kernels == "triton" and device.type == "cpu":
+        _interpreted_kernels(monkeypatch)
+    elif kernels == "reference-impl" and device.type == "cuda":
+        pytest.skip("on CUDA the lowered op runs the kernels")
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
+        models = _pair(recipe, **options)
+    assert sum(r.lowered for r in models[2].bnrewrite_lowering) == 4, models[2].bnrewrite_lowering
+    return device, models
+
+
 def _gradient_penalty_step(model, device, steps: int = 2) -> list[torch.Tensor]:
     """Training steps with an input-gradient penalty (taken with create_graph=True, as R1/WGAN-GP
     and MAML take theirs): per step the penalty's gradients of every parameter."""
@@ -394,17 +411,7 @@ def test_second_derivatives_through_lowered_sites_equal_the_reference_rewrites(r
     reference rewrite's (plain autograd), and for ``bn`` like stock BatchNorm: the penalty's
     parameter gradients agree. (The kernels' closed-form backward alone gives first derivatives;
     under create_graph the op differentiates its plain-torch forward instead.)"""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if kernels == "triton" and device.type == "cpu":
-        _interpreted_kernels(monkeypatch)
-    elif kernels == "reference-impl" and device.type == "cuda":
-        pytest.skip("on CUDA the lowered op runs the kernels")
-    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # cbn: b4 (after an add) has no producer and runs naive-cbn
-        base, ref, low = _pair(recipe, **options)
-    lowered = [r.site for r in low.bnrewrite_lowering if r.lowered]
-    assert len(lowered) == 4, low.bnrewrite_lowering
+    device, (base, ref, low) = _lowered_pair_on_kernels(recipe, kernels, monkeypatch)
     models = {"ref": ref, "low": low} if recipe != "bn" else {"ref": ref, "low": low, "stock": base}
     grads = {name: _gradient_penalty_step(m.to(device).train(), device) for name, m in models.items()}
     # fp32: second derivatives carry the rounding of both passes, and the convs before a BN get zero
@@ -414,6 +421,46 @@ def test_second_derivatives_through_lowered_sites_equal_the_reference_rewrites(r
         for i, (a, b) in enumerate(zip(grads[name], grads["ref"])):
             assert (a - b).norm() <= 1e-4 * b.norm() + 1e-5 * scale, f"{name}, parameter gradient {i}: {a} vs {b}"
     assert max(g.abs().max().item() for g in grads["low"][:4]) > 1e-3  # not vacuous: the penalty moves the convs
+
+
+def _func_grad_steps(model, device, use_func: bool, steps: int = 2) -> list[torch.Tensor]:
+    """Per training step the parameter gradients, from torch.func.grad (buffers passed in) or
+    from loss.backward()."""
+    gen = torch.Generator().manual_seed(5)
+    grads = []
+    for _ in range(steps):  # cbn: the window op from the second step
+        x = torch.randn(6, 3, 8, 8, generator=gen).to(device)
+        torch.manual_seed(5)  # vdn draws virtual rows from the global generator
+        if use_func:
+            params = {name: p.detach() for name, p in model.named_parameters()}
+            found = torch.func.grad(lambda p, b: torch.func.functional_call(model, (p, b), (x,)).square().mean())(
+                params, dict(model.named_buffers()))
+            grads += [found[name] for name in params]
+        else:
+            model.zero_grad()
+            model(x).square().mean().backward()
+            grads += [p.grad.clone() for p in model.parameters()]
+    return grads
+
+
+@pytest.mark.cuda_too
+@pytest.mark.parametrize("kernels", ["reference-impl", "triton"])
+@pytest.mark.parametrize("recipe", ["bn", "fs:ratio=1/4", "fs+vdn:n=2", "cbn:k=2"])
+def test_torch_func_grad_through_lowered_sites_equals_the_kernels_gradients(recipe, kernels, monkeypatch):
+    """Under a torch.func transform a lowered site runs its plain-torch computation (the transforms
+    refuse the op's old-style autograd Function): the gradients and running statistics equal the
+    fused op's under loss.backward(), step by step."""
+    device, (_, _, low) = _lowered_pair_on_kernels(recipe, kernels, monkeypatch)
+    low = low.to(device).train()
+    func_model = copy.deepcopy(low)
+    expected = _func_grad_steps(low, device, use_func=False)
+    found = _func_grad_steps(func_model, device, use_func=True)
+    scale = max(g.abs().max() for g in expected)
+    for i, (a, b) in enumerate(zip(found, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=f"parameter gradient {i}")
+    for (name, a), b in zip(func_model.named_buffers(), low.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert scale > 1e-3
 
 
 def test_cbn_with_renorm_backward_is_not_lowered():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ..base import BatchNormState
+from ..base import BatchNormState, functorch_active
 from .functional import region_of, running_argument
 from .ops import call_batch_norm_act
 
@@ -72,11 +72,15 @@ class _FusedForward:
             self.__dict__["_fused_activation"] = cached
         return cached[1]
 
-    def traced_for_inductor(self) -> bool:
-        """Whether this call is a ``torch.compile`` trace that gets the plain-torch computation
-        (``compile_path="inductor"``): inductor then generates its own fused kernels for it, as it
-        does for stock BatchNorm, instead of calling our opaque op at every layer."""
-        return self.compile_path == "inductor" and torch.compiler.is_compiling()
+    def runs_plain_torch(self) -> bool:
+        """Whether this call runs the plain-torch computation of the unlowered module, not the op:
+        a ``torch.compile`` trace with ``compile_path="inductor"`` (inductor then generates its own
+        fused kernels for it, as it does for stock BatchNorm, instead of calling our opaque op at
+        every layer), or a ``torch.func`` transform (which refuses the op's old-style autograd
+        Function: :func:`~bnrewrite.runtime.base.functorch_active`)."""
+        if torch.compiler.is_compiling():
+            return self.compile_path == "inductor"
+        return functorch_active()
 
     def _region(self, spec, shape: tuple[int, ...]):
         """:func:`region_of` for this step; in eager mode computed once per sample draw and shape
@@ -146,7 +150,7 @@ class FusedBatchNorm(_FusedForward, BatchNormState):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         act = self.fused_activation()
-        if (not self.uses_batch_stats() or act is None or x.dim() > 5 or self.traced_for_inductor()
+        if (not self.uses_batch_stats() or act is None or x.dim() > 5 or self.runs_plain_torch()
                 or self.empty_batch(x)):
             return super().forward(x)
         self.check_values_per_channel(x)
@@ -167,7 +171,7 @@ class FusedSampledMixin(_FusedForward):
     def fused_ready(self, x: torch.Tensor) -> bool:
         return (self.training and self.strategy != "frs" and 2 <= x.dim() <= 5 and x.numel() > 0
                 and self.fused_activation() is not None and not self.sync_active()
-                and not self.traced_for_inductor())
+                and not self.runs_plain_torch())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused_ready(x):

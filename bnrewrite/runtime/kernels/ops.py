@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ...errors import InputError, KernelError
-from ..base import differentiable_gradients
+from ..base import differentiable_gradients, functorch_active
 from . import reference
 from .functional import whole_batch_region
 from .layout import dense, output_like
@@ -274,9 +274,10 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
 
 def fused_window_available(x: Tensor) -> bool:
     """Whether :func:`fused_window_batch_norm` runs on ``x``: the Triton kernels apply there, this
-    is not a ``torch.compile`` trace (which keeps the plain-torch op), and ``x`` is fp32/bf16/fp16
+    is not a ``torch.compile`` trace (which keeps the plain-torch op) nor a ``torch.func`` transform
+    (which refuses old-style autograd Functions: :func:`~bnrewrite.runtime.base.functorch_active`), and ``x`` is fp32/bf16/fp16
     (the kernels compute in fp32; float64 keeps the plain-torch op's precision)."""
-    return (not torch.compiler.is_compiling() and 2 <= x.dim() <= 5
+    return (not torch.compiler.is_compiling() and not functorch_active() and 2 <= x.dim() <= 5
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _kernels_for(x) is not None)
 
 
