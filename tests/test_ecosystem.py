@@ -327,3 +327,16 @@ def test_torch_func_vmap_of_a_training_step(recipe):
         torch.testing.assert_close(vmapped(model), one_call_per_batch(model), rtol=1e-5, atol=1e-6)
     model = make(recipe).eval()
     torch.testing.assert_close(vmapped(model), one_call_per_batch(model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_export_in_eval_mode(recipe):
+    """torch.export of a trained, transformed model in eval mode (the PT2 deployment path, besides
+    folding + ONNX): the exported program computes what the model does, on another batch size too."""
+    model = make(recipe)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.05), batches(3), seed=5)
+    model.eval()
+    x = batches(1, batch=4, seed=9)[0][0]
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
+    for batch in (x, batches(1, batch=7, seed=10)[0][0]):
+        torch.testing.assert_close(program.module()(batch), model(batch), rtol=1e-5, atol=1e-6)
