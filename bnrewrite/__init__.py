@@ -29,6 +29,7 @@ _LAZY = {
     "param_groups": ("bnrewrite.optim", "param_groups"),
     "tune_example_weight": ("bnrewrite.tuning", "tune_example_weight"),
     "reset_history": ("bnrewrite.schedule", "reset_history"),
+    "drop_running_stats_": ("bnrewrite.schedule", "drop_running_stats_"),
     "warm_up_statistics": ("bnrewrite.schedule", "warm_up_statistics"),
     "update_bn": ("bnrewrite.schedule", "update_bn"),
 }

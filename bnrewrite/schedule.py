@@ -50,6 +50,30 @@ def reset_history(model: nn.Module) -> int:
     return _call_each(model, "reset_history")
 
 
+def drop_running_stats_(model: nn.Module) -> int:
+    """Stop every BatchNorm of ``model``, stock and rewritten, tracking running statistics: what
+    ``torch.func.replace_all_batch_norm_modules_`` does to stock BatchNorm, which it alone sees.
+    For a training step under ``torch.func.vmap`` (ensembles, per-example gradients), where one
+    set of running statistics cannot take a value per vmapped batch. Eval mode then normalises
+    with each batch's own statistics, as stock BatchNorm's does with ``track_running_stats=False``.
+    Returns how many modules changed. Example::
+
+        >>> model = bnrewrite.transform(torchvision.models.resnet18(weights=None), "fs")
+        >>> bnrewrite.drop_running_stats_(model)
+        20
+    """
+    require_module(model, "drop_running_stats_")
+    count = 0
+    for module in model.modules():
+        is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm) or getattr(module, "is_bnrewrite_norm", False)
+        if is_norm and module.track_running_stats:
+            for name in _STATISTICS:
+                setattr(module, name, None)
+            module.track_running_stats = False
+            count += 1
+    return count
+
+
 def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
     """Fill the moving averages with forward passes only, no weight updates
     (extreme-normalization.txt §5: "the moving averages are initialized by using the first 200

@@ -251,3 +251,30 @@ def test_update_bn_failing_batch_restores_the_statistics(recipe):
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
     assert [m.momentum for m in model.modules() if hasattr(m, "running_mean")] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("recipe, lower", [("fs:ratio=1", "reference"), ("bn", "fused")])
+def test_drop_running_stats_acts_on_stock_and_rewritten_sites_like_torch_func_on_stock(recipe, lower):
+    """drop_running_stats_ does to every site what torch.func.replace_all_batch_norm_modules_ does
+    to stock BatchNorm: afterwards, in train and eval mode, the outputs are stock's without
+    running statistics (a sampled site sampling everything; a lowered stock site, on a CPU the
+    lowered op's plain-torch implementation)."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model = bnrewrite.transform(copy.deepcopy(stock), recipe, lower=lower, include=["1"])  # '4' stays stock
+    assert getattr(model.get_submodule("1"), "is_bnrewrite_norm", False)
+    assert type(model.get_submodule("4")) is nn.BatchNorm2d
+    torch.func.replace_all_batch_norm_modules_(stock)
+    assert bnrewrite.drop_running_stats_(model) == 2
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert not [name for name, _ in model.named_buffers() if name.endswith(statistics)]
+    assert not any(m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats"))
+    assert bnrewrite.drop_running_stats_(model) == 0  # nothing left to drop
+    x = torch.randn(2, 3, 8, 8) * 3 + 1
+    for mode in ("train", "eval"):
+        torch.testing.assert_close(getattr(model, mode)()(x), getattr(stock, mode)()(x))
+
+
+def test_drop_running_stats_refuses_what_is_not_a_module():
+    with pytest.raises(InputError, match="drop_running_stats_"):
+        bnrewrite.drop_running_stats_("model")

@@ -216,10 +216,9 @@ class BatchNormState(nn.Module):
         if self.track_running_stats and self.running_mean is not None:
             raise InputError(
                 f"{where} cannot train under torch.func.vmap with running statistics: a step updates them in "
-                "place, one set for all the vmapped batches. Turn them off first, as "
-                "torch.func.replace_all_batch_norm_modules_ does for stock BatchNorm (it does not see bnrewrite's "
-                "modules): for each such module set track_running_stats = False and running_mean = running_var = "
-                "num_batches_tracked = None; or vmap it in eval mode")
+                "place, one set for all the vmapped batches. Turn them off first with "
+                "bnrewrite.drop_running_stats_(model) (torch.func.replace_all_batch_norm_modules_ does it for "
+                "stock BatchNorm only), or vmap it in eval mode")
 
     def empty_batch(self, x: torch.Tensor) -> bool:
         """True for an input without values (N = 0) where the statistics would come from the batch.
