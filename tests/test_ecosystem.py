@@ -2,6 +2,7 @@
 checkpoints that resume identically, deepcopy / torch.save of the whole module, ``.to()``."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -362,3 +363,42 @@ def test_torch_func_hessian_equals_double_backward(recipe):
     expected = torch.stack([torch.autograd.grad(g, weight, retain_graph=True)[0] for g in grad])
     torch.testing.assert_close(hessian, expected, rtol=1e-7, atol=1e-9 * expected.abs().max())
     assert expected.abs().max() > 1e-6  # not vacuous
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_export_of_training_steps(recipe):
+    """torch.export of a training step (a QAT flow, say). Its first step a stateful variant refuses
+    with an InputError naming the site: the program would make CBN's history or Extreme Norm's first
+    mean estimate again at every step. After one eager step, the exported program's steps equal the
+    model's, state updates included; a random sample's positions are constants in the program, and
+    a warning names the site (the model re-draws at new_epoch)."""
+    model = make(recipe).train()
+    data = [x for x, _ in batches(4, seed=9)]
+    stateful = recipe.split(":")[0].split("+")[0] in STATEFUL
+    if stateful:
+        with pytest.raises(bnrewrite.InputError, match=r"'stem\.1'.*torch\.export of its first training step"):
+            torch.export.export(model, (data[0],))
+    else:  # a sample drawn during the export (host randomness, outside the trace's fake tensors)
+        first = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(first, (data[0],)).module()
+        torch.manual_seed(0)
+        got = program(data[0])
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, copy.deepcopy(model)(data[0]), rtol=1e-5, atol=1e-6)
+    model(data[0])  # the first step, eagerly
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(model, (data[0],)).module()
+    messages = [str(w.message) for w in caught if "exported in training mode" in str(w.message)]
+    if recipe.split(":")[0].split("+")[0] in ("fs", "bs", "frs"):
+        assert messages and "'stem.1'" in messages[0] and "new_epoch" in messages[0], messages
+    else:
+        assert not messages
+    for step, x in enumerate(data[1:]):
+        torch.manual_seed(step)  # vdn draws its virtual rows from the global generator
+        got = program(x)
+        torch.manual_seed(step)
+        torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-6, msg=f"{recipe}, step {step}")

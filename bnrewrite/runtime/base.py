@@ -201,6 +201,16 @@ class BatchNormState(nn.Module):
             if t is not None:
                 self._buffers[name] = plain_value(t)
 
+    def refuse_export_of_first_step(self, made_at_first_step: str) -> None:
+        """``torch.export`` of this variant's first training step: the program would repeat what
+        the first step does (make its ``made_at_first_step``) at every step, silently, since an
+        exported program cannot branch on the Python state that says it is done."""
+        from ..errors import InputError
+        raise InputError(
+            f"{type(self).__name__}{self.site_label} (replacing {self.source_kind}): torch.export of its first "
+            f"training step, which makes its {made_at_first_step}: the exported program would make it again at "
+            "every step. Run one training step eagerly first (model.train(); model(x)), or export in eval mode")
+
     def _refuse_vmap(self) -> None:
         """A training step under ``torch.func.vmap`` (model ensembles, per-example gradients): one
         module's state, which a step updates in place, cannot take a value per vmapped batch.

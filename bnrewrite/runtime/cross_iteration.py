@@ -894,6 +894,8 @@ class CrossIterationBatchNorm(BatchNormState):
         elif x.numel() == x.shape[1]:  # a static shape: only the graphs of such batches get the check
             self._check_values_per_channel_outside_graph(x)
         if self.cbn_mean is None:
+            if torch.compiler.is_exporting():
+                self.refuse_export_of_first_step("history of past iterations' statistics")
             self._allocate(x, producer_input if compensating else None)
         elif self.cbn_input is not None:
             if self._fits_input_store(x, producer_input):

@@ -303,6 +303,8 @@ class ExtremeNorm(BatchNormState):
             y = self.post_norm(y)
             return (y, None, None) if first_tower else y
         if not self.input_mean_known:
+            if torch.compiler.is_exporting():
+                self.refuse_export_of_first_step("first estimate of the mean before its producer (μ̄, §3.3)")
             self._restart_input_mean(conv_input)
         aggregated = (None, None)
         if moments is not None and moments[0] is not None:

@@ -36,8 +36,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
-from ..errors import InputError
+from ..errors import InputError, warn_at_caller
 from .base import BatchNormState, batch_moments, plain_value
 
 STRATEGIES = ("ns", "bs", "fs", "frs", "vdn", "full")
@@ -101,6 +102,10 @@ class SampleSpec:
             flat = sel.transpose(0, 1).reshape(sel.shape[1], -1)
             return flat.index_select(1, self.points.to(x.device))
         return sel
+
+
+# strategies whose sample is drawn at random (ns takes the first rows; vdn's rows come from torch ops)
+_DRAWN = ("bs", "fs", "frs")
 
 
 def _moments(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,7 +371,13 @@ class SampledBatchNorm(BatchNormState):
         if n_real < 1:
             raise InputError(f"SampledBatchNorm({self.strategy}) got {input_shape[0]} rows of which {nv} are "
                              "virtual: the batch holds no real example")
-        rows, patch, points = self._draw_sample(n_real, input_shape[2:])
+        if torch.compiler.is_dynamo_compiling():
+            rows, patch, points = self._draw_sample(n_real, input_shape[2:])
+        else:
+            # a draw is host randomness, not part of the computation: under a tracer's dispatch modes
+            # (torch.export's fake tensors) its random numbers would be symbols it cannot read
+            with _disable_current_modes():
+                rows, patch, points = self._draw_sample(n_real, input_shape[2:])
         beta = 1.0 if self.strategy == "vdn" else (self.beta if nv else 0.0)
         spec = SampleSpec(rows=rows, patch=patch, points=points, num_virtual=nv, beta=beta)
         self._cache = (key, spec)
@@ -460,12 +471,25 @@ class SampledBatchNorm(BatchNormState):
             return self.stock_forward(x)
         if not sync:
             self._check_values_per_channel(spec, tuple(x.shape))
+        if self.strategy in _DRAWN and spec.uses_sample() and torch.compiler.is_exporting():
+            self._warn_exported_draw()
         mean, var, count = sampled_statistics(x, spec, self.process_group, sync=sync)
         self.note_sample_size(count, tuple(x.shape))
         self.keep_statistics(mean, var, count)
         if self.track_running_stats and count > 1:
             self.update_running_stats(mean, var, count)
         return normalize_with(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _warn_exported_draw(self) -> None:
+        """``torch.export`` of a training step (a QAT flow, say) records this draw's sample positions
+        as constants, where the model re-draws: say so (non-strict export, torch's default;
+        strict export's tracer drops warnings)."""
+        redraw = f"every {self.every} steps and " if self.every > 0 else ""
+        warn_at_caller(
+            f"SampledBatchNorm({self.strategy}){self.site_label} exported in training mode: the program samples "
+            f"the positions of the current draw at every step, while the model re-draws {redraw}at "
+            "bnrewrite.new_epoch(model); export in eval mode (or fold_for_inference first) for inference, or "
+            "export again after each new draw")
 
     def note_sample_size(self, count: int, shape: tuple[int, ...]) -> None:
         """Tell the rewrite's :class:`SmallSampleCheck` (if any) how many values this step's
