@@ -402,3 +402,27 @@ def test_torch_export_of_training_steps(recipe):
         got = program(x)
         torch.manual_seed(step)
         torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-6, msg=f"{recipe}, step {step}")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_default_device_other_than_the_models(recipe):
+    """A default device other than the model's (torch.set_default_device("cuda") with a CPU model;
+    here the meta device stands in for it): transforming and training under it gives the model
+    without it, and nothing lands on the default device (sample draws and rotations are host work
+    on the CPU generator's device, a variant's own state sits on the BatchNorm's)."""
+    torch.manual_seed(0)
+    base = SmallResNet(width=8)
+    options = {"data_stats": ([0.3], [0.4])} if "vdn" in recipe else {}
+    reference = bnrewrite.transform(copy.deepcopy(base), recipe, seed=0, **options)
+    with torch.device("meta"):
+        model = bnrewrite.transform(base, recipe, seed=0, **options)
+    elsewhere = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cpu"]
+    assert not elsewhere
+    data = batches(3)
+    with torch.device("meta"):
+        losses = train_steps(model, torch.optim.SGD(model.parameters(), lr=0.05), data, seed=5)
+        model.eval()
+        out = model(data[0][0])
+    expected = train_steps(reference, torch.optim.SGD(reference.parameters(), lr=0.05), data, seed=5)
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(out, reference.eval()(data[0][0]))

@@ -108,8 +108,13 @@ class BatchNormState(nn.Module):
             from ..errors import InputError
             raise InputError(f"{src_kind} is a lazy module that has not seen an input yet: pass "
                              "example_inputs= to bnrewrite.transform so its shape is known")
+        # on bn's device: the state a variant adds (a sampling schedule, say) must not land on a
+        # default device (torch.set_default_device) other than the model's
+        source = next((t for t in (getattr(bn, "weight", None), getattr(bn, "running_mean", None)) if t is not None),
+                      None)
         new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                  track_running_stats=bn.track_running_stats, **options)
+                  track_running_stats=bn.track_running_stats, device=None if source is None else source.device,
+                  **options)
         new.source_kind = src_kind
         from ..sites import _bn_dims
 

@@ -83,7 +83,7 @@ def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
     the rotation with the smallest maximum absolute entry)."""
     if n < 1 or n & (n - 1):
         raise InputError(f"a Hadamard matrix here needs a power-of-2 size, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64, device="cpu")  # built on the host, whatever the default device
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(n)).to(dtype)
@@ -93,9 +93,9 @@ def random_rotation(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
     """A random orthogonal ``n × n`` matrix (Haar: QR of a Gaussian with the sign fix), fixed by
     ``seed`` (§2.2 "a random and fixed rotation matrix")."""
     gen = torch.Generator().manual_seed(int(seed) % (2 ** 63))
-    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64, device="cpu")  # the generator's device
     q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()).double())
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, a.new_ones(()))
     return q.to(dtype)
 
 

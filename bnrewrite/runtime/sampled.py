@@ -311,7 +311,7 @@ class SampledBatchNorm(BatchNormState):
         self._stream = int(stream)
         self._draw = 0
         self._steps = 0
-        self.register_buffer("sample_schedule", torch.zeros(4, dtype=torch.long))
+        self.register_buffer("sample_schedule", torch.zeros(4, dtype=torch.long, device=device))
         self._cache: tuple[tuple, SampleSpec] | None = None
         self.last_statistics: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
@@ -343,7 +343,8 @@ class SampledBatchNorm(BatchNormState):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         with torch.no_grad():
-            self.sample_schedule.copy_(torch.tensor([self._seed, self._stream, self._draw, self._steps]))
+            self.sample_schedule.copy_(self.sample_schedule.new_tensor([self._seed, self._stream, self._draw,
+                                                                        self._steps]))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -397,7 +398,10 @@ class SampledBatchNorm(BatchNormState):
 
     def _draw_sample(self, n_real: int, spatial: tuple[int, ...]):
         strategy = self.effective_strategy((n_real, self.num_features) + tuple(spatial))
-        u = torch.rand(4, generator=draw_generator(self._seed, self._stream, self._draw), dtype=torch.float64).tolist()
+        # device="cpu": the generator's; a default device (torch.set_default_device("cuda")) would
+        # otherwise take the draw there, where a CPU generator cannot draw
+        u = torch.rand(4, generator=draw_generator(self._seed, self._stream, self._draw), dtype=torch.float64,
+                       device="cpu").tolist()
         if strategy in ("vdn", "full"):
             return (0, n_real), None, None
         if strategy == "ns":
@@ -422,7 +426,7 @@ class SampledBatchNorm(BatchNormState):
             return (0, n_real), None, None
         gen = draw_generator(self._seed, self._stream, self._draw, n_real, *spatial)
         # plain_value: drawn inside a torch.func transform, the cached draw outlives it
-        points = plain_value(torch.randperm(total, generator=gen)[:count].sort().values)
+        points = plain_value(torch.randperm(total, generator=gen, device="cpu")[:count].sort().values)
         return (0, n_real), None, points
 
     # ---------------------------------------------------------------- training forward
@@ -571,11 +575,9 @@ class DatasetStats:
         if isinstance(value, DatasetStats):
             return value
         if isinstance(value, dict) and "mean" in value and "std" in value:
-            return cls(torch.as_tensor(value["mean"], dtype=torch.float64).flatten(),
-                       torch.as_tensor(value["std"], dtype=torch.float64).flatten(), int(value.get("count", 0)))
+            return cls(_host_values(value["mean"]), _host_values(value["std"]), int(value.get("count", 0)))
         if isinstance(value, (tuple, list)) and len(value) == 2:
-            return cls(torch.as_tensor(value[0], dtype=torch.float64).flatten(),
-                       torch.as_tensor(value[1], dtype=torch.float64).flatten(), 0)
+            return cls(_host_values(value[0]), _host_values(value[1]), 0)
         raise InputError("data_stats must come from bnrewrite.dataset_stats(data) (or be a (mean, std) pair "
                          f"of per-channel values), got {type(value).__name__}")
 
@@ -593,6 +595,12 @@ def _batch_tensor(batch: Any) -> torch.Tensor:
         return _batch_tensor(batch[0])
     raise InputError(f"dataset_stats: cannot find the input tensor in a batch of type {type(batch).__name__}; "
                      "give a tensor, or an iterable of tensors or of (input, target) pairs")
+
+
+def _host_values(value) -> torch.Tensor:
+    # per-channel statistics are host values (the VDN pass moves them to the model's device),
+    # whatever the default device (torch.set_default_device)
+    return torch.as_tensor(value, dtype=torch.float64, device="cpu").flatten()
 
 
 def dataset_stats(data: Any) -> DatasetStats:
