@@ -263,9 +263,11 @@ def test_torch_func_forward_mode_equals_reverse_mode(recipe):
     loss = _func_loss(func_model, data)
     torch.manual_seed(11)
     # buffers as an argument, not captured (a transform refuses in-place updates of captured
-    # tensors, stock BatchNorm's too); randomness="same": one sample draw for every tangent
+    # tensors, stock BatchNorm's too); randomness="same" for vdn's virtual rows, drawn by torch ops at
+    # every step, once for every tangent (a sample's draw is host randomness, outside the transform)
     grads = torch.func.jacfwd(lambda chosen, rest, buffers: loss({**chosen, **rest}, buffers), argnums=0,
-                              randomness="same")(chosen, params, dict(func_model.named_buffers()))
+                              randomness="same" if "vdn" in recipe else "error")(
+        chosen, params, dict(func_model.named_buffers()))
     torch.manual_seed(11)
     model.zero_grad()
     F.cross_entropy(model(data[0]), data[1]).backward()
@@ -292,8 +294,10 @@ def test_torch_func_vmap_of_a_training_step(recipe):
     def vmapped(model):
         buffers = dict(model.named_buffers())
         torch.manual_seed(11)
+        # a sample's draw is host randomness, outside the transform: only vdn's virtual rows, drawn
+        # at every step by torch ops, need a randomness mode
         return torch.func.vmap(lambda x: torch.func.functional_call(model, (params, buffers), (x,)),
-                               randomness="same")(stack)
+                               randomness="same" if "vdn" in recipe else "error")(stack)
 
     def one_call_per_batch(model):
         outs = []
@@ -353,9 +357,10 @@ def test_torch_func_hessian_equals_double_backward(recipe):
                                                           (x,)), y)
 
     torch.manual_seed(0)
-    # torch.func.hessian's own composition, with randomness="same" (it takes no such flag): vdn draws
-    # its virtual rows at random, once for every tangent
-    hessian = torch.func.jacfwd(torch.func.jacrev(loss, argnums=0), argnums=0, randomness="same")(
+    # torch.func.hessian's own composition, with randomness="same" for vdn (hessian takes no such
+    # flag): vdn draws its virtual rows at random, once for every tangent
+    hessian = torch.func.jacfwd(torch.func.jacrev(loss, argnums=0), argnums=0,
+                                randomness="same" if "vdn" in recipe else "error")(
         weight, params, dict(func_model.named_buffers()))
     torch.manual_seed(0)
     weight = model.get_parameter("stem.1.weight")

@@ -28,6 +28,7 @@ Eval mode is stock BatchNorm on the running statistics (``BatchNormState.stock_f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import InputError, warn_at_caller
-from .base import BatchNormState, batch_moments, plain_value
+from .base import BatchNormState, batch_moments, functorch_active
 
 STRATEGIES = ("ns", "bs", "fs", "frs", "vdn", "full")
 
@@ -102,6 +103,16 @@ class SampleSpec:
             flat = sel.transpose(0, 1).reshape(sel.shape[1], -1)
             return flat.index_select(1, self.points.to(x.device))
         return sel
+
+
+def _outside_transforms():
+    """A context outside every ``torch.func`` transform (none when there is none): tensors made
+    there are plain, and a draw made there outlives the transform (its wrappers die with it)."""
+    if not functorch_active():
+        return contextlib.nullcontext()
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
 
 
 # strategies whose sample is drawn at random (ns takes the first rows; vdn's rows come from torch ops)
@@ -375,9 +386,10 @@ class SampledBatchNorm(BatchNormState):
         if torch.compiler.is_dynamo_compiling():
             rows, patch, points = self._draw_sample(n_real, input_shape[2:])
         else:
-            # a draw is host randomness, not part of the computation: under a tracer's dispatch modes
-            # (torch.export's fake tensors) its random numbers would be symbols it cannot read
-            with _disable_current_modes():
+            # a draw is host randomness, a schedule, not part of the computation: under a tracer's
+            # dispatch modes (torch.export's fake tensors) its random numbers would be symbols it
+            # cannot read, and under torch.func.vmap random ops it refuses (randomness="error")
+            with _disable_current_modes(), _outside_transforms():
                 rows, patch, points = self._draw_sample(n_real, input_shape[2:])
         beta = 1.0 if self.strategy == "vdn" else (self.beta if nv else 0.0)
         spec = SampleSpec(rows=rows, patch=patch, points=points, num_virtual=nv, beta=beta)
@@ -425,8 +437,7 @@ class SampledBatchNorm(BatchNormState):
         if count >= total:
             return (0, n_real), None, None
         gen = draw_generator(self._seed, self._stream, self._draw, n_real, *spatial)
-        # plain_value: drawn inside a torch.func transform, the cached draw outlives it
-        points = plain_value(torch.randperm(total, generator=gen, device="cpu")[:count].sort().values)
+        points = torch.randperm(total, generator=gen, device="cpu")[:count].sort().values
         return (0, n_real), None, points
 
     # ---------------------------------------------------------------- training forward
