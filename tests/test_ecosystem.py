@@ -431,3 +431,29 @@ def test_a_default_device_other_than_the_models(recipe):
     expected = train_steps(reference, torch.optim.SGD(reference.parameters(), lr=0.05), data, seed=5)
     torch.testing.assert_close(losses, expected)
     torch.testing.assert_close(out, reference.eval()(data[0][0]))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_swa_utils_averaged_model(recipe):
+    """torch.optim.swa_utils.AveragedModel (an EMA of the weights and buffers): its parameters are
+    the EMA of the model's, step by step, and it runs in eval mode. Made before training for every
+    recipe but CBN, whose history (buffers) appears at its first training step: made after that."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = make(recipe)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = batches(4)
+    if recipe.startswith(("cbn", "naive-cbn")):
+        train_steps(model, optimizer, data[:1], seed=5)
+        data = data[1:]
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step, batch in enumerate(data):
+        train_steps(model, optimizer, [batch], seed=step)
+        ema.update_parameters(model)
+        for e, p in zip(expected, model.parameters()):
+            e.lerp_(p.detach(), 1.0 if step == 0 else 0.1)  # the first update copies
+    for e, p in zip(expected, ema.module.parameters()):
+        torch.testing.assert_close(p, e)
+    out = ema.eval()(batches(1, seed=9)[0][0])
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
