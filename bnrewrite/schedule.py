@@ -52,26 +52,31 @@ def reset_history(model: nn.Module) -> int:
 
 def drop_running_stats_(model: nn.Module) -> int:
     """Stop every BatchNorm of ``model``, stock and rewritten, tracking running statistics: what
-    ``torch.func.replace_all_batch_norm_modules_`` does to stock BatchNorm, which it alone sees.
+    ``torch.func.replace_all_batch_norm_modules_`` does to stock BatchNorm (the only kind it sees).
     For a training step under ``torch.func.vmap`` (ensembles, per-example gradients), where one
     set of running statistics cannot take a value per vmapped batch. Eval mode then normalises
     with each batch's own statistics, as stock BatchNorm's does with ``track_running_stats=False``.
-    Returns how many modules changed. Example::
+    Returns how many modules changed. Extreme Normalization (``brn``, ``two-tower``) normalises
+    with its moving averages in training too: an :class:`InputError`, before anything changes. Example::
 
         >>> model = bnrewrite.transform(torchvision.models.resnet18(weights=None), "fs")
         >>> bnrewrite.drop_running_stats_(model)
         20
     """
     require_module(model, "drop_running_stats_")
-    count = 0
-    for module in model.modules():
-        is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm) or getattr(module, "is_bnrewrite_norm", False)
-        if is_norm and module.track_running_stats:
-            for name in _STATISTICS:
-                setattr(module, name, None)
-            module.track_running_stats = False
-            count += 1
-    return count
+    norms = [m for m in model.modules() if (isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                            or getattr(m, "is_bnrewrite_norm", False)) and m.track_running_stats]
+    for module in norms:  # all refusals before anything changes
+        if getattr(module, "normalises_with_running_stats", False):
+            raise InputError(
+                f"drop_running_stats_: {type(module).__name__}{module.site_label} normalises with its moving "
+                "averages (running_mean, running_var) in training too, so they cannot be dropped (nothing was "
+                "changed); under torch.func.vmap run this model in eval mode")
+    for module in norms:
+        for name in _STATISTICS:
+            setattr(module, name, None)
+        module.track_running_stats = False
+    return len(norms)
 
 
 def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:

@@ -166,6 +166,7 @@ class ExtremeNorm(BatchNormState):
     checkpoint_recompute_safe = False
     recompute_state_name = "moving averages it normalises with, already updated with this batch"
     step_state_name = "moving averages, which it normalises with"
+    normalises_with_running_stats = True  # in training too: bnrewrite.drop_running_stats_ refuses it
 
     @property
     def update_bn_refusal(self) -> str:
