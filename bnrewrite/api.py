@@ -124,6 +124,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     if unused:
         raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
                          f"recipe '{parsed}' uses")
+    _keep_per_process_buffers_from_ddp(result)
     object.__setattr__(result, "bnrewrite_info", TransformInfo(
         recipe=str(parsed), sites=[s.as_dict() for s in sites], regions=list(captured.regions),
         top_traced=captured.top_traced, top_error=captured.top_error,
@@ -133,6 +134,19 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     if inplace and result is not model:
         model.register_forward_pre_hook(_refuse_rewritten_original)
     return result
+
+
+def _keep_per_process_buffers_from_ddp(root: nn.Module) -> None:
+    """Name the buffers that hold per-process state (CBN's history, cbn §4.2: "statistics in CBN
+    are computed within each GPU") in ``_ddp_params_and_buffers_to_ignore``, which
+    ``DistributedDataParallel`` reads when it wraps ``root``: with its default
+    ``broadcast_buffers=True`` it would otherwise copy rank 0's history to every rank before each
+    forward. Names are relative to ``root`` (a container around it before DDP prefixes them)."""
+    names = {f"{name}.{key}" for name, m in root.named_modules()
+             for key in getattr(m, "per_process_buffers", ())}
+    if names:
+        names |= set(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
+        object.__setattr__(root, "_ddp_params_and_buffers_to_ignore", sorted(names))
 
 
 def _refuse_rewritten_sites(root: nn.Module, selected: list[Site]) -> None:

@@ -556,6 +556,8 @@ class CrossIterationBatchNorm(BatchNormState):
     checkpoint_recompute_safe = False
     recompute_state_name = "history of past iterations' statistics, which already holds this batch"
     step_state_name = "history of past iterations' statistics"
+    # buffers DistributedDataParallel must not copy from rank 0 (transform names them for it)
+    per_process_buffers = HISTORY_KEYS
     # cbn §4.2: "statistics in CBN are computed within each GPU"
     per_process_note = ("its statistics are computed within each process, as in the paper (cbn §4.2: k iterations "
                         "of the process's own batch)")
