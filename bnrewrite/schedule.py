@@ -64,8 +64,9 @@ def drop_running_stats_(model: nn.Module) -> int:
         20
     """
     require_module(model, "drop_running_stats_")
-    norms = [m for m in model.modules() if (isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                            or getattr(m, "is_bnrewrite_norm", False)) and m.track_running_stats]
+    from .runtime.base import is_batchnorm
+
+    norms = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
     for module in norms:  # all refusals before anything changes
         if getattr(module, "normalises_with_running_stats", False):
             raise InputError(

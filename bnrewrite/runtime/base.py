@@ -8,6 +8,7 @@ those keys are written by ``state_dict`` but may be absent when loading.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -471,26 +472,40 @@ def functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _transform_layers(t: torch.Tensor):
+    """``t`` and, inward, each tensor a ``torch.func`` transform's wrapper around it holds; the
+    last one holds the values."""
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+    yield t
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+        yield t
+
+
 def vmapped(t: torch.Tensor) -> bool:
     """Whether ``t`` has a dimension ``torch.func.vmap`` maps over, at any level of nested
     transforms (``vmap(grad(f))``). Not the tangents jacfwd vmaps over: a primal has none."""
-    from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+    from torch._C._functorch import is_batchedtensor
 
-    while is_functorch_wrapped_tensor(t):
-        if is_batchedtensor(t):
-            return True
-        t = get_unwrapped(t)
-    return False
+    return any(is_batchedtensor(layer) for layer in _transform_layers(t))
 
 
 def plain_value(t: torch.Tensor) -> torch.Tensor:
     """``t`` without the wrappers a ``torch.func`` transform's forward sees (grad, jvp): the
     tensor holding its values."""
-    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+    *_, value = _transform_layers(t)
+    return value
 
-    while is_functorch_wrapped_tensor(t):
-        t = get_unwrapped(t)
-    return t
+
+def outside_transforms():
+    """A context outside every ``torch.func`` transform (none when there is none): tensors made
+    there are plain, and a value made there outlives the transform (its wrappers die with it)."""
+    if not functorch_active():
+        return contextlib.nullcontext()
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
 
 
 def _two_pass_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

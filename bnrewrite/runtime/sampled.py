@@ -28,7 +28,6 @@ Eval mode is stock BatchNorm on the running statistics (``BatchNormState.stock_f
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import InputError, warn_at_caller
-from .base import BatchNormState, batch_moments, functorch_active
+from .base import BatchNormState, batch_moments, outside_transforms
 
 STRATEGIES = ("ns", "bs", "fs", "frs", "vdn", "full")
 
@@ -103,16 +102,6 @@ class SampleSpec:
             flat = sel.transpose(0, 1).reshape(sel.shape[1], -1)
             return flat.index_select(1, self.points.to(x.device))
         return sel
-
-
-def _outside_transforms():
-    """A context outside every ``torch.func`` transform (none when there is none): tensors made
-    there are plain, and a draw made there outlives the transform (its wrappers die with it)."""
-    if not functorch_active():
-        return contextlib.nullcontext()
-    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
-
-    return temporarily_clear_interpreter_stack()
 
 
 # strategies whose sample is drawn at random (ns takes the first rows; vdn's rows come from torch ops)
@@ -389,7 +378,7 @@ class SampledBatchNorm(BatchNormState):
             # a draw is host randomness, a schedule, not part of the computation: under a tracer's
             # dispatch modes (torch.export's fake tensors) its random numbers would be symbols it
             # cannot read, and under torch.func.vmap random ops it refuses (randomness="error")
-            with _disable_current_modes(), _outside_transforms():
+            with _disable_current_modes(), outside_transforms():
                 rows, patch, points = self._draw_sample(n_real, input_shape[2:])
         beta = 1.0 if self.strategy == "vdn" else (self.beta if nv else 0.0)
         spec = SampleSpec(rows=rows, patch=patch, points=points, num_virtual=nv, beta=beta)
