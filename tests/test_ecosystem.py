@@ -281,6 +281,11 @@ def test_torch_func_forward_mode_equals_reverse_mode(recipe):
 STATEFUL = ("cbn", "naive-cbn", "two-tower", "brn")
 
 
+def _first_component(recipe: str) -> str:
+    """The variant a recipe string starts with: "cbn" for "cbn:k=2", "fs" for "fs+vdn"."""
+    return recipe.split(":")[0].split("+")[0]
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_torch_func_vmap_of_a_training_step(recipe):
     """vmap over a stack of batches (model ensembles, per-example gradients) in training mode: with
@@ -315,14 +320,14 @@ def test_torch_func_vmap_of_a_training_step(recipe):
         with pytest.raises(bnrewrite.InputError, match=r"'stem\.1'.*cannot train under torch\.func\.vmap"):
             vmapped(model)
     statistics = ("running_mean", "running_var", "num_batches_tracked")
-    if recipe.split(":")[0].split("+")[0] in ("two-tower", "brn"):  # it normalises with them
+    if _first_component(recipe) in ("two-tower", "brn"):  # it normalises with them
         with pytest.raises(bnrewrite.InputError, match=r"'stem\.1' normalises with its moving averages"):
             bnrewrite.drop_running_stats_(model)
         assert len([name for name, _ in model.named_buffers() if name.endswith(statistics)]) == 27  # unchanged
     else:  # every site (the stem, 2 per block, 2 shortcuts), stock ones (bn) too
         assert bnrewrite.drop_running_stats_(model) == 9
         assert not [name for name, _ in model.named_buffers() if name.endswith(statistics)]
-    if recipe.split(":")[0].split("+")[0] in STATEFUL:
+    if _first_component(recipe) in STATEFUL:
         with pytest.raises(bnrewrite.InputError, match=r"cannot train under torch\.func\.vmap: a step updates its"):
             vmapped(model)
     else:
@@ -384,7 +389,7 @@ def test_torch_export_of_training_steps(recipe):
     a warning names the site (the model re-draws at new_epoch)."""
     model = make(recipe).train()
     data = [x for x, _ in batches(4, seed=9)]
-    stateful = recipe.split(":")[0].split("+")[0] in STATEFUL
+    stateful = _first_component(recipe) in STATEFUL
     if stateful:
         with pytest.raises(bnrewrite.InputError, match=r"'stem\.1'.*torch\.export of its first training step"):
             torch.export.export(model, (data[0],))
@@ -403,7 +408,7 @@ def test_torch_export_of_training_steps(recipe):
         warnings.simplefilter("always")
         program = torch.export.export(model, (data[0],)).module()
     messages = [str(w.message) for w in caught if "exported in training mode" in str(w.message)]
-    if recipe.split(":")[0].split("+")[0] in ("fs", "bs", "frs"):
+    if _first_component(recipe) in ("fs", "bs", "frs"):
         assert messages and "'stem.1'" in messages[0] and "new_epoch" in messages[0], messages
     else:
         assert not messages
