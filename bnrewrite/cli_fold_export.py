@@ -64,16 +64,27 @@ def cmd_fold(args) -> int:
     return 0
 
 
-def _save(module, out: str) -> None:
-    """``torch.save``, creating the folder of ``out`` as ``export`` does."""
+def _make_folder_of(out: str, what: str) -> None:
+    """Create the folder ``--out`` names, as ``inspect --out`` does (the library's ``export_onnx``
+    refuses a missing folder instead: a typo in a path given in code should not make folders)."""
     import os
-
-    import torch
 
     from .errors import InputError
 
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write the {what} there ({exc})") from None
+
+
+def _save(module, out: str) -> None:
+    """``torch.save``, creating the folder of ``out`` first."""
+    import torch
+
+    from .errors import InputError
+
+    _make_folder_of(out, "folded model")
+    try:
         torch.save(module, out)
     except (OSError, RuntimeError) as exc:
         raise InputError(f"--out {out}: cannot write the folded model there ({exc})") from None
@@ -87,6 +98,7 @@ def cmd_export(args) -> int:
         raise InputError("export needs --input-shape (e.g. 1,3,224,224)")
     _check_out(args.out, ".onnx")
     model, example = _prepare(args)
+    _make_folder_of(args.out, "ONNX model")
     report = export_onnx(model, example, args.out, dynamic_batch=not args.static_batch, opset=args.opset,
                          verify=not args.no_verify, example_weight=args.example_weight, exporter=args.exporter)
     if args.format == "json":

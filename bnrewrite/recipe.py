@@ -149,7 +149,8 @@ def _coerce(raw: str, hint: Any) -> Any:
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" — did you mean '{close[0]}'?" if close else ""
+    # the separator before the list that follows ("known: ...", "options: ...")
+    return f" — did you mean '{close[0]}'?" if close else ";"
 
 
 def default_registry() -> dict[str, Variant]:

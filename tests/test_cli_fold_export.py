@@ -101,6 +101,12 @@ def test_fold_creates_the_folder_of_out(tmp_path, model_spec, capsys):
     assert out.exists() and f"saved {out}" in capsys.readouterr().out
 
 
+def test_export_creates_the_folder_of_out(tmp_path, model_spec, capsys):
+    out = tmp_path / "new" / "dir" / "model.onnx"
+    assert main(["export", model_spec, "--out", str(out), "--input-shape", "2,3,8,8"]) == 0
+    assert out.exists() and "onnxruntime" in capsys.readouterr().out
+
+
 def _original_eval(model_spec):
     import importlib.util
 

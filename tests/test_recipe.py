@@ -77,6 +77,9 @@ def test_real_registry_parses_bn():
     ("ghost:size=x", "ghost: size must be an int, got 'x'"),
     ("ghost:size=0", "ghost: size must be a positive int, got 0"),
     ("ghost:sise=3", "ghost: unknown option 'sise' — did you mean 'size'?"),
+    # no close match: the list still reads as its own clause
+    ("qqq", "unknown component 'qqq'; known: bn, fs, ghost, rot, vdn"),
+    ("ghost:foo=3", "ghost: unknown option 'foo'; options: size, ratio, sync, kind, k"),
     ("ghost:size", "ghost: option 'size' must be key=value"),
     ("ghost:", "ghost: ':' must be followed by key=value options"),
     ("ghost:ratio=1/0", "ghost: ratio must be a number or a fraction like 1/32, got '1/0'"),
