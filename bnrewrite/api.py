@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import Capture, Region, capture
 from .distributed import deepcopy_model
-from .errors import InputError, require_module, warn_at_caller
+from .errors import InputError, UnsupportedPatternError, require_module, warn_at_caller
 from .recipe import Recipe, parse_recipe
 from .sites import Site, find_sites, run_example_inputs
 
@@ -102,6 +102,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     sites = find_sites(captured, example_inputs)
     selected = _select(sites, include, exclude)
     _refuse_rewritten_sites(captured.root, selected)
+    _refuse_unfaithful_sites(sites, selected, parsed)
     context = RewriteContext(captured=captured, example_inputs=example_inputs, options=dict(options))
     from .registry import VARIANTS
 
@@ -164,6 +165,32 @@ def _refuse_rewritten_sites(root: nn.Module, selected: list[Site]) -> None:
         raise InputError(f"transform: {shown} were already rewritten by an earlier bnrewrite.transform; transform "
                          "the original model once, with the combined recipe (e.g. 'fs+vdn'), or leave those sites "
                          "out with exclude=")
+
+
+def _refuse_unfaithful_sites(sites: list[Site], selected: list[Site], recipe: Recipe) -> None:
+    """A site whose BatchNorm a variant's module would not compute faithfully (an overridden
+    ``forward``, a parametrized weight: :func:`~bnrewrite.sites.unfaithful_reason`) is refused when
+    the recipe replaces it: the selected sites, and under a ``stats`` component (vdn, whose virtual
+    rows reach every BatchNorm, selected or not) every site. ``bn`` replaces nothing."""
+    from .registry import VARIANTS
+
+    variants = [VARIANTS[c.name] for c in recipe.components]
+    if all(v.runtime is None for v in variants):
+        return
+    whole_graph = next((v.name for v in variants if v.role == "stats"), None)
+    chosen = {id(s) for s in selected}
+    for site in sites if whole_graph else selected:
+        if site.unfaithful is None:
+            continue
+        if id(site) in chosen:
+            fix = (f"leave it out with exclude=[{site.name!r}] (it then stays as it is), or give that site a plain "
+                   f"nn.BatchNorm (stock forward, no parametrization)")
+        else:
+            fix = (f"{whole_graph}'s virtual rows reach every BatchNorm, excluded ones too: give that site a plain "
+                   f"nn.BatchNorm (stock forward, no parametrization), or use the recipe without {whole_graph}")
+        raise UnsupportedPatternError(
+            f"transform '{recipe}': site {site.name!r} ({site.kind}): {site.unfaithful}, which a variant's "
+            f"module would silently drop; {fix}")
 
 
 def _refuse_rewritten_original(module: nn.Module, args) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from .capture import Capture
 from .errors import BnRewriteError, InputError, warn_at_caller
@@ -58,6 +60,8 @@ class Site:
     producer: Neighbour | None = None
     consumer: Neighbour | None = None
     input_shape: tuple[int, ...] | None = None
+    # why a variant's module could not stand in for this one (:func:`unfaithful_reason`); None: it can
+    unfaithful: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,11 +72,45 @@ class Site:
             "producer_name": None if self.producer is None else self.producer.name,
             "consumer": None if self.consumer is None else self.consumer.kind,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "unfaithful": self.unfaithful,
         }
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+# forwards that compute stock BatchNorm (timm's norm+act layers: then their drop and act children,
+# which the runtime modules apply too); a subclass overriding forward computes something else
+_STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_TIMM_NORM_ACT_FORWARDS = ("BatchNormAct2d.forward", "SyncBatchNormAct.forward")
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """A BatchNorm subclass whose ``forward`` is its own code, not stock BatchNorm's (e.g. timm's
+    ``SplitBatchNorm2d``, or ``super().forward(x) * 2``): neither a variant nor a fold knows what it
+    computes."""
+    if not isinstance(module, _BatchNorm):
+        return False
+    forward = type(module).forward
+    if forward in _STOCK_FORWARDS:
+        return False
+    return not (getattr(forward, "__module__", "") == "timm.layers.norm_act"
+                and forward.__qualname__ in _TIMM_NORM_ACT_FORWARDS)
+
+
+def unfaithful_reason(module: nn.Module) -> str | None:
+    """Why a runtime module built by ``from_batchnorm`` would not compute what ``module`` does, or
+    None. A variant takes over BatchNorm's parameters and buffers and computes the normalisation
+    itself, so it would silently drop an overridden ``forward`` and a parametrization
+    (``torch.nn.utils.parametrize``) of those tensors."""
+    if overrides_forward(module):
+        return (f"{type(module).__name__} overrides BatchNorm's forward "
+                f"({type(module).forward.__module__}.{type(module).forward.__qualname__})")
+    if isinstance(module, _BatchNorm) and parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        return f"its {names} {'is' if len(module.parametrizations) == 1 else 'are'} parametrized (torch.nn.utils.parametrize)"
+    return None
 
 
 def _bn_dims(module: nn.Module) -> int | None:
@@ -165,7 +203,7 @@ def _module_site(module, name, prefix, node, producer, consumer) -> Site:
                 graph=prefix, node=node, num_features=getattr(module, "num_features", None),
                 dims=_bn_dims(module), affine=bool(getattr(module, "affine", True)),
                 track_running_stats=bool(getattr(module, "track_running_stats", True)),
-                producer=producer, consumer=consumer)
+                producer=producer, consumer=consumer, unfaithful=unfaithful_reason(module))
 
 
 def _mark_shared(sites: list[Site]) -> None:

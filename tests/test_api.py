@@ -225,3 +225,80 @@ def test_sync_batchnorm_kept_synchronised_does_not_warn(recipe):
         warnings.simplefilter("always")
         bnrewrite.transform(_sync_bn_net(), recipe, **extra)
     assert not [str(w.message) for w in caught if "SyncBatchNorm" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- sites a variant cannot stand in for
+class OwnForwardBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2 + 1
+
+
+class Softplus(nn.Module):
+    def forward(self, w):
+        return nn.functional.softplus(w)
+
+
+def _with_unfaithful_site(kind):
+    torch.manual_seed(0)
+    bn = OwnForwardBatchNorm(4) if kind == "own-forward" else nn.BatchNorm2d(4)
+    if kind == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(bn, "weight", Softplus())
+    return nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("kind, why", [("own-forward", "OwnForwardBatchNorm overrides BatchNorm's forward"),
+                                       ("parametrized", "its weight is parametrized")])
+@pytest.mark.parametrize("recipe", ["fs:ratio=1/4", "cbn:k=2", "ghost:size=2", "two-tower", "vdn"])
+def test_a_site_a_variant_cannot_stand_in_for_is_refused_by_name(kind, why, recipe):
+    """A variant takes BatchNorm's tensors and computes the normalisation itself: an overridden
+    forward or a parametrized weight would be dropped without a word (the forward silently
+    changed from 2·BN(x)+1 to BN(x); a raw TypeError for the parametrization)."""
+    options = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    with pytest.raises(bnrewrite.UnsupportedPatternError, match=f"site '1' .*{why}.*exclude=\\['1'\\]"):
+        bnrewrite.transform(_with_unfaithful_site(kind), recipe, **options)
+
+
+@pytest.mark.parametrize("kind", ["own-forward", "parametrized"])
+@pytest.mark.parametrize("recipe, options", [("fs:ratio=1", {"exclude": "1"}), ("cbn:k=1", {"exclude": "1"}),
+                                             ("bn", {}), ("bn", {"lower": "fused"})])
+def test_an_excluded_unfaithful_site_and_the_bn_recipe_keep_its_forward(kind, recipe, options):
+    """Left out (or under ``bn``, which replaces nothing; lowering skips it), the site computes what
+    it did: the whole model's training step equals the original's (``fs:ratio=1`` and ``cbn:k=1``
+    are stock BN at the other site)."""
+    model = _with_unfaithful_site(kind)
+    rewritten = bnrewrite.transform(model, recipe, **options)
+    assert type(rewritten.get_submodule("1")) is type(model[1])
+    x = torch.randn(4, 3, 8, 8)
+    want, got = model(x), rewritten(x)
+    assert torch.allclose(want, got, atol=1e-6)
+    weights = torch.randn_like(want)  # (a sum of squares of a BN output is nearly constant: no test)
+    grads = [torch.autograd.grad((y * weights).sum(), m[0].weight if m is model else m.get_submodule("0").weight)[0]
+             for y, m in ((want, model), (got, rewritten))]
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_vdn_refuses_an_unfaithful_site_even_when_excluded():
+    with pytest.raises(bnrewrite.UnsupportedPatternError,
+                       match="vdn's virtual rows reach every BatchNorm, excluded ones too"):
+        bnrewrite.transform(_with_unfaithful_site("own-forward"), "vdn", exclude="1",
+                            data_stats=([0.0] * 3, [1.0] * 3))
+
+
+@pytest.mark.parametrize("recipe", ["fs:ratio=1/4", "ghost:size=2", "cbn:k=2", "bgn:groups=2", "brn", "bn"])
+def test_hooks_on_a_batchnorm_run_on_the_module_that_replaces_it(recipe):
+    """Feature-extraction hooks the model's code put on a BatchNorm keep firing on the module that
+    stands in for it, with that site's output, and their handles still remove them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    seen = []
+    handles = [model[1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape))),
+               model[1].register_forward_hook(lambda module, args, out: seen.append(out))]
+    rewritten = bnrewrite.transform(model, recipe, inplace=True)  # inplace: the handles are this model's
+    x = torch.randn(4, 3, 8, 8)
+    y = rewritten(x)
+    assert len(seen) == 2 and seen[0] == (4, 4, 6, 6) and seen[1] is y
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    rewritten(x)
+    assert seen == []

@@ -89,3 +89,45 @@ def test_module_passes_rewrite_a_shared_module_once_and_warn_about_functional_si
     assert getattr(model.bn_shared, "is_bnrewrite_norm", False) and model.bn_shared.site_name == "bn_shared"
     model.train()
     model(torch.randn(4, 3, 6, 6))
+
+
+class _SubclassKeepingForward(nn.BatchNorm2d):
+    """A subclass that only adds an attribute: stock BatchNorm's forward."""
+
+    tag = "mine"
+
+
+class _SubclassWithOwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x).clamp(min=0)
+
+
+def _parametrized_batchnorm():
+    bn = nn.BatchNorm2d(4)
+    torch.nn.utils.parametrize.register_parametrization(bn, "bias", nn.Identity())
+    return bn
+
+
+@pytest.mark.parametrize("make, unfaithful", [
+    (lambda: nn.BatchNorm2d(4), None), (lambda: nn.BatchNorm1d(4), None), (lambda: nn.LazyBatchNorm2d(), None),
+    (lambda: nn.SyncBatchNorm(4), None), (lambda: _SubclassKeepingForward(4), None),
+    (lambda: _SubclassWithOwnForward(4), "_SubclassWithOwnForward overrides BatchNorm's forward"),
+    (_parametrized_batchnorm, "its bias is parametrized"),
+])
+def test_unfaithful_reason_tells_the_batchnorms_a_variant_cannot_stand_in_for(make, unfaithful):
+    from bnrewrite.sites import unfaithful_reason
+
+    reason = unfaithful_reason(make())
+    assert (reason is None) if unfaithful is None else unfaithful in reason
+
+
+def test_timm_norm_act_and_split_batchnorm():
+    """timm's BatchNormAct2d computes stock BN then its drop/act children (which the runtime modules
+    apply too); its SplitBatchNorm2d (AugMix's auxiliary BN) normalises each split of the batch with
+    its own module: a forward of its own."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from bnrewrite.sites import unfaithful_reason
+
+    assert unfaithful_reason(timm_layers.BatchNormAct2d(4)) is None
+    assert unfaithful_reason(timm_layers.SyncBatchNormAct(4)) is None
+    assert "SplitBatchNorm2d overrides BatchNorm's forward" in unfaithful_reason(timm_layers.SplitBatchNorm2d(4))

@@ -18,9 +18,10 @@ moves that map into a neighbouring linear layer wherever doing so is exact:
   too; a functional ``F.batch_norm``) the site becomes a :class:`ChannelAffine` (ONNX
   ``Mul`` + ``Add``) or a :class:`ChannelMix` (a channel matrix), never a BatchNorm.
 
-A producer/consumer module that is called at several places is cloned before folding so
-the other callers see exactly what they saw before; a BatchNorm called at several places
-is folded per call.
+A producer/consumer module that is called at several places, or whose weight something else
+reads (a tied Parameter, a ``get_attr``), is cloned before folding so the other callers see
+exactly what they saw before; a BatchNorm called at several places is folded per call, and one
+whose subclass overrides ``forward`` is kept (its running statistics do not say what it computes).
 
 Inference example weighing (Summers & Dinneen, "Four Things Everyone Should Know to Improve
 Batch Normalization", §3.1, Eq. 3): with ``example_weight=α > 0`` every normalisation uses
@@ -51,9 +52,9 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..capture import capture, set_submodule
 from ..distributed import deepcopy_model
-from ..errors import InputError, UnsupportedPatternError
+from ..errors import InputError, UnsupportedPatternError, warn_at_caller
 from ..runtime.base import is_batchnorm
-from ..sites import Site, find_sites
+from ..sites import Site, find_sites, overrides_forward
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -244,6 +245,8 @@ class FoldContext:
     private: set = field(default_factory=set)  # fx nodes whose module this pass owns
     kept: set = field(default_factory=set)     # ids of norm modules left in place on purpose
     uses: dict = field(default_factory=dict)   # id(module) -> places that may call it
+    # ids of tensors read other than through their one module: tied weights, get_attr reads
+    read_elsewhere: set = field(default_factory=set)
     # id(norm) -> its inference map, read before any weight is changed: a runtime module's map may
     # depend on its producer's weights (Extreme Norm's running mean is ΣW·μ̄ + b), and folding an
     # earlier site forward into that producer changes them
@@ -344,6 +347,7 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
     root = module
     _drop_training_only(root, context)
     context.uses = _count_uses(root)
+    context.read_elsewhere = _tensors_read_elsewhere(root)
     for site in sites:
         if site.input_shape is not None:
             context.shapes[_label(site)] = site.input_shape
@@ -353,7 +357,7 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
         (eager.append(site) if site.graph is None else by_graph.setdefault(site.graph, []).append(site))
         if not site.functional:
             norm = root.get_submodule(site.name)
-            if getattr(norm, "foldable", True) is not False:
+            if getattr(norm, "foldable", True) is not False and not overrides_forward(norm):
                 context.inference(norm, site.name)  # every map before the first weight changes
     for prefix, graph_sites in by_graph.items():
         gm = root.get_submodule(prefix) if prefix else root
@@ -618,6 +622,36 @@ def _count_uses(root: nn.Module) -> dict[int, int]:
     return uses
 
 
+def _tensors_read_elsewhere(root: nn.Module) -> set[int]:
+    """Ids of the parameters and buffers something else reads besides the one module holding them:
+    held by two modules (tied weights, ``c2.weight = c1.weight``), or read by a graph's
+    ``get_attr`` (``forward`` using ``self.conv.weight``). Folding into their module would change
+    what that other reader sees."""
+    holders: dict[int, set[int]] = {}
+    for _, m in root.named_modules(remove_duplicate=False):
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                holders.setdefault(id(t), set()).add(id(m))
+    read = {key for key, modules in holders.items() if len(modules) > 1}
+    for _, gm in _graph_modules(root):
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                value = _attribute(gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    read.add(id(value))
+    return read
+
+
+def _attribute(root: nn.Module, target: str):
+    """What a ``get_attr`` target names, or None when it is gone."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def _graph_modules(root: nn.Module):
     for name, m in root.named_modules(remove_duplicate=False):
         if isinstance(m, fx.GraphModule):
@@ -630,7 +664,8 @@ def _private_module(gm: fx.GraphModule, node: fx.Node, context: FoldContext) -> 
     module = gm.get_submodule(node.target)
     if node in context.private:
         return module
-    if context.uses.get(id(module), 0) > 1:
+    shares_tensors = any(id(t) in context.read_elsewhere for t in (*module.parameters(), *module.buffers()))
+    if context.uses.get(id(module), 0) > 1 or shares_tensors:
         clone = copy.deepcopy(module)
         new_name = _free_name(gm, node.target + "_folded")
         _add_submodule(gm, new_name, clone)
@@ -764,6 +799,9 @@ def _fold_module_site(gm: fx.GraphModule, site: Site, options: FoldOptions, cont
         context.report.records.append(FoldRecord(label, kind, "kept", node.target,
                                                  "eval output depends on the batch's statistics (foldable=False)"))
         return
+    if overrides_forward(norm):
+        _keep_own_forward(norm, label, node.target, context)
+        return
     inf = context.inference(norm, site.name)
     post = _post_children(norm)
     ndim = _ndim_of(norm, label, context, gm, node.args[0])
@@ -863,6 +901,9 @@ def _fold_eager_site(root: nn.Module, site: Site, options: FoldOptions, context:
         context.report.records.append(FoldRecord(site.name, kind, "kept", site.name,
                                                  "eval output depends on the batch's statistics (foldable=False)"))
         return
+    if overrides_forward(norm):
+        _keep_own_forward(norm, site.name, site.name, context)
+        return
     inf = context.inference(norm, site.name)
     reason = "called from eager code that torch.fx could not trace"
     new, action = _replacement(inf, _stats_of(norm, site.name), options, _ndim_of(norm, _label(site), context),
@@ -871,11 +912,48 @@ def _fold_eager_site(root: nn.Module, site: Site, options: FoldOptions, context:
     context.report.records.append(FoldRecord(site.name, kind, action, site.name, reason))
 
 
+def _keep_own_forward(norm: nn.Module, label: str, target: str, context: FoldContext) -> None:
+    """A BatchNorm subclass with its own ``forward`` stays as it is: its running statistics say
+    nothing certain about what that forward computes, so no fold of them would be exact."""
+    context.kept.add(id(norm))
+    why = f"{type(norm).__name__} overrides BatchNorm's forward: not folded, kept as it is"
+    warn_at_caller(f"fold_for_inference: '{label}': {why}")
+    context.report.records.append(FoldRecord(label, type(norm).__name__, "kept", target, why))
+
+
+def _keep_attribute_reads(root: nn.Module, name: str) -> None:
+    """``get_attr`` nodes reading a tensor of the norm module ``name`` (``forward`` using
+    ``self.bn.weight``) read it from the graph module instead, so the module can go."""
+    for graph_name, gm in list(_graph_modules(root)):
+        prefix = f"{graph_name}." if graph_name else ""
+        if not name.startswith(prefix):
+            continue
+        own = name[len(prefix):] + "."
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or not node.target.startswith(own):
+                continue
+            value = _attribute(gm, node.target)
+            if not isinstance(value, torch.Tensor):
+                continue
+            new_name = _free_name(gm, node.target.replace(".", "_"))
+            if isinstance(value, nn.Parameter):
+                gm.register_parameter(new_name, value)
+            else:
+                gm.register_buffer(new_name, value)
+            node.target = new_name
+            changed = True
+        if changed:
+            gm.recompile()
+
+
 def _drop_unused_norms(root: nn.Module, context: FoldContext) -> None:
-    """Norm modules no node calls any more (shared ones replaced per call) are removed."""
+    """Norm modules no node calls any more (shared ones replaced per call) are removed; a tensor
+    of theirs that the graph reads stays, on the graph module."""
     for name, module in list(root.named_modules()):
         if not name or not is_batchnorm(module) or id(module) in context.kept:
             continue
+        _keep_attribute_reads(root, name)
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         if child in parent._modules:

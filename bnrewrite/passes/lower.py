@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from ..capture import set_submodule
 from ..errors import InputError
+from ..sites import unfaithful_reason
 
 LowerMode = Literal["auto", "fused", "reference"]
 CompilePath = Literal["inductor", "ops"]
@@ -134,6 +135,9 @@ def _lowered_module(norm: nn.Module) -> tuple[nn.Module | None, str | None]:
         norm.lowered = "triton"  # Eqs. 9-12 on the kernels; the history stays plain torch
         return norm, None
     if type(norm).__name__ in _STOCK_NAMES and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        unfaithful = unfaithful_reason(norm)
+        if unfaithful is not None:  # the fused module would drop it
+            return None, f"{unfaithful}: kept as it is"
         if getattr(norm, "drop", None) is not None and not isinstance(norm.drop, nn.Identity):
             return None, "timm BatchNormAct2d with dropout between norm and activation"
         return FusedBatchNorm.from_batchnorm(norm), None

@@ -136,6 +136,7 @@ class BatchNormState(nn.Module):
             elif isinstance(child, nn.Identity):
                 new.add_module(name, child)
         new._post_children = tuple(post)
+        _take_over_hooks(new, bn)
         new.train(bn.training)
         return new
 
@@ -427,6 +428,23 @@ def match_memory_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == dims and x.is_contiguous(memory_format=layout):
             return y.contiguous(memory_format=layout)
     return y
+
+
+# the per-module hooks a model's own code may have put on its BatchNorm (register_forward_hook,
+# register_full_backward_hook, ...: feature extraction, activation statistics)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _take_over_hooks(new: nn.Module, bn: nn.Module) -> None:
+    """``new`` stands in for ``bn``, so the hooks registered on ``bn`` run on ``new``: the same hook
+    dicts, so a handle from ``bn.register_forward_hook`` still removes its hook."""
+    for name in _HOOK_DICTS:
+        hooks = bn.__dict__.get(name)
+        if hooks:
+            new.__dict__[name] = hooks
+    if bn.__dict__.get("_is_full_backward_hook") is not None:
+        new._is_full_backward_hook = bn._is_full_backward_hook
 
 
 def is_batchnorm(module: nn.Module) -> bool:

@@ -316,6 +316,64 @@ def test_shared_producer_is_cloned_before_folding():
     assert folded.bnrewrite_fold_report.records[0].target != "conv"
 
 
+class TiedProducers(nn.Module):
+    """Two convs holding one weight Parameter (tied weights), each followed by a BN or not."""
+
+    def __init__(self, both_normalised):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.c2.weight = self.c1.weight
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4) if both_normalised else nn.Identity()
+
+    def forward(self, x):
+        return self.bn1(self.c1(x)) + self.bn2(self.c2(x))
+
+
+class ReadsWeights(nn.Module):
+    """A forward that reads the producer's weight, or the BN's own tensors, besides calling them."""
+
+    def __init__(self, reads):
+        super().__init__()
+        self.conv, self.bn, self.reads = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), reads
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.reads == "producer":
+            return y + self.conv.weight.sum()
+        return y * self.bn.weight.view(1, -1, 1, 1) + self.bn.running_mean.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("model", [TiedProducers(False), TiedProducers(True), ReadsWeights("producer"),
+                                   ReadsWeights("norm")], ids=["tied", "tied-both", "reads-producer", "reads-norm"])
+def test_tensors_read_elsewhere_are_not_changed_by_folding(model, tmp_path):
+    """Folding scales a producer's weight: when another conv holds the same Parameter or the forward
+    reads it, the producer is cloned first; a norm tensor the forward reads stays on the graph."""
+    x = torch.randn(2, 3, 6, 6)
+    check(model, x, expected_actions=["into-producer"] * (2 if isinstance(model, TiedProducers)
+                                                           and isinstance(model.bn2, nn.BatchNorm2d) else 1))
+    folded = bnrewrite.fold_for_inference(model)
+    report = bnrewrite.export_onnx(folded, (x,), str(tmp_path / "m.onnx"))
+    with torch.no_grad():
+        assert rel_err(model(x), folded(x)) <= 1e-5 and report.max_abs_error <= 1e-4
+
+
+class OwnForwardBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2 + 1
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_kept_with_a_warning():
+    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), OwnForwardBatchNorm(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="'1': OwnForwardBatchNorm overrides BatchNorm's forward: not folded"):
+        folded = bnrewrite.fold_for_inference(model)
+    with torch.no_grad():
+        assert rel_err(model(x), folded(x)) <= 1e-5
+    assert actions(folded) == ["kept", "into-producer"]
+    assert isinstance(folded.get_submodule("1"), OwnForwardBatchNorm)
+
+
 # ---------------------------------------------------------------------------- parametrized layers
 class Doubled(nn.Module):
     def forward(self, w):
