@@ -603,6 +603,24 @@ class CrossIterationBatchNorm(BatchNormState):
         self._resolved_window: int | None = None if window == "auto" else window
         self.last_statistics: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
+    def _apply(self, fn, recurse=True):
+        # the history is records of (k − 1) past steps, not images: a memory-format conversion of the
+        # model (.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor, and refuses
+        # the 5-D ones) must not reach them. They go through ``fn`` as 2-D views, so they still get
+        # its device and dtype, then take their shape back (the same object when nothing changed).
+        shaped = {}
+        for key in HISTORY_KEYS:
+            t = self._buffers.get(key)
+            if t is not None and t.dim() in (4, 5):
+                shaped[key] = (t, t.reshape(t.shape[0], -1))
+                self._buffers[key] = shaped[key][1]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for key, (original, flat) in shaped.items():
+                applied = self._buffers[key]
+                self._buffers[key] = original if applied is flat else applied.reshape(original.shape)
+
     # ---------------------------------------------------------------- producer
     @property
     def producer(self) -> nn.Module | None:

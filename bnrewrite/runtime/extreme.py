@@ -521,7 +521,9 @@ class RotatedExtremeNorm(ExtremeNorm):
                 self.rotation.copy_(matrix)
 
     def _rotate(self, q: torch.Tensor) -> torch.Tensor:
-        return match_memory_format(torch.einsum("ji,bi...->bj...", self.rotation, q), q)
+        # q is computed in fp32 (or wider) even for a 16-bit model, whose rotation is 16-bit: einsum
+        # does not promote
+        return match_memory_format(torch.einsum("ji,bi...->bj...", self.rotation.to(q.dtype), q), q)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         matrix, shift = self.inference_matrix()

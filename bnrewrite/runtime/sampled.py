@@ -378,7 +378,9 @@ class SampledBatchNorm(BatchNormState):
             # a draw is host randomness, a schedule, not part of the computation: under a tracer's
             # dispatch modes (torch.export's fake tensors) its random numbers would be symbols it
             # cannot read, and under torch.func.vmap random ops it refuses (randomness="error")
-            with _disable_current_modes(), outside_transforms():
+            # and under inference_mode frs's points would be inference tensors, which the training
+            # steps reusing this draw could not save for backward
+            with _disable_current_modes(), outside_transforms(), torch.inference_mode(False):
                 rows, patch, points = self._draw_sample(n_real, input_shape[2:])
         beta = 1.0 if self.strategy == "vdn" else (self.beta if nv else 0.0)
         spec = SampleSpec(rows=rows, patch=patch, points=points, num_virtual=nv, beta=beta)

@@ -875,3 +875,30 @@ def test_last_statistics_follow_double():
     bn.double()
     mean, var, count = bn.last_statistics
     assert mean.dtype == var.dtype == bn.cbn_mean.dtype == torch.float64 and count == k == 2
+
+
+@pytest.mark.parametrize("store", ["gradients", "inputs"])
+def test_a_model_with_history_converts_to_channels_last_and_other_dtypes(store):
+    """``.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D tensor of a model and
+    refuses 5-D ones: the history's records ((k−1, N, C, H, W) inputs, (k−1, g, C/g, kh, kw)
+    gradients) made that a raw error once the first step had allocated them. They keep their
+    layout, the next step equals an unconverted copy's, and dtype/device changes still reach them."""
+    import bnrewrite
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    model = bnrewrite.transform(net, f"cbn:k=3,store={store}")
+    x = torch.randn(4, 3, 8, 8)
+    model(x).sum().backward()
+    reference = copy.deepcopy(model)
+    history = {k: v for k, v in model.named_buffers() if ".cbn_" in k}
+    assert any(v.dim() == 5 for v in history.values())
+    model.to(memory_format=torch.channels_last)
+    assert model.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(v is history[k] for k, v in model.named_buffers() if k in history)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), reference(x))
+    model.double()
+    for k, v in model.named_buffers():
+        if k in history:
+            assert v.shape == history[k].shape and v.is_contiguous()
+            assert v.dtype == (torch.float64 if history[k].is_floating_point() else history[k].dtype)

@@ -408,3 +408,22 @@ def test_describe_and_repr():
     assert "mean_before='conv'" in repr(layer)
     rot = RotatedExtremeNorm.from_extreme(make_layer(cout=6)[1], "hadamard")
     assert "random 6x6" in rot.describe()["rotation"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("recipe", ["brn+rot", "two-tower+rot"])
+def test_a_rotated_16_bit_model_trains_like_its_fp32_twin(recipe, dtype):
+    """The layer computes in fp32 and its rotation buffer follows the model to 16 bits: the einsum
+    of the two (which does not promote) was a raw 'expected scalar type Float' error."""
+    import bnrewrite
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    wide = bnrewrite.transform(net, recipe)
+    narrow = copy.deepcopy(wide).to(dtype)
+    x = torch.randn(4, 3, 8, 8)
+    want, got = wide(x), narrow(x.to(dtype))
+    got.float().sum().backward()
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 3e-2
+    assert narrow.get_submodule("0").weight.grad.dtype == dtype

@@ -410,3 +410,19 @@ def test_last_statistics_follow_to_and_double():
     expected_var, expected_mean = torch.var_mean(x[:2].double(), dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean, expected_mean.to(mean.dtype))  # the values kept
     torch.testing.assert_close(var, expected_var.to(var.dtype))
+
+
+def test_frs_trains_after_a_first_forward_under_inference_mode():
+    """A shape-check forward under ``torch.inference_mode()`` before training drew frs's random
+    points as inference tensors, which every later training step of that draw failed to save for
+    backward (a raw RuntimeError until the next new_epoch)."""
+    import bnrewrite
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    checked, plain = bnrewrite.transform(net, "frs:ratio=1/4"), bnrewrite.transform(net, "frs:ratio=1/4")
+    x = torch.randn(4, 3, 8, 8)
+    with torch.inference_mode():
+        checked(x)
+    grads = [torch.autograd.grad(m(x).sum(), m.get_submodule("0").weight)[0] for m in (checked, plain)]
+    torch.testing.assert_close(grads[0], grads[1])
