@@ -837,10 +837,7 @@ def _constant(gm: fx.GraphModule, value):
     if value is None or isinstance(value, torch.Tensor):
         return value
     if isinstance(value, fx.Node) and value.op == "get_attr":
-        obj = gm
-        for part in value.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _attribute(gm, value.target)
     return False
 
 
