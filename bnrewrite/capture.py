@@ -195,7 +195,9 @@ def graph_module_keeping_state(root: nn.Module, graph: fx.Graph, class_name: str
             gm._non_persistent_buffers_set.add(name)
     gm.primary_training = training
     gm.__dict__["original_class_name"] = root.__dict__.get("original_class_name", type(root).__name__)
-    gm.train(root.training)
+    # the root's flag only: its children are shared, and a BatchNorm someone froze with .eval()
+    # inside a training model must stay frozen (gm.train() would reset every child's flag)
+    gm.training = root.training
     return gm
 
 

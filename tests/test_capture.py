@@ -297,3 +297,62 @@ def test_no_checkpoint_warning_without_checkpoint():
         warnings.simplefilter("always")
         bnrewrite.transform(nn.Sequential(_CheckpointBlock()), "bn")
     assert not [w for w in record if "checkpoint" in str(w.message)]
+
+
+class _FrozenStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = models.ConvBNReLU(3, 8)
+        self.trained = models.ConvBNReLU(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.drop(self.trained(self.frozen(x)).mean((2, 3))))
+
+
+def _modes(model):
+    return {name: m.training for name, m in model.named_modules() if name}
+
+
+# two-tower refuses BatchNorms called from eager code (the untraceable models')
+@pytest.mark.parametrize("make, recipe", [
+    (make, recipe) for make in (_FrozenStem, models.NestedUntraceable, models.UntraceableRoot)
+    for recipe in ("bn", "fs:ratio=1/4", "ghost:size=2", "cbn:k=2", "two-tower")
+    if recipe != "two-tower" or make is _FrozenStem])
+def test_each_modules_own_mode_is_kept(make, recipe):
+    """Fine-tuning with frozen BatchNorms: model.train(), then .eval() on some of them (and a
+    Dropout), then transform. Each module keeps its own mode, as copy.deepcopy and fx.symbolic_trace
+    do; before, every module took the model's, so a frozen BatchNorm trained again (normalised with
+    batch statistics and moved its running statistics). A model in eval mode with one BatchNorm in
+    training keeps that one in training."""
+    torch.manual_seed(0)
+    model = make().train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    frozen, trained = bns[0], bns[-1]
+    with torch.no_grad():
+        frozen.running_mean.uniform_(-1, 1)
+        frozen.running_var.uniform_(0.5, 2)
+    frozen.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    expected_modes = _modes(model)
+    out = bnrewrite.transform(copy.deepcopy(model), recipe)
+    got_modes = _modes(out)
+    assert {k: got_modes[k] for k in expected_modes if k in got_modes} == expected_modes
+    frozen_name = next(n for n, m in model.named_modules() if m is frozen)
+    site = out.get_submodule(frozen_name)
+    assert not site.training
+    before = site.running_mean.clone()
+    x = torch.randn(4, 3, 8, 8)
+    y = out(x)
+    assert torch.equal(site.running_mean, before)
+    if recipe == "bn":
+        assert torch.equal(y, model(x))
+    model.eval()
+    trained.train()
+    out = bnrewrite.transform(copy.deepcopy(model), recipe)
+    trained_name = next(n for n, m in model.named_modules() if m is trained)
+    assert not out.training and out.get_submodule(trained_name).training
+    assert not out.get_submodule(frozen_name).training

@@ -310,11 +310,12 @@ class _CkptNet(nn.Module):
         return self.fc(self.b2(self.b1(x)).mean((2, 3)))
 
 
-def _checkpointed_training(recipe, checkpointed, use_reentrant):
+def _checkpointed_training(recipe, checkpointed, use_reentrant, batch=4):
     from torch.utils.checkpoint import checkpoint
 
     g = torch.Generator().manual_seed(1)
-    data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    data = [(torch.rand(batch, 3, 16, 16, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(3)]
     torch.manual_seed(0)
     model = _CkptNet()
     if recipe != "stock":
@@ -362,6 +363,54 @@ def test_gradient_checkpointing_of_a_stateful_variant_is_refused(recipe):
     for use_reentrant in ([False] if recipe == "two-tower" else [True, False]):  # two-tower passes kwargs
         with pytest.raises(InputError, match=r"'b2\.bn'.*gradient checkpointing.*recomputes the forward"):
             _checkpointed_training(recipe, True, use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_of_a_single_example_ghost_batch_is_refused(use_reentrant):
+    """A batch of 5 in ghost batches of 2 leaves one example, normalised with the running
+    statistics, which the first call has already updated when the checkpoint recomputes it: the
+    gradients would differ (by 1e-2 here), so the recomputation is refused, naming the site. A
+    batch that leaves 2 or more examples recomputes exactly."""
+    from bnrewrite.errors import InputError
+
+    with pytest.raises(InputError, match=r"'b2\.bn'\(size=2\) was called again during the backward pass"):
+        _checkpointed_training("ghost:size=2", True, use_reentrant, batch=5)
+    plain, _ = _checkpointed_training("ghost:size=3", False, use_reentrant, batch=5)
+    ckpt, _ = _checkpointed_training("ghost:size=3", True, use_reentrant, batch=5)
+    for name in plain:
+        assert torch.equal(plain[name], ckpt[name]), name
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES + ["ghost:size=3", "cbn:k=3,burnin=3"])
+def test_two_calls_before_one_backward_equal_two_backwards(recipe):
+    """A siamese or contrastive step: the model called on two batches, one loss, one backward. Stock
+    BatchNorm allows it (its running-statistics update leaves autograd's version counter alone).
+    Every variant gives the gradients and state of calling backward after each call. The first call
+    takes stock BN's path where the second does not (cbn's first step or last burn-in step before a
+    window step; a ghost batch of 2 examples, then one of 4): before, the second call's in-place
+    update of the running statistics made the first call's backward raise a raw RuntimeError."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        joint = _small(recipe + ":every=1" if recipe in ("ns", "bs", "fs", "frs") else recipe)
+        apart = copy.deepcopy(joint)
+        gen = torch.Generator().manual_seed(3)
+        steps = [(torch.randn(2 if "ghost" in recipe else 4, 2, 6, 6, generator=gen),
+                  torch.randn(4, 2, 6, 6, generator=gen)) for _ in range(4)]
+        for a, b in steps:
+            for model in (joint, apart):
+                model.zero_grad()
+            torch.manual_seed(5)
+            (joint(a).square().mean() + joint(b).square().mean()).backward()
+            torch.manual_seed(5)
+            apart(a).square().mean().backward()
+            apart(b).square().mean().backward()
+            for (name, p), q in zip(joint.named_parameters(), apart.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
+        state_joint, state_apart = _buffers(joint), _buffers(apart)
+        for key, value in state_apart.items():
+            torch.testing.assert_close(state_joint[key], value, rtol=1e-12, atol=1e-14, msg=key)
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def test_recomputing_is_false_outside_the_backward_pass():

@@ -110,7 +110,9 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
     # BatchNorms left out of the recipe keep stock behaviour on the real rows
     for name, bn in list(gm.named_modules()):
         if name not in selected and is_stock_batchnorm(bn):
-            set_submodule(gm, name, SampledBatchNorm.from_batchnorm(bn, strategy="full", num_virtual=options.n))
+            kept = SampledBatchNorm.from_batchnorm(bn, strategy="full", num_virtual=options.n)
+            kept.site_name = name
+            set_submodule(gm, name, kept)
 
     injector = VirtualRowsInput(stats, options.n)
     placed = next(iter(gm.parameters()), None)
@@ -118,6 +120,10 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
         placed = next(iter(gm.buffers()), None)
     if placed is not None:
         injector.to(placed.device)  # data_stats arrive on the CPU; the model may already be on a GPU
+    injector.site_name = INPUT_NAME
+    for layer in gm.modules():
+        if isinstance(layer, SampledBatchNorm) and layer.num_virtual:
+            layer.attach_virtual_rows(injector)
     stripper = VirtualRowsOutput(injector)
     gm.add_module(INPUT_NAME, injector)
     gm.add_module(OUTPUT_NAME, stripper)

@@ -265,8 +265,16 @@ class BatchNormState(nn.Module):
             else:
                 factor = self.momentum
             unbiased = var.detach() * (count / max(count - 1, 1))
-            self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+            # Stock BatchNorm updates its running statistics inside the batch_norm op, which leaves
+            # autograd's version counter alone; an in-place op on the buffer bumps it, and the backward
+            # of an earlier call that saved the buffer (F.batch_norm saves it, even in training, where it
+            # is not used) then raises -- two calls before one backward (siamese, contrastive, a CBN
+            # step after a stock burn-in call). So update through .data, as the op does. Values read
+            # in a training forward are snapshots (buffer_snapshot), which no update reaches.
+            running_mean, running_var = ((self.running_mean, self.running_var) if torch.compiler.is_compiling()
+                                         else (self.running_mean.data, self.running_var.data))
+            running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
     def update_running_stats_from_batch(self, x: torch.Tensor) -> None:
         """Running statistics from the whole batch, for variants that normalise with other

@@ -97,6 +97,16 @@ class GhostBatchNorm(BatchNormState):
                 f"that is not 1 more than a multiple of {self.size} (or drop_last=True) to avoid this. "
                 "(warned once per layer)", stacklevel=4)
         if self.track_running_stats:
+            if self.recomputing():
+                # the first call already updated the running statistics this example was normalised with
+                from ..errors import InputError
+                raise InputError(
+                    f"GhostBatchNorm{self.site_label}(size={self.size}) was called again during the backward pass "
+                    f"(gradient checkpointing recomputes the forward) with a batch of {batch.shape[0]} examples, "
+                    "whose last ghost batch of one example is normalised with the running statistics: the "
+                    "first call already updated them, so the recomputed gradients would differ. Use a batch "
+                    f"size that is not 1 more than a multiple of {self.size} (or drop_last=True), or checkpoint "
+                    "segments that do not contain this layer")
             # snapshots, not clones: the running statistics are updated in place below (see buffer_snapshot)
             return self.normalize(example, buffer_snapshot(self.running_mean), buffer_snapshot(self.running_var))
         if batch.shape[0] == 1:

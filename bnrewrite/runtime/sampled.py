@@ -358,8 +358,25 @@ class SampledBatchNorm(BatchNormState):
 
     # ---------------------------------------------------------------- the sample
     def virtual_rows(self) -> int:
-        """Virtual rows at the front of the current input: VDN adds them in training only."""
-        return self.num_virtual if self.training else 0
+        """Virtual rows at the front of the current input: VDN adds them in training only.
+
+        The rows are added by the model's :class:`VirtualRowsInput`, which follows its own
+        mode: with it in eval mode (``model.eval()`` and then this layer alone put back in
+        training) the batch has none, and the first real examples would be taken for them."""
+        if not self.training or not self.num_virtual:
+            return 0
+        source = self.__dict__.get("_virtual_rows_source")
+        if source is not None and not source.training:
+            raise InputError(
+                f"SampledBatchNorm{self.site_label} is in training mode but the model's virtual-row "
+                f"input ('{source.site_name}') is in eval mode, so the batch holds no virtual rows (Alg. 3) "
+                f"for it to take statistics from. Put that module in training mode too "
+                f"(model.{source.site_name}.train()), or this layer in eval mode")
+        return self.num_virtual
+
+    def attach_virtual_rows(self, source: "VirtualRowsInput") -> None:
+        """Tell this layer which module adds its virtual rows (a reference, not a child)."""
+        self.__dict__["_virtual_rows_source"] = source
 
     def sample_spec(self, input_shape: tuple[int, ...]) -> SampleSpec:
         """The sample of the current step for an input of ``input_shape`` (incl. virtual rows)."""
@@ -656,6 +673,7 @@ class VirtualRowsInput(nn.Module):
 
     is_bnrewrite_leaf = True  # the capture tracer keeps it as one call: its forward reads self.training
     is_training_only = True  # the identity in eval mode: fold_for_inference drops its calls
+    site_name = ""  # its name on the rewritten model (the vdn pass sets it), for error messages
 
     def __init__(self, stats: DatasetStats, num_virtual: int):
         super().__init__()

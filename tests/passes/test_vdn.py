@@ -264,3 +264,46 @@ def test_data_statistics_survive_meta_device_init_and_to_empty():
     torch.testing.assert_close(injector.std, stats.std.float())
     model.double()
     torch.testing.assert_close(injector.mean, stats.mean.double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe, site", [("vdn", "1"), ("fs:ratio=1/2+vdn", "1"), ("vdn", "4")])
+def test_a_layer_training_while_the_virtual_rows_are_in_eval_is_refused(recipe, site):
+    """model.eval() and then one BatchNorm put back in training: the virtual-row input is in eval
+    mode and adds no rows, and the layer took its first real example for the virtual one (0.43 off
+    stock BN here, silently). It is refused, naming both modules; with the input module in training
+    too, the layer takes its statistics from the virtual rows again. Site "4" is left out of the
+    recipe in the third case: a layer kept stock in a vdn model also skips the virtual rows."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    x = torch.randn(4, 3, 8, 8)
+    exclude = "4" if site == "4" else None
+    model = bnrewrite.transform(net, recipe, data_stats=bnrewrite.dataset_stats(x * 3 + 5), exclude=exclude)
+    model.eval()
+    model.get_submodule(site).train()
+    with pytest.raises(InputError, match=rf"'{site}' is in training mode but the model's virtual-row input "
+                                         r"\('bnrewrite_vdn_input'\) is in eval mode"):
+        model(x)
+    model.bnrewrite_vdn_input.train()
+    seen = {}
+    model.get_submodule(site).register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    assert model(x).shape == (4, 4, 8, 8)
+    assert seen["x"].shape[0] == 5  # one virtual row in front of the real batch
+
+
+def test_a_frozen_layer_in_a_training_vdn_model_normalises_with_its_running_statistics():
+    """The converse: model.train() and one layer frozen with .eval() (fine-tuning). The batch holds
+    the virtual rows, which the frozen layer normalises like every other row, with its running
+    statistics; they do not move, and the real rows' output is stock eval BatchNorm's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 8, 8)
+    model = bnrewrite.transform(copy.deepcopy(net).train(), "vdn", data_stats=bnrewrite.dataset_stats(x))
+    model.get_submodule("1").eval()
+    before = model.get_submodule("1").running_mean.clone()
+    net.eval()
+    torch.testing.assert_close(model(x), net(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(model.get_submodule("1").running_mean, before)
