@@ -4,9 +4,11 @@ SyncBatchNorm all-reduces the statistics of every activation. A sampled BatchNor
 ``sync=True`` only needs the *sample*'s sums: each rank reduces its own sample to
 ``(Σx, Σx², count)`` per channel, one all-reduce of ``2C + 1`` values combines them, and every
 rank normalises with the statistics of the union of the ranks' samples. With FS every rank
-uses the same patch (§4.3 (1)). Virtual rows (VDN) are reduced separately, so they may live on
-one rank only (§4.3 (3)): ranks without them contribute a zero count, and the virtual
-statistics still reach every rank.
+uses the same patch (§4.3 (1)). Virtual rows (VDN) are reduced in a second block (§4.3 (3)): a
+rank whose batch holds none (an empty batch) contributes a zero count to it, and the virtual
+statistics still reach every rank. Every rank must run the same recipe: the blocks' layout
+follows it, and ranks with different layouts fail in the collective itself (gloo aborts).
+An empty batch still joins the all-reduce, forward and backward, as SyncBatchNorm's does.
 
 Gradient: the global sums are the sum of the ranks' sums, and the training loss is the sum of
 the ranks' losses, so the backward of the all-reduce is an all-reduce of the gradient (as in
@@ -82,9 +84,8 @@ def _local_sums(values: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, t
     # variance lose ~15% of it); MPS has no float64
     acc = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
     count = values.numel() // max(values.shape[channel_dim], 1)
-    if values.numel() == 0:
-        zeros = acc.new_zeros(values.shape[channel_dim])
-        return zeros, zeros, 0
+    # an empty selection sums to zeros through the graph: its backward still all-reduces, as every
+    # peer's does (a rank with an empty batch, or without virtual rows, would otherwise skip it)
     return acc.sum(dim=dims), (acc * acc).sum(dim=dims), count
 
 

@@ -221,3 +221,62 @@ def test_sync_sampler_uses_the_sync_batchnorms_process_group(tmp_path):
         torch.testing.assert_close(res[True]["mean"], res[False]["mean"])
         torch.testing.assert_close(res[True]["var"], res[False]["var"])
         torch.testing.assert_close(res[True]["y"], res[False]["y"])
+
+
+def _empty_rank_worker(rank, port, out_dir):
+    """Rank 1's first batch is empty: it still joins rank 0's all-reduce (with a zero count, as
+    SyncBatchNorm does), so rank 0's first step takes its own sample's statistics and the second
+    step pairs with the second step. Before, rank 1 skipped the collective: rank 0's first step
+    was paired with rank 1's second (wrong statistics), and its second step then hung."""
+    import datetime
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    # a hang becomes gloo's timeout error, not a test that never ends
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x, virtual, dy = _data()
+        mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        results = {}
+        for nv in (0, 1):
+            module = _module(num_virtual=nv)
+            steps = []
+            for step in range(2):
+                if step == 0 and rank == 1:
+                    batch, grad = x[:0], dy[:0]  # an empty batch adds no virtual rows either
+                else:
+                    batch = torch.cat([virtual[rank:rank + nv], x[mine]])
+                    grad = torch.cat([dy[rank:rank + nv], dy[WORLD:][mine]])
+                steps.append(_step(module, batch, grad))
+            results[nv] = steps
+        torch.save(results, os.path.join(out_dir, f"empty{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_batch_still_joins_the_all_reduce(tmp_path):
+    mp.spawn(_empty_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"empty{r}.pt") for r in range(WORLD)]
+    x, virtual, dy = _data()
+    for nv in (0, 1):
+        alone = _step(_module(num_virtual=nv, sync=False), torch.cat([virtual[:nv], x[:LOCAL]]),
+                      torch.cat([dy[:nv], dy[WORLD:][:LOCAL]]))
+        both = _step(_module(num_virtual=nv * WORLD, sync=False), torch.cat([virtual[:nv * WORLD], x]),
+                     torch.cat([dy[:nv * WORLD], dy[WORLD:]]))
+        first, second = ranks[0][nv][0], ranks[1][nv][0]
+        assert second["y"].shape == (0, 4, 8, 8) and second["dx"].shape == (0, 4, 8, 8)
+        for res in (first, second):  # rank 0's sample is the union: rank 1 counts 0
+            torch.testing.assert_close(res["mean"], alone["mean"])
+            torch.testing.assert_close(res["var"], alone["var"])
+            assert res["count"] == alone["count"]
+        torch.testing.assert_close(first["y"], alone["y"])
+        for key in ("rm", "rv"):  # every rank updates its running statistics with the union's
+            torch.testing.assert_close(second[key], first[key])
+        for r in range(WORLD):
+            got = ranks[r][nv][1]
+            torch.testing.assert_close(got["mean"], both["mean"])
+            torch.testing.assert_close(got["var"], both["var"])
+            assert got["count"] == both["count"]
+            rows = slice(WORLD * nv + r * LOCAL, WORLD * nv + (r + 1) * LOCAL)
+            torch.testing.assert_close(got["y"][nv:], both["y"][rows])

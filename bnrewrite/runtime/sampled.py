@@ -485,10 +485,23 @@ class SampledBatchNorm(BatchNormState):
             raise InputError(f"SampledBatchNorm({self.strategy}){self.site_label} on input {shape}: {source} holds one "
                              f"value per channel, which has no variance; {fix}")
 
+    def empty_batch(self, x: torch.Tensor) -> bool:
+        """An empty batch is stock BatchNorm's (:meth:`BatchNormState.empty_batch`), except with
+        ``sync=True`` under ``torch.distributed``: there it still joins its peers' all-reduce with a
+        zero count, as SyncBatchNorm does; skipping it would pair their collective with this
+        rank's next one (wrong statistics on every rank, then a hang)."""
+        return super().empty_batch(x) and not (self.training and self.sync_active())
+
     def forward_train(self, x: torch.Tensor) -> torch.Tensor:
         self.advance_schedule()
-        spec = self.sample_spec(tuple(x.shape))
         sync = self.sync_active()
+        if sync and x.numel() == 0:
+            # nothing to draw from; the block layout (virtual rows reduced or not) must be the
+            # peers', which follows the configuration, not this batch (which holds no virtual rows)
+            weight = (1.0 if self.strategy == "vdn" else self.beta) if self.num_virtual else 0.0
+            spec = SampleSpec(rows=(0, 0), num_virtual=1 if weight else 0, beta=weight)
+        else:
+            spec = self.sample_spec(tuple(x.shape))
         if not sync and spec.is_full(tuple(x.shape)):
             self.last_statistics = None
             return self.stock_forward(x)
