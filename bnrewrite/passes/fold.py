@@ -110,10 +110,12 @@ class ExampleWeightedNorm(nn.Module):
 
         μ  = α·mean(x[n, c]) + (1−α)·running_mean[c]
         σ² = α·mean(x[n, c]²) + (1−α)·(running_var[c] + running_mean[c]²) − μ²
+           = α·var(x[n, c]) + (1−α)·running_var[c] + α(1−α)·(mean(x[n, c]) − running_mean[c])²
         y  = weight[c]·(x − μ)/sqrt(σ² + eps) + bias[c]
 
-    For ``(N, C)`` inputs (BatchNorm1d after Linear) the example's "moments" are the value
-    itself. σ² is clamped at 0 against fp32 cancellation (it is ≥ 0 in exact arithmetic).
+    computed in the second form, a sum of non-negative terms (the first cancels in float32 when
+    the mean is large against the standard deviation). For ``(N, C)`` inputs (BatchNorm1d after
+    Linear) the example's "moments" are the value itself (variance 0).
     """
 
     def __init__(self, running_mean, running_var, weight, bias, eps: float, alpha: float,
@@ -130,19 +132,21 @@ class ExampleWeightedNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ndim = self.ndim if self.ndim is not None else x.dim()
         shape = _channel_shape(ndim)
-        if ndim > 2:
-            dims = list(range(2, ndim))
-            ex_mean = x.mean(dim=dims, keepdim=True)
-            ex_sq = (x * x).mean(dim=dims, keepdim=True)
-        else:
-            ex_mean = x
-            ex_sq = x * x
         a = self.alpha
         rm = self.running_mean.reshape(shape)
         rv = self.running_var.reshape(shape)
+        if ndim > 2:
+            ex_mean = x.mean(dim=list(range(2, ndim)), keepdim=True)
+            centred = x - ex_mean
+            ex_var = a * (centred * centred).mean(dim=list(range(2, ndim)), keepdim=True)
+        else:
+            ex_mean, ex_var = x, 0.0
         mean = a * ex_mean + (1.0 - a) * rm
-        var = a * ex_sq + (1.0 - a) * (rv + rm * rm) - mean * mean
-        inv = torch.rsqrt(var.clamp_min(0.0) + self.eps)
+        # Eq. 3's σ² rearranged without its large terms: a·E[x²] + (1−a)(σ²_ema + μ²_ema) − μ²
+        # cancels in float32 when |μ| ≫ σ (raw 0–255 pixels: 0.09–0.22 off at μ = 2000, σ = 1)
+        shift = ex_mean - rm
+        var = ex_var + (1.0 - a) * rv + (a * (1.0 - a)) * (shift * shift)
+        inv = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             inv = inv * self.weight.reshape(shape)
         y = (x - mean) * inv

@@ -195,6 +195,11 @@ class GroupExampleWeightedNorm(nn.Module):
         m_G  = α·mean_{c∈G,S} x[n, c]   + (1−α)·mean_{c∈G} running_mean[c]
         s_G  = α·mean_{c∈G,S} x[n, c]²  + (1−α)·mean_{c∈G} (running_var[c] + running_mean[c]²)
         y_c  = weight[c]·(x_c − m_G)/sqrt(s_G − m_G² + eps) + bias[c]
+
+    with ``s_G − m_G²`` computed as α·v_n + (1−α)·v_ema + α(1−α)·(e_n − μ_ema)², where e_n, v_n are
+    the example's group mean and variance, μ_ema the group's pooled running mean and v_ema its
+    pooled running variance (mean of running_var plus the spread of running_mean over the group):
+    the same value, without the float32 cancellation of large terms when |mean| ≫ std.
     """
 
     def __init__(self, running_mean, running_var, weight, bias, eps: float, alpha: float, groups: int):
@@ -212,12 +217,17 @@ class GroupExampleWeightedNorm(nn.Module):
         g = self.groups
         cells = x.reshape(n, g, -1)
         ex_mean = cells.mean(dim=2, keepdim=True)
-        ex_sq = (cells * cells).mean(dim=2, keepdim=True)
-        rm = self.running_mean.reshape(g, -1).mean(dim=1).reshape(1, g, 1)
-        rs = (self.running_var + self.running_mean * self.running_mean).reshape(g, -1).mean(dim=1).reshape(1, g, 1)
+        centred = cells - ex_mean
+        ex_var = (centred * centred).mean(dim=2, keepdim=True)
+        running_mean = self.running_mean.reshape(g, -1)
+        group_mean = running_mean.mean(dim=1, keepdim=True)
+        spread = running_mean - group_mean
+        group_var = (self.running_var.reshape(g, -1) + spread * spread).mean(dim=1).reshape(1, g, 1)
+        rm = group_mean.reshape(1, g, 1)
         a = self.alpha
         mean = a * ex_mean + (1.0 - a) * rm
-        var = (a * ex_sq + (1.0 - a) * rs - mean * mean).clamp_min(0.0)
+        shift = ex_mean - rm
+        var = a * ex_var + (1.0 - a) * group_var + (a * (1.0 - a)) * (shift * shift)
         y = ((cells - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
         shape = [1, c] + [1] * (x.dim() - 2)
         if self.weight is not None:

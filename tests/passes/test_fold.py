@@ -778,6 +778,25 @@ def test_example_weighing_matches_paper_formula(alpha, shape, bn_cls):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("alpha", [1e-3, 0.1, 0.5])
+@pytest.mark.parametrize("shape,bn_cls", [((2, 4, 8, 8), nn.BatchNorm2d), ((6, 4), nn.BatchNorm1d)])
+def test_example_weighing_keeps_float32_precision_when_the_mean_is_large(alpha, shape, bn_cls):
+    """Running mean 2000 with std 1 (an un-normalised input, 0–255 pixels say): Eq. 3's σ² written
+    as a·E[x²] + (1−a)(σ²_ema + μ²_ema) − μ² cancels in float32 (0.09–0.22 off before). The float32
+    fold matches Eq. 3 in float64 on the same inputs to what float32 inputs near 2000 allow."""
+    bn = nn.BatchNorm2d(4) if bn_cls is nn.BatchNorm2d else nn.BatchNorm1d(4)
+    bn = randomise(bn).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(1990.0, 2010.0)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = bn.running_mean.reshape([1, -1] + [1] * (len(shape) - 2)) + torch.randn(*shape)
+    folded = bnrewrite.fold_for_inference(nn.Sequential(bn), example_weight=alpha)
+    with torch.no_grad():
+        got = folded(x).double()
+        want = paper_example_weighing(x.double(), copy.deepcopy(bn).double(), alpha)
+    assert rel_err(want, got) < 1e-4
+
+
 def test_example_weighing_alpha_one_is_instance_norm():
     bn = randomise(nn.BatchNorm2d(4))
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64)

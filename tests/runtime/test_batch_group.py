@@ -189,6 +189,30 @@ def test_example_weighted_inference_is_eq3_over_groups():
     assert isinstance(m.example_weighted_inference(0.1), GroupExampleWeightedNorm)
 
 
+@pytest.mark.parametrize("alpha", [1e-3, 0.1, 0.5])
+def test_example_weighted_inference_keeps_float32_precision_when_the_mean_is_large(alpha):
+    """Running means near 2000 with std 1: s_G − m_G² of the float32 module cancels (0.05–0.3 off
+    before); written as a sum of non-negative terms it matches Eq. 3 over groups in float64."""
+    m = _bgn(4, 2, examples=2).eval()
+    with torch.no_grad():
+        m.running_mean.uniform_(1990.0, 2010.0)
+        m.running_var.uniform_(0.5, 2.0)
+    x = m.running_mean.reshape(1, -1, 1, 1) + torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        got = m.example_weighted_inference(alpha)(x).double()
+    xd, rm, rv = x.double(), m.running_mean.double(), m.running_var.double()
+    weight, bias = m.weight.detach().double(), m.bias.detach().double()
+    want = torch.empty_like(xd)
+    for n in range(2):
+        for g in range(2):
+            ch = slice(2 * g, 2 * g + 2)
+            mu = alpha * xd[n, ch].mean() + (1 - alpha) * rm[ch].mean()
+            sq = alpha * (xd[n, ch] ** 2).mean() + (1 - alpha) * (rv[ch] + rm[ch] ** 2).mean()
+            want[n, ch] = (xd[n, ch] - mu) / torch.sqrt(sq - mu ** 2 + m.eps) * weight[ch].reshape(-1, 1, 1) \
+                + bias[ch].reshape(-1, 1, 1)
+    assert ((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("channels,groups,expect", [(48, 32, 24), (64, 32, 32), (3, 32, 3), (7, 4, 1), (12, 5, 4)])
 def test_groups_that_do_not_divide_use_largest_divisor(channels, groups, expect):
     assert channel_groups_for(channels, groups) == expect
