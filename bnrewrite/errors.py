@@ -65,6 +65,25 @@ class ExportError(BnRewriteError):
     """ONNX export failed, or onnxruntime disagrees with torch."""
 
 
+def refuse_compiled_wrappers(model, function: str) -> None:
+    """A ``torch.compile`` wrapper (``OptimizedModule``) anywhere in a model that ``function``
+    rewrites or copies: the wrapper calls the module it was made from, not the rewritten copy, so
+    the result would silently run the original model (or raise on the parts the rewrite removed).
+    Rewrite the plain module and compile the result."""
+    for name, module in model.named_modules():
+        if "_orig_mod" not in module._modules:
+            continue
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        if isinstance(module, OptimizedModule):
+            where = f"'{name}' is" if name else "the model is"
+            inner = f"{name}._orig_mod" if name else "model._orig_mod"
+            raise InputError(
+                f"{function}: {where} a torch.compile wrapper, which would keep calling the module it was made "
+                f"from, not the rewritten copy. Pass the plain module ({inner}, or the model before "
+                f"torch.compile) and compile what {function} returns")
+
+
 def require_module(model, function: str) -> None:
     """The check every public entry point makes first, so a wrong argument is an InputError
     naming the function rather than an AttributeError from deep inside."""

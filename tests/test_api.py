@@ -302,3 +302,38 @@ def test_hooks_on_a_batchnorm_run_on_the_module_that_replaces_it(recipe):
     seen.clear()
     rewritten(x)
     assert seen == []
+
+
+_REWRITING_ENTRY_POINTS = {
+    "transform": lambda m, x: bnrewrite.transform(m, "ghost:size=2"),
+    "fold_for_inference": lambda m, x: bnrewrite.fold_for_inference(m),
+    "export_onnx": lambda m, x: bnrewrite.export_onnx(m.eval(), (x,), "unused.onnx"),
+    "tune_example_weight": lambda m, x: bnrewrite.tune_example_weight(m.eval(), (x, torch.zeros(8, dtype=torch.long))),
+}
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("function", sorted(_REWRITING_ENTRY_POINTS))
+def test_a_torch_compile_wrapper_is_refused(function, nested):
+    """torch.compile's OptimizedModule calls the module it was made from: a rewritten copy of the
+    wrapper ran the original model silently (transform with ghost gave stock BN's output, 0.30 off
+    the rewrite), and a folded one raised a raw AttributeError. Every function that rewrites or
+    copies the model refuses one, the model itself or a submodule, naming it."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(torch.compile(block, backend="eager"), head) if nested else \
+        torch.compile(nn.Sequential(block, head), backend="eager")
+    where = r"'0' is" if nested else "the model is"
+    with pytest.raises(InputError, match=rf"{function}: {where} a torch.compile wrapper.*compile what {function} "
+                                         "returns"):
+        _REWRITING_ENTRY_POINTS[function](model, torch.randn(8, 3, 8, 8))
+
+
+def test_the_plain_module_of_a_compile_wrapper_transforms_and_compiles():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    compiled = torch.compile(model, backend="eager")
+    out = torch.compile(bnrewrite.transform(compiled._orig_mod, "ghost:size=2"), backend="eager")
+    x = torch.randn(8, 3, 8, 8)
+    torch.testing.assert_close(out(x), bnrewrite.transform(copy.deepcopy(model), "ghost:size=2")(x))

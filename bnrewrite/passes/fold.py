@@ -52,7 +52,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..capture import capture, set_submodule
 from ..distributed import deepcopy_model
-from ..errors import InputError, UnsupportedPatternError, warn_at_caller
+from ..errors import InputError, UnsupportedPatternError, refuse_compiled_wrappers, warn_at_caller
 from ..runtime.base import is_batchnorm
 from ..sites import Site, find_sites, overrides_forward
 
@@ -291,6 +291,7 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"fold_for_inference expects an nn.Module, got {type(model).__name__}")
+    refuse_compiled_wrappers(model, "fold_for_inference")
     try:
         options = FoldOptions(example_weight=float(example_weight))
     except ValueError as exc:
