@@ -383,8 +383,14 @@ def fold_sites(module: nn.Module, sites: list[Site], options: FoldOptions, conte
 def _drop_training_only(root: nn.Module, context: FoldContext) -> None:
     """Modules that only act in training and are the identity in eval (``is_training_only``,
     e.g. vdn's virtual-row injector and stripper) leave the inference graph: each call's uses
-    read its input, the node goes, and so does the submodule when no other node calls it."""
+    read its input, the node goes, and so does the submodule when no other node calls it. One
+    its graph never calls goes too: vdn rewrites the training graph, so a model whose eval graph
+    differs (a mode twin: StochasticDepth, say) holds them uncalled."""
     for _, gm in list(_graph_modules(root)):
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for name, child in list(gm.named_children()):
+            if getattr(child, "is_training_only", False) is True and name not in called:
+                gm._modules.pop(name)
         dropped: set[str] = set()
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or not _has_submodule(gm, node.target):

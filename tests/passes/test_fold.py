@@ -956,11 +956,27 @@ class _TwoHeads(nn.Module):
         return self.fc(h), h
 
 
+class _TrainOnlyHead(nn.Module):
+    """An output that differs between modes (as StochasticDepth's does): a mode twin, whose eval
+    graph vdn does not rewrite, so the eval graph never calls the virtual-row modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.fc(h) * (0.5 if self.training else 1.0)
+
+
 @pytest.mark.parametrize("recipe", ["vdn", "fs:ratio=1/4+vdn"])
-@pytest.mark.parametrize("net", ["sequential", "two-heads"])
+@pytest.mark.parametrize("net", ["sequential", "two-heads", "mode-twin"])
 def test_vdn_virtual_rows_leave_the_folded_model(recipe, net):
     """The virtual-row injector and stripper act in training only: the inference model is a plain
-    eval model without them, with the unfolded eval output, and scripts like any folded model."""
+    eval model without them, with the unfolded eval output, and (a flat model) scripts. With a mode
+    twin (torchvision's efficientnet_b0) the eval graph never called them, and they stayed."""
     from bnrewrite.runtime.sampled import VirtualRowsInput, VirtualRowsOutput
 
     torch.manual_seed(0)
@@ -968,7 +984,7 @@ def test_vdn_virtual_rows_leave_the_folded_model(recipe, net):
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     else:
-        model = _TwoHeads()
+        model = _TwoHeads() if net == "two-heads" else _TrainOnlyHead()
     m = bnrewrite.transform(model, recipe, data_stats=([0.3, 0.2, 0.1], [0.4, 0.5, 0.6]))
     x = torch.rand(4, 3, 32, 32)
     out = m(x)
