@@ -61,13 +61,23 @@ class ExampleWeightCurve:
 
 
 def _batches(data, batch_size: int) -> Iterable:
-    """``(inputs, targets)`` tensor pair -> chunks of it; anything else is iterated as batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    """``(inputs, targets)`` pair of tensors -> chunks of it (``inputs`` may be a tuple of tensors, for
+    a model taking several: a batch of a list of batches is a pair, never a tensor, so a pair whose
+    second item is a tensor is the data itself); anything else is iterated as batches."""
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+            and (isinstance(data[0], torch.Tensor) or (isinstance(data[0], (tuple, list)) and data[0]
+                                                       and all(isinstance(t, torch.Tensor) for t in data[0])))):
         inputs, targets = data
-        if inputs.shape[0] != targets.shape[0]:
-            raise InputError(f"tune_example_weight: inputs hold {inputs.shape[0]} examples but targets "
-                             f"{targets.shape[0]}")
-        return [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)]
+        several = not isinstance(inputs, torch.Tensor)
+        for t in (inputs if several else (inputs,)):
+            if t.shape[0] != targets.shape[0]:
+                raise InputError(f"tune_example_weight: inputs hold {t.shape[0]} examples but targets "
+                                 f"{targets.shape[0]}")
+
+        def chunk(t, i):
+            return t[i:i + batch_size]
+        return [((type(inputs)(chunk(t, i) for t in inputs) if several else chunk(inputs, i)), chunk(targets, i))
+                for i in range(0, targets.shape[0], batch_size)]
     try:
         iter(data)
     except TypeError:

@@ -67,6 +67,36 @@ def test_curve_matches_eq3(metric):
     assert len(set(round(s, 6) for s in curve.scores)) > 1  # α really changes the model
 
 
+class _TwoInputs(nn.Module):
+    """A model whose forward takes two tensors: `_model()` on their sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, a, b):
+        return self.net(a + b)
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_a_pair_with_several_inputs_is_the_data_itself(container):
+    """``((x1, x2), y)``: the inputs of a model taking two tensors, and the targets. Before, it was
+    read as a list of two batches and refused with a message about the data format; a batch of a
+    list of batches is a pair, never a tensor, so a pair whose second item is a tensor is the data."""
+    model = _TwoInputs().eval()
+    x, y = _data()
+    x1, x2 = x * 0.5, x * 0.5 + 0.1
+    curve = bnrewrite.tune_example_weight(model, (container([x1, x2]), y), metric="loss", grid=GRID, batch_size=16,
+                                          example_inputs=(x1[:2], x2[:2]))
+    assert curve.examples == 40
+    with torch.no_grad():
+        for alpha, score in zip(GRID, curve.scores):
+            ref = F.cross_entropy(_eq3_forward(model.net, x1 + x2, alpha), y).item()
+            assert score == pytest.approx(ref, abs=1e-5), alpha
+    with pytest.raises(InputError, match="inputs hold 39 examples but targets 40"):
+        bnrewrite.tune_example_weight(model, (container([x1[:39], x2]), y), grid=GRID)
+
+
 def test_dataloader_callable_metric_and_plot(tmp_path):
     model = _model()
     x, y = _data()
