@@ -199,7 +199,7 @@ def _fuse_activation(root: nn.Module, site, norm: nn.Module) -> str | None:
         user.replace_all_uses_with(node)
         g.graph.erase_node(user)
         g.recompile()
-    norm.add_module("act", _make_activation(name, slope))
+    norm.add_module("act", _make_activation(name, slope).train(norm.training))
     norm._post_children = ("act",)
     return name
 

@@ -125,6 +125,9 @@ def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> 
         if isinstance(layer, SampledBatchNorm) and layer.num_virtual:
             layer.attach_virtual_rows(injector)
     stripper = VirtualRowsOutput(injector)
+    # new modules start in training mode; they act in the model's (an eval model's forward adds no rows)
+    injector.train(gm.training)
+    stripper.train(gm.training)
     gm.add_module(INPUT_NAME, injector)
     gm.add_module(OUTPUT_NAME, stripper)
     graph = gm.graph

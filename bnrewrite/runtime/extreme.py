@@ -296,8 +296,10 @@ class ExtremeNorm(BatchNormState):
         if self.mean_before_conv and conv_input is None:
             raise InputError(
                 f"ExtremeNorm '{self.site_name}' is in training mode but was called without the input of its "
-                f"producer '{self.producer_name}'. Call the transformed model itself in train mode "
-                "(model.train()), not this layer on its own")
+                f"producer '{self.producer_name}': it trains only in a model in training mode, whose graph "
+                "passes that input (the eval graph does not, so this layer cannot be put back in training "
+                "alone in an eval model). Call the transformed model itself in train mode (model.train()), "
+                "not this layer on its own, or keep this layer in eval mode")
         if self.empty_batch(x):  # stock BatchNorm's empty batch; tower B (moments given) counts no second step
             y = self.stock_forward(x) if moments is None else F.batch_norm(x, None, None, self.weight, self.bias,
                                                                            True, 0.0, self.eps)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnrewrite
+from bnrewrite.errors import InputError
 from bnrewrite.runtime.extreme import ExtremeNorm
 from tests.extreme_reference import EPS, randomise_extreme_layers, reference_brn
 from tests.models import NestedUntraceable
@@ -268,3 +269,20 @@ def test_warm_up_statistics_stops_on_a_one_shot_iterator():
     assert bnrewrite.warm_up_statistics(tm, iter([torch.randn(2, 3, 8, 8)] * 3), steps=10) == 3
     with pytest.raises(bnrewrite.InputError):
         bnrewrite.warm_up_statistics(tm, [], steps=5)
+
+
+@pytest.mark.parametrize("recipe", ["brn", "two-tower"])
+def test_a_layer_training_alone_in_an_eval_model_says_why_it_cannot(recipe):
+    """model.eval() and one Extreme-Norm layer put back in training: the eval graph does not pass
+    the producer's input the training step needs. The refusal said to call the model rather than
+    the layer on its own, which the user had done; it now names the mode mix."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    x = torch.randn(4, 3, 6, 6)
+    model = bnrewrite.transform(net, recipe)
+    model.eval()
+    model.get_submodule("4").train()
+    with pytest.raises(InputError, match=r"'4' is in training mode.*cannot be put back in training alone in an "
+                                         r"eval model.*or keep this layer in eval mode"):
+        model(x)

@@ -307,3 +307,20 @@ def test_a_frozen_layer_in_a_training_vdn_model_normalises_with_its_running_stat
     net.eval()
     torch.testing.assert_close(model(x), net(x), rtol=1e-6, atol=1e-6)
     assert torch.equal(model.get_submodule("1").running_mean, before)
+
+
+def test_an_eval_model_transformed_with_vdn_adds_no_rows_in_eval():
+    """The virtual-row modules are made after capture; they took nn.Module's default (training) in
+    a model transformed in eval mode, so every eval forward drew virtual rows (consuming the global
+    RNG) and prepended them: a BatchNorm without running statistics, which normalises with the
+    batch's, was 0.49 off stock. They now take the model's mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    x = torch.randn(4, 3, 6, 6)
+    model = bnrewrite.transform(copy.deepcopy(net), "vdn:n=2", data_stats=bnrewrite.dataset_stats(x * 3 + 5))
+    assert not model.training and not model.bnrewrite_vdn_input.training and not model.bnrewrite_vdn_output.training
+    state = torch.get_rng_state()
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), state)  # no virtual rows drawn
+    model.train()
+    assert model.bnrewrite_vdn_input.training
