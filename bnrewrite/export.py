@@ -217,6 +217,11 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f"export_onnx: the folder {parent!r} of {path!r} does not exist; create it first")
+    # the file moves into place by a rename, which would replace a device (/dev/null) or a link
+    # itself: write to a link's target, and refuse anything there that is not a regular file
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise InputError(f"export_onnx: {path!r} exists and is not a regular file (a device or a pipe); "
+                         "pass the path of the .onnx file to write")
     folded = False
     fold_report = None
     if example_weight and not _has_normalisation(model):
@@ -246,18 +251,22 @@ def _export_and_verify(model, inputs, path, dynamic_batch, opset, verify, provid
     if dynamic_batch and any(t.shape[0] == 1 for t in inputs):
         # torch.export specialises a size-1 dim to the constant 1; trace on batch 2 instead
         trace_inputs = tuple(torch.cat([t, t]) for t in inputs)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    target = os.path.realpath(path)  # a link keeps pointing at the written file
+    folder = os.path.dirname(target)
     # write into a private folder beside `path` and move the file into place only once it is verified:
     # a failed export (or a fallback's rejected first try) never leaves a file at `path` that looks
     # valid, and a file already there stays as it was. Beside it, so the move is an atomic rename;
     # a folder rather than a temp file, so the file gets the permissions a plain write would give it
-    staging = tempfile.mkdtemp(prefix=".bnrewrite-export-", dir=folder)
     try:
-        staged = os.path.join(staging, os.path.basename(path))
+        staging = tempfile.mkdtemp(prefix=".bnrewrite-export-", dir=folder)
+    except OSError as err:
+        raise InputError(f"export_onnx: cannot write into {folder!r} ({err.strerror or err}); pass a path in a "
+                         "folder you can write to") from None
+    try:
+        staged = os.path.join(staging, os.path.basename(target))
         report = _export_verified(model, inputs, trace_inputs, staged, path, dynamic_batch, opset, verify,
                                   providers, tolerance, exporter, folded, fold_report)
-        os.replace(staged, path)
+        os.replace(staged, target)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)

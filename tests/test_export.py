@@ -146,6 +146,33 @@ def test_a_folder_or_a_missing_folder_as_the_path_is_an_input_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_link_is_written_through_and_a_pipe_or_device_is_refused(tmp_path):
+    """The verified file moves into place by a rename, which replaced whatever was at the path: a
+    link became a file (its target stayed as it was), and ``--out /dev/null`` would have replaced
+    the device with an .onnx file. A link's target is written now; a pipe or device is refused."""
+    import os
+
+    target = tmp_path / "target.onnx"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    report = bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert onnx.load(str(target)).graph.node and report.max_rel_error < 1e-4
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(InputError, match="'.*pipe' exists and is not a regular file"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), pipe)
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+def test_a_folder_that_cannot_be_written_is_an_input_error():
+    """/proc takes no new files, even for root: an InputError naming the folder (it was a raw
+    OSError from the staging folder, a traceback from the CLI)."""
+    with pytest.raises(InputError, match="cannot write into '/proc'"):
+        bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), "/proc/bnrewrite-test.onnx")
+
+
 def test_opset_newer_than_onnx_knows_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=f"opset 99 is newer .* newest is {onnx.defs.onnx_opset_version()}"):
         bnrewrite.export_onnx(small_net(), torch.randn(2, 3, 8, 8), tmp_path / "b.onnx", opset=99)
