@@ -2,25 +2,68 @@
 from __future__ import annotations
 
 
+def _run_items(text: str) -> list[str]:
+    """The comma-separated runs; a recipe's own options are comma-separated too ('cbn:k=4,burnin=5@4'):
+    a piece with '=' and no ':' (an option, never a component, which names itself first) continues the
+    run before it."""
+    items: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if items and "=" in piece and ":" not in piece:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return items
+
+
 def _parse_runs(text: str | None):
     if not text:
         return None
     from .demo import DEFAULT_RUNS
+    from .errors import InputError
 
     known = {label: (label, recipe, batch) for label, recipe, batch in DEFAULT_RUNS}
     runs = []
-    for item in text.split(","):
-        item = item.strip()
+    for item in _run_items(text):
         if item in known:
             runs.append(known[item])
             continue
         recipe, _, batch = item.partition("@")
+        if not recipe or (batch and not (batch.isdigit() and int(batch) >= 1)):
+            raise InputError(f"demo --runs: {item!r} is not RECIPE@BATCH with a batch size of 1 or more, nor a "
+                             f"default run ({', '.join(known)})")
         runs.append((item, recipe, int(batch) if batch else 32))
     return runs
 
 
+def _check_arguments(args) -> None:
+    """The demo's options, refused before any training (they failed deep inside it, with tracebacks)."""
+    import os
+
+    import torch
+
+    from .errors import InputError
+
+    for name in ("epochs", "small_batch_epochs"):
+        if getattr(args, name) < 1:
+            raise InputError(f"demo --{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"demo --device: {args.device!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"demo --device {args.device}: this machine has no CUDA GPU torch can use; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"demo --device: {args.device!r}; use cpu or cuda")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"demo --out: cannot create the folder {args.out!r} ({err.strerror or err})") from None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
+
+    _check_arguments(args)
 
     run_demo(epochs=args.epochs, small_batch_epochs=args.small_batch_epochs, runs=_parse_runs(args.runs),
              out_dir=args.out, device=args.device, seed=args.seed, progress=not args.no_progress)

@@ -38,3 +38,33 @@ def test_cbn_runs_get_the_papers_burnin(recipe, want):
     got = with_cbn_burnin(recipe, 360)
     assert got == want
     bnrewrite.parse_recipe(got)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--runs", "bn@x"], "'bn@x' is not RECIPE@BATCH"),
+    (["--runs", "bn@0"], "'bn@0' is not RECIPE@BATCH"),
+    (["--epochs", "0"], "--epochs must be 1 or more"),
+    (["--small-batch-epochs", "-1"], "--small-batch-epochs must be 1 or more"),
+    (["--device", "nosuch"], "'nosuch' is not a device"),
+    (["--out", "FILE/sub"], "cannot create the folder"),
+])
+def test_bad_demo_options_are_one_error_line_before_any_training(argv, message, tmp_path, capsys):
+    """Each was a traceback from inside the training (int(), a ZeroDivisionError, OneCycleLR's
+    total_steps, torch.device, os.makedirs), exit 1."""
+    (tmp_path / "FILE").write_text("")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(["demo", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnrewrite: error: demo ") and message in err and "Traceback" not in err
+
+
+def test_demo_runs_take_recipes_with_several_options():
+    """A recipe's own options are comma-separated like the runs: 'cbn:k=4,burnin=5@4' was split into
+    'cbn:k=4' and 'burnin=5@4' (unknown component)."""
+    from bnrewrite.cli_demo import _parse_runs
+
+    assert _parse_runs("bn,cbn:k=4,burnin=5@4,fs:ratio=1/8+vdn:n=2,beta=0.3@16") == [
+        ("bn", "bn", 32), ("cbn:k=4,burnin=5@4", "cbn:k=4,burnin=5", 4),
+        ("fs:ratio=1/8+vdn:n=2,beta=0.3@16", "fs:ratio=1/8+vdn:n=2,beta=0.3", 16)]
