@@ -75,6 +75,9 @@ def _call_factory(path: str, factory: str):
         module_spec.loader.exec_module(module)
     except SyntaxError as exc:
         raise InputError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except SystemExit as exc:  # sys.exit() at import time: the module is a script, not a model file
+        raise InputError(f"importing {path} called sys.exit({exc.code!r}); a model file must define the "
+                         "factory without running a script") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed to import
         raise InputError(f"importing {path} failed: {first_line(exc)}") from None
     fn = getattr(module, factory, None)
@@ -91,6 +94,8 @@ def _call_factory(path: str, factory: str):
         pass
     try:
         model = fn()
+    except SystemExit as exc:
+        raise InputError(f"{name}() called sys.exit({exc.code!r}) instead of returning the model") from None
     except Exception as exc:  # noqa: BLE001 - the user's factory failed
         raise InputError(f"{name}() raised {first_line(exc)}") from None
     if not isinstance(model, nn.Module):

@@ -82,6 +82,7 @@ def small(): return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
 def raises(): raise RuntimeError("factory exploded")
 def needs_arg(n): return small()
 def not_a_module(): return 3
+def exits(): raise SystemExit(3)
 notcallable = 3
 """
 
@@ -90,6 +91,9 @@ notcallable = 3
     (["fold", "{d}/sd.pt", "--out", "{d}/o.pt"], "{d}/sd.pt holds an object of type OrderedDict, not a whole module"),
     (["inspect", "{d}/corrupt.pt"], "{d}/corrupt.pt is not a file torch.load can read (UnpicklingError"),
     (["inspect", "{d}/m.py:raises"], "{d}/m.py:raises() raised RuntimeError: factory exploded"),
+    # a sys.exit() in the factory or at import exited silently (status 3, or 1 with the message only)
+    (["inspect", "{d}/m.py:exits"], "{d}/m.py:exits() called sys.exit(3) instead of returning the model"),
+    (["inspect", "{d}/script.py:small"], "importing {d}/script.py called sys.exit('bye')"),
     (["inspect", "{d}/m.py:needs_arg"], "{d}/m.py:needs_arg must be callable with no arguments"),
     (["inspect", "{d}/m.py:notcallable"], "{d}/m.py:notcallable is of type int, not a function"),
     (["inspect", "{d}/m.py:not_a_module"], "{d}/m.py:not_a_module() returned an object of type int, not an nn.Module"),
@@ -116,6 +120,7 @@ def test_bad_model_inputs_are_one_clear_line(argv, message, tmp_path, capsys):
 
     (tmp_path / "m.py").write_text(BAD_MODEL_FILE)
     (tmp_path / "broken.py").write_text("def small(:\n")
+    (tmp_path / "script.py").write_text("raise SystemExit('bye')\n")
     torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict(), tmp_path / "sd.pt")
     (tmp_path / "corrupt.pt").write_text("x")
     assert main([a.format(d=tmp_path) for a in argv]) == 2
