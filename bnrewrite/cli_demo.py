@@ -63,9 +63,9 @@ def _check_arguments(args) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    _check_arguments(args)
-
-    run_demo(epochs=args.epochs, small_batch_epochs=args.small_batch_epochs, runs=_parse_runs(args.runs),
+    runs = _parse_runs(args.runs)
+    _check_arguments(args)  # after the runs: it creates the --out folder
+    run_demo(epochs=args.epochs, small_batch_epochs=args.small_batch_epochs, runs=runs,
              out_dir=args.out, device=args.device, seed=args.seed, progress=not args.no_progress)
     return 0
 

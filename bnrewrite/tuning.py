@@ -64,26 +64,29 @@ def _batches(data, batch_size: int) -> Iterable:
     """``(inputs, targets)`` pair of tensors -> chunks of it (``inputs`` may be a tuple of tensors, for
     a model taking several: a batch of a list of batches is a pair, never a tensor, so a pair whose
     second item is a tensor is the data itself); anything else is iterated as batches."""
-    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
-            and (isinstance(data[0], torch.Tensor) or (isinstance(data[0], (tuple, list)) and data[0]
-                                                       and all(isinstance(t, torch.Tensor) for t in data[0])))):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
         inputs, targets = data
-        several = not isinstance(inputs, torch.Tensor)
-        for t in (inputs if several else (inputs,)):
-            if t.shape[0] != targets.shape[0]:
-                raise InputError(f"tune_example_weight: inputs hold {t.shape[0]} examples but targets "
-                                 f"{targets.shape[0]}")
-
-        def chunk(t, i):
-            return t[i:i + batch_size]
-        return [((type(inputs)(chunk(t, i) for t in inputs) if several else chunk(inputs, i)), chunk(targets, i))
-                for i in range(0, targets.shape[0], batch_size)]
+        tensors = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        if isinstance(tensors, (tuple, list)) and tensors and all(isinstance(t, torch.Tensor) for t in tensors):
+            for t in tensors:
+                if t.shape[0] != targets.shape[0]:
+                    raise InputError(f"tune_example_weight: inputs hold {t.shape[0]} examples but targets "
+                                     f"{targets.shape[0]}")
+            return [(_rows(inputs, i, batch_size), targets[i:i + batch_size])
+                    for i in range(0, targets.shape[0], batch_size)]
     try:
         iter(data)
     except TypeError:
         raise InputError("tune_example_weight: data must be an (inputs, targets) pair of tensors or an "
                          f"iterable of (inputs, targets) batches (e.g. a DataLoader), got {type(data).__name__}") from None
     return data
+
+
+def _rows(value, start: int, count: int):
+    """Rows ``start:start + count`` of a tensor, or of each tensor of a tuple/list."""
+    if isinstance(value, torch.Tensor):
+        return value[start:start + count]
+    return type(value)(_rows(v, start, count) for v in value)
 
 
 def _to(value, device):

@@ -136,16 +136,17 @@ class ExampleWeightedNorm(nn.Module):
         rm = self.running_mean.reshape(shape)
         rv = self.running_var.reshape(shape)
         if ndim > 2:
-            ex_mean = x.mean(dim=list(range(2, ndim)), keepdim=True)
+            dims = list(range(2, ndim))
+            ex_mean = x.mean(dim=dims, keepdim=True)
             centred = x - ex_mean
-            ex_var = a * (centred * centred).mean(dim=list(range(2, ndim)), keepdim=True)
+            ex_var = (centred * centred).mean(dim=dims, keepdim=True)
         else:
             ex_mean, ex_var = x, 0.0
         mean = a * ex_mean + (1.0 - a) * rm
         # Eq. 3's σ² rearranged without its large terms: a·E[x²] + (1−a)(σ²_ema + μ²_ema) − μ²
         # cancels in float32 when |μ| ≫ σ (raw 0–255 pixels: 0.09–0.22 off at μ = 2000, σ = 1)
         shift = ex_mean - rm
-        var = ex_var + (1.0 - a) * rv + (a * (1.0 - a)) * (shift * shift)
+        var = a * ex_var + (1.0 - a) * rv + (a * (1.0 - a)) * (shift * shift)
         inv = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             inv = inv * self.weight.reshape(shape)
