@@ -305,16 +305,17 @@ def test_hooks_on_a_batchnorm_run_on_the_module_that_replaces_it(recipe):
 
 
 _REWRITING_ENTRY_POINTS = {
-    "transform": lambda m, x: bnrewrite.transform(m, "ghost:size=2"),
-    "fold_for_inference": lambda m, x: bnrewrite.fold_for_inference(m),
-    "export_onnx": lambda m, x: bnrewrite.export_onnx(m.eval(), (x,), "unused.onnx"),
-    "tune_example_weight": lambda m, x: bnrewrite.tune_example_weight(m.eval(), (x, torch.zeros(8, dtype=torch.long))),
+    "transform": lambda m, x, out: bnrewrite.transform(m, "ghost:size=2"),
+    "fold_for_inference": lambda m, x, out: bnrewrite.fold_for_inference(m),
+    "export_onnx": lambda m, x, out: bnrewrite.export_onnx(m.eval(), (x,), out / "model.onnx"),
+    "tune_example_weight": lambda m, x, out: bnrewrite.tune_example_weight(m.eval(),
+                                                                          (x, torch.zeros(8, dtype=torch.long))),
 }
 
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("function", sorted(_REWRITING_ENTRY_POINTS))
-def test_a_torch_compile_wrapper_is_refused(function, nested):
+def test_a_torch_compile_wrapper_is_refused(function, nested, tmp_path):
     """torch.compile's OptimizedModule calls the module it was made from: a rewritten copy of the
     wrapper ran the original model silently (transform with ghost gave stock BN's output, 0.30 off
     the rewrite), and a folded one raised a raw AttributeError. Every function that rewrites or
@@ -327,7 +328,7 @@ def test_a_torch_compile_wrapper_is_refused(function, nested):
     where = r"'0' is" if nested else "the model is"
     with pytest.raises(InputError, match=rf"{function}: {where} a torch.compile wrapper.*compile what {function} "
                                          "returns"):
-        _REWRITING_ENTRY_POINTS[function](model, torch.randn(8, 3, 8, 8))
+        _REWRITING_ENTRY_POINTS[function](model, torch.randn(8, 3, 8, 8), tmp_path)
 
 
 def test_the_plain_module_of_a_compile_wrapper_transforms_and_compiles():
