@@ -1042,6 +1042,10 @@ class CrossIterationBatchNorm(BatchNormState):
             self._steps = int(self.cbn_steps)
             self._filled = int(self.cbn_filled)
             self._next = int(self.cbn_next)
+        elif self.cbn_mean is not None and self.cbn_mean.device.type != "meta":
+            # a checkpoint without history (a stock one): the stored iterations were computed with
+            # weights it has just replaced, and compensating from those would mix two models
+            self.reset_history()
 
     def _estimated_store(self, input_shape: tuple[int, ...] | None) -> tuple[str, int | None, int | None]:
         """(store, |u|, |x|) a first training batch of BN-input shape ``input_shape`` would give;

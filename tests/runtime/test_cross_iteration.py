@@ -405,12 +405,21 @@ def test_state_dict_roundtrip_restores_history_exactly(store):
     torch.testing.assert_close(fresh.running_var, cbn.running_var, rtol=0, atol=0)
 
 
-def test_stock_checkpoint_loads_strict():
-    stock = nn.BatchNorm2d(6)
+def test_stock_checkpoint_loads_strict_and_forgets_the_history():
+    """The stored iterations belong to the weights a stock checkpoint replaces: the history is
+    dropped, so the next step is stock BatchNorm's with the checkpoint's state (it kept compensating
+    from the old weights' iterations: up to 3.1 off)."""
+    stock = nn.BatchNorm2d(6).double()
     stock.running_mean.fill_(0.5)
-    _, cbn, _, _ = _run_history(True, k=3, steps=3)
-    cbn.float().load_state_dict(stock.state_dict(), strict=True)  # history keys are optional
+    producer, cbn, _, shape = _run_history(True, k=3, steps=3)
+    assert cbn.history_filled == 2
+    cbn.load_state_dict(stock.state_dict(), strict=True)  # history keys are optional
     torch.testing.assert_close(cbn.running_mean, stock.running_mean)
+    assert cbn.history_filled == 0 and int(cbn.cbn_filled) == 0
+    u = torch.randn(shape, dtype=D)
+    x = producer(u).detach()
+    torch.testing.assert_close(cbn(x, u), stock(x), rtol=0, atol=0)
+    torch.testing.assert_close(cbn.running_var, stock.running_var, rtol=0, atol=0)
 
 
 def test_to_moves_history_and_reset_history_returns_to_stock():
