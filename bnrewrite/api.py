@@ -11,7 +11,8 @@ from torch import nn
 
 from .capture import Capture, Region, capture
 from .distributed import deepcopy_model
-from .errors import InputError, UnsupportedPatternError, refuse_compiled_wrappers, require_module, warn_at_caller
+from .errors import (InputError, UnsupportedPatternError, refuse_batchnorm_root, refuse_compiled_wrappers,
+                     refuse_hook_based_norms, require_module, warn_at_caller)
 from .recipe import Recipe, parse_recipe
 from .sites import Site, find_sites, run_example_inputs
 
@@ -94,10 +95,13 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     if not any(_is_norm(m) for m in model.modules()):
         _warn_unchanged(model)
         return model
+    refuse_batchnorm_root(model, "transform")
     refuse_compiled_wrappers(model, "transform")
     # lazy modules cannot be copied before their first input: materialise them on the model
     # itself (what its own first forward would do) before the copy
     _materialise_lazy(model, example_inputs)
+    if not inplace:
+        refuse_hook_based_norms(model, "transform")
     work = model if inplace else deepcopy_model(model)
     captured = capture(work, example_inputs=example_inputs)
     sites = find_sites(captured, example_inputs)

@@ -84,6 +84,34 @@ def refuse_compiled_wrappers(model, function: str) -> None:
                 f"torch.compile) and compile what {function} returns")
 
 
+def refuse_hook_based_norms(model, function: str) -> None:
+    """The deprecated hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``: the weight they
+    compute is a non-leaf tensor that ``copy.deepcopy`` refuses, so a model using them cannot be
+    copied (transform copies the model unless ``inplace=True``; folding always does)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, module in model.named_modules():
+        hook = next((h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))),
+                    None)
+        if hook is not None:
+            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            raise InputError(f"{function}: '{name}' ({type(module).__name__}) uses the deprecated hook-based "
+                             f"torch.nn.utils.{kind}, whose computed weight cannot be copied: apply "
+                             f"torch.nn.utils.parametrizations.{kind} instead")
+
+
+def refuse_batchnorm_root(model, function: str) -> None:
+    """A model that is itself a BatchNorm layer: a rewrite replaces BatchNorm modules *inside* a
+    model, and a module cannot replace itself in the caller's variable."""
+    from .runtime.base import is_batchnorm
+
+    if is_batchnorm(model):
+        raise InputError(
+            f"{function}: the model is itself a {type(model).__name__} layer; bnrewrite rewrites the BatchNorm "
+            "layers inside a model. Wrap it in one, e.g. nn.Sequential(layer)")
+
+
 def require_module(model, function: str) -> None:
     """The check every public entry point makes first, so a wrong argument is an InputError
     naming the function rather than an AttributeError from deep inside."""

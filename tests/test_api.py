@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import bnrewrite
-from bnrewrite.errors import BnRewriteError, InputError, RecipeError
+from bnrewrite.errors import BnRewriteError, InputError, RecipeError, UnsupportedPatternError
 from tests import models
 
 
@@ -338,3 +338,70 @@ def test_the_plain_module_of_a_compile_wrapper_transforms_and_compiles():
     out = torch.compile(bnrewrite.transform(compiled._orig_mod, "ghost:size=2"), backend="eager")
     x = torch.randn(8, 3, 8, 8)
     torch.testing.assert_close(out(x), bnrewrite.transform(copy.deepcopy(model), "ghost:size=2")(x))
+
+
+class CalibratedBatchNorm(nn.BatchNorm2d):
+    """Stock forward, with state of its own that the forward never reads (calibration data, an
+    observer; an ``act`` child that stock BatchNorm's forward does not call)."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.register_buffer("calib", torch.full((channels,), 3.0))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        self.gain = nn.Parameter(torch.ones(channels))
+        self.observer = nn.Linear(1, 1)
+        self.act = nn.ReLU()
+
+
+REPLACING_RECIPES = ["fs", "ns:n=2", "ghost:size=2", "bgn", "cbn:k=2", "naive-cbn:k=2", "brn", "brn+rot",
+                     "two-tower", "fs+vdn"]
+
+
+@pytest.mark.parametrize("recipe", REPLACING_RECIPES)
+def test_a_batchnorm_subclass_keeps_its_own_state(recipe):
+    """Its parameters, buffers and children move to the variant unchanged (they were dropped: stock
+    checkpoints no longer loaded strictly either way, and an optimizer missed the parameter); an
+    ``act`` child is not applied, since the stock forward the subclass keeps does not apply it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CalibratedBatchNorm(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    extra = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    rewritten = bnrewrite.transform(model, recipe, **extra)
+    site = rewritten.get_submodule("1")
+    assert type(site) is not CalibratedBatchNorm
+    assert site.calib is not None and site.gain is not None and site.observer is not None
+    assert set(bnrewrite.stock_state_dict(rewritten)) == set(model.state_dict())
+    assert "1.scratch" not in rewritten.state_dict()
+    rewritten.load_state_dict(model.state_dict(), strict=True)
+    copy.deepcopy(model).load_state_dict(bnrewrite.stock_state_dict(rewritten), strict=True)
+    assert any(p is site.gain for p in rewritten.parameters())
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():  # eval: every variant normalises with the running statistics, as stock does
+        if "rot" not in recipe:  # (rot then also rotates the channels)
+            torch.testing.assert_close(rewritten.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+    rewritten.train()(x).sum().backward()
+    assert site.gain.grad is None  # in the model and the optimizer, but (as in stock) not read
+
+
+def test_a_batchnorm_subclass_state_named_like_the_variants_is_refused():
+    class Clashing(nn.BatchNorm2d):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.register_buffer("reduce_dims", torch.zeros(1))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Clashing(4))
+    with pytest.raises(UnsupportedPatternError, match="Clashing has a buffer 'reduce_dims'.*exclude"):
+        bnrewrite.transform(model, "fs")
+
+
+@pytest.mark.parametrize("function", ["transform", "fold_for_inference"])
+def test_a_model_that_is_a_batchnorm_layer_is_an_input_error(function):
+    """A module cannot replace itself in the caller's variable: the variant was attached as a child
+    named '' while the returned layer still ran stock BatchNorm (ghost: 0.52 off the variant)."""
+    layer = nn.BatchNorm2d(4)
+    call = (lambda m: bnrewrite.transform(m, "ghost:size=2")) if function == "transform" else \
+        (lambda m: bnrewrite.fold_for_inference(m.eval()))
+    with pytest.raises(InputError, match=rf"{function}: the model is itself a BatchNorm2d layer.*nn.Sequential"):
+        call(layer)
+    assert dict(layer.named_children()) == {}

@@ -47,12 +47,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from ..capture import capture, set_submodule
 from ..distributed import deepcopy_model
-from ..errors import InputError, UnsupportedPatternError, refuse_compiled_wrappers, warn_at_caller
+from ..errors import (InputError, UnsupportedPatternError, refuse_batchnorm_root, refuse_compiled_wrappers,
+                      refuse_hook_based_norms, warn_at_caller)
 from ..runtime.base import is_batchnorm
 from ..sites import Site, find_sites, overrides_forward
 
@@ -292,7 +291,10 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"fold_for_inference expects an nn.Module, got {type(model).__name__}")
+    refuse_batchnorm_root(model, "fold_for_inference")
     refuse_compiled_wrappers(model, "fold_for_inference")
+    # their weight is recomputed on every call, so a folded one would be lost too
+    refuse_hook_based_norms(model, "fold_for_inference")
     try:
         options = FoldOptions(example_weight=float(example_weight))
     except ValueError as exc:
@@ -304,15 +306,6 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
                for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))):
             raise InputError(f"'{name}' ({type(module).__name__}) is a lazy module that has not seen an input: "
                              "run the model once on an example batch before folding")
-        # the old hook-based norms recompute the weight on every call (a folded weight would be lost)
-        # and their computed weight is a non-leaf tensor that deepcopy refuses
-        hook = next((h for h in module._forward_pre_hooks.values()
-                     if isinstance(h, (WeightNorm, SpectralNorm))), None)
-        if hook is not None:
-            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
-            raise InputError(f"'{name}' ({type(module).__name__}) uses the deprecated hook-based "
-                             f"torch.nn.utils.{kind}, which cannot be copied or folded into: apply "
-                             f"torch.nn.utils.parametrizations.{kind} instead")
     work = deepcopy_model(model)
     work.eval()
     report = FoldReport(example_weight=options.example_weight)
@@ -595,6 +588,16 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def _drop_weight_norm_key_hook(layer: nn.Module) -> None:
+    """parametrizations.weight_norm also puts a load_state_dict pre-hook on the layer that renames
+    the old weight_g/weight_v keys to the parametrization's. With the parametrization removed it
+    has nothing to rename to, and as a local function it makes the folded model unpicklable."""
+    hooks = layer._load_state_dict_pre_hooks
+    for key, hook in list(hooks.items()):
+        if getattr(getattr(hook, "hook", hook), "__name__", "") == "_weight_norm_compat_hook":
+            del hooks[key]
+
+
 def _set_weight_bias(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
     """A parametrized weight/bias (weight_norm, ...) is recomputed on every access, so a write into
     it would be lost: it is made a plain Parameter first (what deployment wants anyway)."""
@@ -606,6 +609,7 @@ def _set_weight_bias(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None
     for name in ("weight", "bias"):
         if parametrize.is_parametrized(layer, name):
             parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+            _drop_weight_norm_key_hook(layer)
     dtype, device = layer.weight.dtype, layer.weight.device
     with torch.no_grad():
         layer.weight.copy_(w.to(dtype))

@@ -128,7 +128,10 @@ class BatchNormState(nn.Module):
             new.running_var = bn.running_var
             new.num_batches_tracked = bn.num_batches_tracked
         post = []
-        for name in _POST_NORM_CHILDREN:
+        # timm's BatchNormAct2d applies them; a subclass keeping stock BatchNorm's forward does not
+        applies_children = (isinstance(bn, BatchNormState)
+                            or type(bn).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward))
+        for name in _POST_NORM_CHILDREN if applies_children else ():
             child = getattr(bn, name, None)
             if isinstance(child, nn.Module) and not isinstance(child, nn.Identity):
                 new.add_module(name, child)
@@ -136,6 +139,7 @@ class BatchNormState(nn.Module):
             elif isinstance(child, nn.Identity):
                 new.add_module(name, child)
         new._post_children = tuple(post)
+        _take_over_extra_state(new, bn, src_kind)
         _take_over_hooks(new, bn)
         new.train(bn.training)
         return new
@@ -428,10 +432,13 @@ def resolve_momentum(option, current: float | None) -> float | None:
 
 
 def match_memory_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` in ``x``'s channels-last layout when ``x`` has one (stock BatchNorm keeps the
-    input's layout; reshapes over channel groups or einsum over channels come out contiguous)."""
-    if x.is_contiguous() or y.dim() != x.dim():
+    """``y`` in ``x``'s layout, contiguous or channels-last (stock BatchNorm keeps the input's
+    layout; reshapes over channel groups come out contiguous, einsum over channels in whatever
+    layout it picks, and a model's own ``.view()`` after the layer needs the input's)."""
+    if y.dim() != x.dim():
         return y
+    if x.is_contiguous():
+        return y.contiguous()
     for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
         if x.dim() == dims and x.is_contiguous(memory_format=layout):
             return y.contiguous(memory_format=layout)
@@ -442,6 +449,35 @@ def match_memory_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # register_full_backward_hook, ...: feature extraction, activation statistics)
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+_BATCHNORM_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _take_over_extra_state(new: nn.Module, bn: nn.Module, kind: str) -> None:
+    """A BatchNorm subclass's own parameters, buffers and children (calibration data, an observer)
+    move to ``new`` unchanged: stock BatchNorm's forward never reads them, so the variant need not
+    either, but the model's checkpoints and optimizer still hold them. A name the variant uses
+    itself cannot be kept, and is refused rather than dropped. From a runtime module (``rot`` on
+    top of ``brn``), what the new module lacks moves on the same way."""
+    stock = isinstance(bn, _BatchNorm)
+    extra = [(n, "parameter", p) for n, p in bn._parameters.items() if n not in _BATCHNORM_STATE]
+    extra += [(n, "buffer", b) for n, b in bn._buffers.items() if n not in _BATCHNORM_STATE]
+    extra += [(n, "child", m) for n, m in bn._modules.items() if n not in new._modules]
+    for name, what, value in extra:
+        if hasattr(new, name):
+            if not stock:  # the variant's own state, which new has too
+                continue
+            from ..errors import UnsupportedPatternError
+            raise UnsupportedPatternError(
+                f"{kind} has a {what} '{name}' of its own, a name {type(new).__name__} uses too; rename it, or leave "
+                "the site out with exclude=[...]")
+        if what == "parameter":
+            new.register_parameter(name, value)
+        elif what == "buffer":
+            new.register_buffer(name, value, persistent=name not in bn._non_persistent_buffers_set)
+        else:
+            new.add_module(name, value)
 
 
 def _take_over_hooks(new: nn.Module, bn: nn.Module) -> None:

@@ -193,3 +193,28 @@ def test_rotation_is_rebuilt_after_meta_init_to_empty_and_a_stock_checkpoint(rec
     x = torch.randn(4, 3, 8, 8)
     model.eval(), reference.eval()
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("recipe", ["brn+rot", "two-tower+rot"])
+def test_rotated_output_keeps_the_input_layout(recipe, train, layout):
+    """The rotation's einsum picks its own output strides: a model's ``.view()`` after the layer
+    raised "view size is not compatible" (stock BatchNorm's output has the input's layout)."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8 * 6 * 6, 2)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.fc(y.view(y.shape[0], -1)) if layout is torch.contiguous_format else y
+
+    torch.manual_seed(0)
+    model = bnrewrite.transform(Flat().to(memory_format=layout), recipe).train(train)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=layout)
+    seen = []
+    model.bn.register_forward_hook(lambda module, args, out: seen.append(out))
+    model(x)
+    assert seen[-1].is_contiguous(memory_format=layout)
