@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import numbers
 from dataclasses import dataclass, field
@@ -41,8 +42,7 @@ def _select(sites: list[Site], include, exclude) -> list[Site]:
     names = sorted({s.name for s in sites})
     for glob in inc + exc:
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-            sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise InputError(f"glob '{glob}' matches no BatchNorm site; site names look like: {sample}")
+            raise InputError(f"glob '{glob}' matches no BatchNorm site; site names look like: {_sample_names(sites)}")
     chosen = []
     for site in sites:
         if inc and not any(fnmatch.fnmatchcase(site.name, g) for g in inc):
@@ -51,6 +51,11 @@ def _select(sites: list[Site], include, exclude) -> list[Site]:
             continue
         chosen.append(site)
     return chosen
+
+
+def _sample_names(sites: list[Site]) -> str:
+    names = sorted({s.name for s in sites})
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs=None, include=None,
@@ -73,8 +78,9 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
             (default: the plain-torch computation, from which inductor generates and fuses its own
             kernels) or ``"ops"`` (the bnrewrite custom ops, i.e. our Triton kernels, opaque to inductor).
 
-    Returns a module with the same ``state_dict()`` keys as ``model``; a model without
-    BatchNorm is returned unchanged with a warning.
+    Returns a module with every ``state_dict()`` key of ``model`` (a variant with state of its
+    own, CBN's history say, adds optional keys: :func:`stock_state_dict` drops them); a model
+    without BatchNorm is returned unchanged with a warning.
 
     Example::
 
@@ -100,36 +106,41 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     # lazy modules cannot be copied before their first input: materialise them on the model
     # itself (what its own first forward would do) before the copy
     _materialise_lazy(model, example_inputs)
+    from .registry import VARIANTS
+
+    lowering = _check_keyword_options(parsed, options)
     if not inplace:
         refuse_hook_based_norms(model, "transform")
     work = model if inplace else deepcopy_model(model)
     captured = capture(work, example_inputs=example_inputs)
     sites = find_sites(captured, example_inputs)
     selected = _select(sites, include, exclude)
-    _refuse_rewritten_sites(captured.root, selected)
+    _refuse_rewritten_sites(captured.root, sites, selected, parsed)
     _refuse_unfaithful_sites(sites, selected, parsed)
+    if not selected and any(VARIANTS[c.name].runtime is not None for c in parsed.components):
+        raise InputError(f"transform '{parsed}': include/exclude leave no site to rewrite (sites: "
+                         f"{_sample_names(sites)}); drop the filter that removes them all")
     context = RewriteContext(captured=captured, example_inputs=example_inputs, options=dict(options))
-    from .registry import VARIANTS
-
+    context.consumed.update(("lower", "compile_path"))
     result = captured.root
     synced = [name for name, m in result.named_modules() if isinstance(m, nn.SyncBatchNorm)]
-    for component in _pipeline_order(parsed):
-        variant = VARIANTS[component.name]
-        result = variant.rewrite(result, selected, component.options, context)
-    _warn_per_process(result, synced, parsed)
-    lower = context.take("lower", DEFAULT_LOWER)
-    compile_path = context.take("compile_path", "inductor")
-    if lower != "reference":
-        from .passes.lower import LowerOptions, lower_model
+    try:
+        for component in _pipeline_order(parsed):
+            variant = VARIANTS[component.name]
+            result = variant.rewrite(result, selected, component.options, context)
+        _warn_per_process(result, synced, parsed)
+        if lowering is not None:
+            from .passes.lower import lower_model
 
-        result = lower_model(result, selected, LowerOptions(mode=lower, compile_path=compile_path))
-    elif "compile_path" in context.options:
-        raise InputError("compile_path= chooses what lowered sites run under torch.compile; it needs "
-                         "lower='auto' or lower='fused'")
-    unused = set(context.options) - context.consumed - _GENERAL_OPTIONS
-    if unused:
-        raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
-                         f"recipe '{parsed}' uses")
+            result = lower_model(result, selected, lowering)
+        unused = set(context.options) - context.consumed - _GENERAL_OPTIONS
+        if unused:  # a pass that reads an option its registry entry does not declare
+            raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
+                             f"recipe '{parsed}' uses")
+    except BaseException:
+        if inplace:  # some of its layers may be rewritten already: it must not run as a mix
+            model.register_forward_pre_hook(_refuse_half_rewritten)
+        raise
     _keep_per_process_buffers_from_ddp(result)
     object.__setattr__(result, "bnrewrite_info", TransformInfo(
         recipe=str(parsed), sites=[s.as_dict() for s in sites], regions=list(captured.regions),
@@ -155,11 +166,14 @@ def _keep_per_process_buffers_from_ddp(root: nn.Module) -> None:
         object.__setattr__(root, "_ddp_params_and_buffers_to_ignore", sorted(names))
 
 
-def _refuse_rewritten_sites(root: nn.Module, selected: list[Site]) -> None:
+def _refuse_rewritten_sites(root: nn.Module, sites: list[Site], selected: list[Site], recipe: Recipe) -> None:
     """A site an earlier transform rewrote would be wrapped again (fs of fs) or lose what it
-    relies on (cbn's wired producer input): one recipe per model, on the original."""
+    relies on (cbn's wired producer input): one recipe per model, on the original. A whole-graph
+    component reaches excluded sites too (vdn's virtual rows would enter a ghost site's
+    statistics, two-tower would call a cbn site twice a step), so then every site counts."""
+    whole_graph = next((c.name for c in recipe.components if c.name in _WHOLE_GRAPH_COMPONENTS), None)
     done = {}
-    for site in selected:
+    for site in sites if whole_graph else selected:
         if not site.functional:
             module = root.get_submodule(site.name)
             if getattr(module, "is_bnrewrite_norm", False):
@@ -167,6 +181,10 @@ def _refuse_rewritten_sites(root: nn.Module, selected: list[Site]) -> None:
     if done:
         names = list(done)
         shown = ", ".join(f"{n} ({done[n]})" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        if whole_graph:
+            raise InputError(f"transform: {shown} were already rewritten by an earlier bnrewrite.transform, and "
+                             f"{whole_graph} rewrites the whole graph, excluded sites too; transform the original "
+                             "model once, with the combined recipe (e.g. 'fs+vdn')")
         raise InputError(f"transform: {shown} were already rewritten by an earlier bnrewrite.transform; transform "
                          "the original model once, with the combined recipe (e.g. 'fs+vdn'), or leave those sites "
                          "out with exclude=")
@@ -198,6 +216,42 @@ def _refuse_unfaithful_sites(sites: list[Site], selected: list[Site], recipe: Re
             f"module would silently drop; {fix}")
 
 
+def _refuse_half_rewritten(module: nn.Module, args) -> None:
+    raise InputError(f"bnrewrite.transform(..., inplace=True) failed part way through on this {type(module).__name__} "
+                     "(see the error it raised), so some of its BatchNorms may be rewritten and others not; build "
+                     "the model again (inplace=False keeps the original usable when a transform fails)")
+
+
+def _check_keyword_options(recipe: Recipe, options: dict):
+    """Check transform's keyword options before the model is touched (a late error would leave
+    an ``inplace=True`` model half rewritten); returns the lowering options, or None."""
+    from .registry import VARIANTS
+
+    known = _GENERAL_OPTIONS | {"lower", "compile_path"}
+    for component in recipe.components:
+        known |= VARIANTS[component.name].keyword_options
+    unused = sorted(set(options) - known)
+    if unused:
+        option_fields = {c.name: {f.name for f in dataclasses.fields(c.options)} for c in recipe.components}
+        hints = [f"{key}: write it into the recipe, '{name}:{key}=...'" for key in unused
+                 for name, fields in option_fields.items() if key in fields]
+        raise InputError(f"transform got option(s) {', '.join(unused)} that no component of recipe '{recipe}' "
+                         f"uses{' (' + '; '.join(hints) + ')' if hints else ''}")
+    for component in recipe.components:
+        check = VARIANTS[component.name].check_keywords
+        if check is not None:
+            check(options)
+    lower = options.get("lower", DEFAULT_LOWER)
+    if lower == "reference":
+        if "compile_path" in options:
+            raise InputError("compile_path= chooses what lowered sites run under torch.compile; it needs "
+                             "lower='auto' or lower='fused'")
+        return None
+    from .passes.lower import LowerOptions
+
+    return LowerOptions(mode=lower, compile_path=options.get("compile_path", "inductor"))
+
+
 def _refuse_rewritten_original(module: nn.Module, args) -> None:
     # its nested BatchNorms were swapped in place but not its own children or forward: running it
     # would silently train a mix of stock and rewritten layers
@@ -227,6 +281,9 @@ DEFAULT_LOWER = "reference"
 
 # accepted by every recipe even when no component of it draws random numbers
 _GENERAL_OPTIONS = {"seed"}
+
+# components whose pass rewrites the whole graph, not only the selected sites
+_WHOLE_GRAPH_COMPONENTS = ("vdn", "two-tower")
 
 _ROLE_ORDER = {"norm": 0, "stats": 1, "post": 2}
 
@@ -314,7 +371,12 @@ def stock_state_dict(model: nn.Module) -> dict:
     Example::
 
         >>> stock = torchvision.models.resnet18(weights=None)
+        >>> transformed = bnrewrite.transform(stock, "cbn:k=2")
+        >>> transformed(torch.randn(2, 3, 64, 64)).sum().backward()  # CBN's history keys appear
+        >>> len(transformed.state_dict()) > len(stock.state_dict())
+        True
         >>> stock.load_state_dict(bnrewrite.stock_state_dict(transformed), strict=True)
+        <All keys matched successfully>
     """
     require_module(model, "stock_state_dict")
     state = model.state_dict()

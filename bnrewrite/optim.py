@@ -32,6 +32,8 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 def _check_decay(name: str, value) -> float:
     try:
+        if isinstance(value, (bool, str, bytes)):  # float() would take True (a decay of 1.0) and "5e-4"
+            raise TypeError
         value = float(value)
     except (TypeError, ValueError):
         raise InputError(f"param_groups: {name} must be a number, got {value!r}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ class Variant:
     combines_with: names of the components this one may appear with.
     partner_options: options that only act when the recipe holds one of ``combines_with``
     (``vdn``'s ``beta`` mixes into a sampler's statistics); set alone, they are an error.
+    keyword_options: ``transform`` keyword arguments the pass reads (``vdn``: ``data_stats``),
+    besides the ones every recipe takes (``seed``, ``lower``, ``compile_path``).
+    check_keywords: called with transform's keyword arguments before the model is touched, to
+    refuse missing or bad ones up front (a late error would leave an ``inplace=True`` model
+    half rewritten).
     """
 
     name: str
@@ -44,6 +50,8 @@ class Variant:
     paper: str = ""
     combines_with: frozenset[str] = frozenset()
     partner_options: frozenset[str] = frozenset()
+    keyword_options: frozenset[str] = frozenset()
+    check_keywords: Callable[[dict], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ def _coerce(raw: str, hint: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         for choice in choices:
-            if raw == str(choice):
+            if raw.lower() == str(choice).lower():
                 return choice
         raise ValueError(f"must be one of {', '.join(map(str, choices))}")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -128,18 +136,23 @@ def _coerce(raw: str, hint: Any) -> Any:
             return False
         raise ValueError("must be a bool (true/false)")
     if hint is int:
-        if re.fullmatch(r"[+-]?\d+", raw):
+        # a torch int64 must hold it (k, n, sizes reach tensor shapes and buffers)
+        if re.fullmatch(r"[+-]?\d+", raw) and abs(int(raw)) < 2 ** 62:
             return int(raw)
-        raise ValueError("must be an int")
+        raise ValueError("must be an int" + (" below 2**62" if re.fullmatch(r"[+-]?\d+", raw) else ""))
     if hint is float:
+        value = None
         if "/" in raw:
             num, _, den = raw.partition("/")
             if _NUMBER.match(num.strip()) and _NUMBER.match(den.strip()) and float(den) != 0:
-                return float(num) / float(den)
+                value = float(num) / float(den)
+        elif _NUMBER.match(raw):
+            value = float(raw)
+        if value is None:
             raise ValueError("must be a number or a fraction like 1/32")
-        if _NUMBER.match(raw):
-            return float(raw)
-        raise ValueError("must be a number or a fraction like 1/32")
+        if not math.isfinite(value):  # 1e999 overflows to inf
+            raise ValueError("must be a finite number")
+        return value
     if hint is str:
         if raw:
             return raw
@@ -203,7 +216,7 @@ def parse_recipe(text: "str | Recipe", registry: dict[str, Variant] | None = Non
         'fs:ratio=1/64+vdn:n=2'
         >>> bnrewrite.parse_recipe("fss")
         Traceback (most recent call last):
-        RecipeError: unknown component 'fss' — did you mean 'fs'? ...
+        bnrewrite.errors.RecipeError: unknown component 'fss' — did you mean 'fs'? ...
     """
     registry = default_registry() if registry is None else registry
     if isinstance(text, Recipe):

@@ -67,7 +67,8 @@ register(Variant("vdn", _vdn.VdnOptions, _vdn.rewrite_vdn, _SampledBatchNorm, "s
                  "Virtual Dataset Normalization: n virtual rows ~ N(data mean, std) give (or mix into, "
                  "by beta) every BatchNorm's statistics",
                  paper="bn-sampling.txt §4.2, Alg. 3, Eq. 4", combines_with=frozenset({"ns", "bs", "fs", "frs"}),
-                 partner_options=frozenset({"beta"})))
+                 partner_options=frozenset({"beta"}), keyword_options=frozenset({"data_stats"}),
+                 check_keywords=_vdn.check_keywords))
 
 # issue 7: Extreme Normalization (extreme-normalization.txt §2.2, §3, Alg. 1, §5)
 from .passes import batch_renorm as _batch_renorm  # noqa: E402

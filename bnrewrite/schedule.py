@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -111,6 +112,7 @@ def warm_up_statistics(model: nn.Module, batches, steps: int = 200) -> int:
     steps = int(steps)
     if steps < 0:
         raise InputError(f"warm_up_statistics: steps must be >= 0, got {steps}")
+    _require_batches(batches, "warm_up_statistics")
     done = _forward_passes(model, batches, steps, cycle=True)
     if done == 0 and steps > 0:
         raise InputError("warm_up_statistics got no batches: pass an iterable of input tensors or (x, y) pairs")
@@ -161,6 +163,7 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
         refusal = getattr(m, "update_bn_refusal", None)
         if refusal:
             raise InputError(f"update_bn: '{name}' {refusal}")
+    _require_batches(batches, "update_bn")
     # an empty loader must not leave the statistics reset: look at the first batch before resetting
     iterator = iter([batches] if isinstance(batches, torch.Tensor) else batches)
     first = next(iterator, _NO_BATCH)
@@ -194,6 +197,12 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
             m.momentum = momentum
         for m, state in schedules.items():
             m.restore_schedule_state(state)
+
+
+def _require_batches(batches, function: str) -> None:
+    if not isinstance(batches, (torch.Tensor, Iterable)):
+        raise InputError(f"{function} expects the batches as an input tensor or an iterable of batches (a list, a "
+                         f"DataLoader), got {type(batches).__name__}")
 
 
 def _forward_passes(model: nn.Module, batches, steps: int | None, cycle: bool, device=None) -> int:

@@ -178,7 +178,7 @@ def tune_example_weight(model: nn.Module, data, metric="accuracy", grid: Sequenc
 
     Returns an :class:`ExampleWeightCurve` (``best_alpha``, ``best_score``, ``alphas``, ``scores``).
 
-    Example::
+    Example (``model`` trained, ``x_val, y_val`` held-out data)::
 
         >>> curve = bnrewrite.tune_example_weight(model, (x_val, y_val), metric="loss")
         >>> inference_model = bnrewrite.fold_for_inference(model, example_weight=curve.best_alpha)

@@ -405,3 +405,80 @@ def test_a_model_that_is_a_batchnorm_layer_is_an_input_error(function):
     with pytest.raises(InputError, match=rf"{function}: the model is itself a BatchNorm2d layer.*nn.Sequential"):
         call(layer)
     assert dict(layer.named_children()) == {}
+
+
+def _two_blocks():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                         nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+
+
+def _kinds(model):
+    return {name: type(m).__name__ for name, m in model.named_modules() if name.endswith(".1")}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sede": 1}, r"option\(s\) sede that no component of recipe 'fs' uses"),
+    ({"ratio": 0.5}, r"ratio: write it into the recipe, 'fs:ratio=\.\.\.'"),
+    ({"lower": "bogus"}, "lower= must be 'auto', 'fused' or 'reference'"),
+    ({"compile_path": "ops"}, "compile_path= .* needs lower='auto' or lower='fused'"),
+])
+def test_a_bad_keyword_option_is_refused_before_an_inplace_model_is_touched(options, message):
+    """These were checked after the passes had run: with inplace=True the caller's model was left
+    half rewritten (nested sites swapped), still running, and refused a retry."""
+    model = _two_blocks()
+    with pytest.raises(InputError, match=message):
+        bnrewrite.transform(model, "fs", inplace=True, **options)
+    assert _kinds(model) == {"0.1": "BatchNorm2d", "1.1": "BatchNorm2d"}
+    model(torch.randn(2, 3, 8, 8))
+    assert type(bnrewrite.transform(model, "fs", inplace=True).get_submodule("1.1")).__name__ == "SampledBatchNorm"
+
+
+def test_vdn_without_data_stats_is_refused_before_the_sampler_rewrites():
+    model = _two_blocks()
+    with pytest.raises(InputError, match="vdn needs the per-channel mean and std"):
+        bnrewrite.transform(model, "fs+vdn", inplace=True)
+    assert _kinds(model) == {"0.1": "BatchNorm2d", "1.1": "BatchNorm2d"}
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _two_blocks()
+
+    def forward(self, x, y):
+        return self.body(x) + y
+
+
+def test_an_inplace_model_a_pass_fails_on_part_way_refuses_to_run():
+    """fs swaps the nested BatchNorms, then vdn refuses the second input: the model must not run
+    as a mix of stock and sampled BatchNorm."""
+    model = TwoInputs()
+    stats = bnrewrite.dataset_stats(torch.randn(8, 3, 8, 8))
+    with pytest.raises(InputError, match="vdn: .* takes other inputs"):
+        bnrewrite.transform(model, "fs+vdn", inplace=True, data_stats=stats)
+    with pytest.raises(InputError, match=r"inplace=True\) failed part way through on this TwoInputs.*build the model "
+                                         "again"):
+        model(torch.randn(2, 3, 8, 8), torch.zeros(1))
+
+
+@pytest.mark.parametrize("recipe", ["fs+vdn", "two-tower"])
+@pytest.mark.parametrize("first", ["ghost:size=2", "cbn:k=2"])
+def test_a_whole_graph_component_refuses_sites_an_earlier_transform_rewrote(first, recipe):
+    """vdn's virtual rows entered an excluded ghost/cbn site's statistics, and two-tower called an
+    excluded cbn site twice a step (its window filled with both towers' copies of a batch)."""
+    part = bnrewrite.transform(_two_blocks(), first, include=["0.1"])
+    extra = {"data_stats": bnrewrite.dataset_stats(torch.randn(8, 3, 8, 8))} if "vdn" in recipe else {}
+    with pytest.raises(InputError, match=rf"0\.1 \(\w+\) were already rewritten.*{recipe.split('+')[-1]} rewrites the "
+                                         "whole graph, excluded sites too"):
+        bnrewrite.transform(part, recipe, exclude=["0.1"], **extra)
+    # per-site recipes still rewrite the other sites in turn
+    assert _kinds(bnrewrite.transform(part, "fs", exclude=["0.1"]))["1.1"] == "SampledBatchNorm"
+
+
+@pytest.mark.parametrize("filters", [{"include": "0.*", "exclude": "0.*"}, {"exclude": "*"},
+                                     {"include": "0.1", "exclude": ["0.*", "1.*"]}])
+def test_filters_that_leave_no_site_are_an_error_not_a_stock_model(filters):
+    with pytest.raises(InputError, match=r"transform 'fs': include/exclude leave no site to rewrite \(sites: 0\.1, 1\.1\)"):
+        bnrewrite.transform(_two_blocks(), "fs", **filters)
+    assert _kinds(bnrewrite.transform(_two_blocks(), "bn", exclude="*")) == {"0.1": "BatchNorm2d", "1.1": "BatchNorm2d"}

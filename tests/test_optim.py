@@ -102,3 +102,12 @@ def test_shared_parameter_counted_once():
 def test_bad_decay(kwargs):
     with pytest.raises(InputError, match="param_groups"):
         bnrewrite.param_groups(_model(), **kwargs)
+
+
+@pytest.mark.parametrize("value", [True, "5e-4", None])
+def test_a_decay_that_is_not_a_number_is_refused(value):
+    """float() took True as a decay of 1.0 and the string '5e-4' as a number."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(InputError, match=f"param_groups: weight_decay must be a number, got {value!r}"):
+        bnrewrite.param_groups(model, value)
+    assert bnrewrite.param_groups(model, torch.tensor(1e-4))[0]["weight_decay"] == pytest.approx(1e-4)

@@ -93,6 +93,10 @@ def test_real_registry_parses_bn():
     ("rot", "'rot' needs a normalisation"),
     ("", "empty recipe"),
     ("fs++vdn", "empty component"),
+    # 1e999 overflows to inf (str() of the recipe then raised a raw OverflowError)
+    ("ghost:ratio=1e999", "ghost: ratio must be a finite number, got '1e999'"),
+    ("ghost:ratio=1e300/1e-300", "ghost: ratio must be a finite number"),
+    ("ghost:size=99999999999999999999", "ghost: size must be an int below 2**62"),
 ])
 def test_error_messages_name_the_bad_part(text, message):
     with pytest.raises(RecipeError) as info:
@@ -183,3 +187,10 @@ def test_a_recipe_built_by_hand_is_checked_like_a_parsed_one(components, message
 def test_a_value_with_a_plus_sign_says_that_plus_joins_components(text, fixed):
     with pytest.raises(RecipeError, match=f"'\\+' joins recipe components.*write {fixed}$"):
         parse_recipe(text)
+
+
+@pytest.mark.parametrize("text, value", [("ghost:kind=Random", "random"), ("ghost:kind=HADAMARD", "hadamard"),
+                                         ("ghost:k=AUTO", "auto")])
+def test_choice_values_are_case_insensitive_like_names_and_bools(text, value):
+    option = text.split(":")[1].split("=")[0]
+    assert getattr(parse(text).components[0].options, option) == value

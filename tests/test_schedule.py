@@ -278,3 +278,14 @@ def test_drop_running_stats_acts_on_stock_and_rewritten_sites_like_torch_func_on
 def test_drop_running_stats_refuses_what_is_not_a_module():
     with pytest.raises(InputError, match="drop_running_stats_"):
         bnrewrite.drop_running_stats_("model")
+
+
+@pytest.mark.parametrize("call", ["warm_up_statistics", "update_bn"])
+@pytest.mark.parametrize("batches", [None, 3])
+def test_batches_that_are_not_iterable_are_an_input_error(call, batches):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    function = getattr(bnrewrite, call)
+    with pytest.raises(InputError, match=f"{call} expects the batches as an input tensor or an iterable of batches, "
+                                         f"got {type(batches).__name__}".replace("batches,", r"batches \(a list, a "
+                                                                                 r"DataLoader\),")):
+        function(model, batches) if call == "warm_up_statistics" else function(batches, model)

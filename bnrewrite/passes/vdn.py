@@ -64,15 +64,21 @@ def _input_placeholder(gm: fx.GraphModule) -> fx.Node:
     return placeholders[0]
 
 
-def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> nn.Module:
-    """Insert virtual rows at the input, point every BatchNorm at them, strip them from outputs."""
-    stats_value = context.take("data_stats") if context is not None else None
-    seed = int(context.take("seed", 0)) if context is not None else 0
-    if stats_value is None:
+def check_keywords(options: dict) -> None:
+    """``data_stats`` is given and valid (finite mean, finite non-negative std)."""
+    if options.get("data_stats") is None:
         raise InputError("vdn needs the per-channel mean and std of the training inputs: "
                          "bnrewrite.transform(model, 'vdn', data_stats=bnrewrite.dataset_stats(train_data)) "
                          "(train_data: a tensor or an iterable of batches such as a DataLoader)")
-    stats = DatasetStats.coerce(stats_value)
+    DatasetStats.coerce(options["data_stats"])
+
+
+def rewrite_vdn(module: nn.Module, sites, options: VdnOptions, context=None) -> nn.Module:
+    """Insert virtual rows at the input, point every BatchNorm at them, strip them from outputs."""
+    keywords = context.options if context is not None else {}
+    check_keywords(keywords)
+    stats = DatasetStats.coerce(context.take("data_stats"))
+    seed = int(context.take("seed", 0))
     if not isinstance(module, fx.GraphModule) and context is not None and context.captured.top_error:
         object.__setattr__(module, "_bnrewrite_capture_error", context.captured.top_error)
     gm = require_graph(module, "vdn")

@@ -67,6 +67,7 @@ def scale_grad(value: torch.Tensor, source: torch.Tensor, rate) -> torch.Tensor:
 
     Example::
 
+        >>> from bnrewrite.runtime.extreme import scale_grad
         >>> S, Q = torch.tensor([1.0, 2.0]), torch.tensor([[3.0, 5.0]], requires_grad=True)
         >>> y = scale_grad(S, Q, 0.5); y
         tensor([[1., 2.]], grad_fn=<AddBackward0>)

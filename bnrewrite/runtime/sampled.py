@@ -602,6 +602,20 @@ class DatasetStats:
     std: torch.Tensor
     count: int
 
+    def __post_init__(self):
+        # a NaN pixel in the data (or a hand-written negative std) would reach every BatchNorm
+        # through the virtual rows and train on NaN
+        if self.mean.shape != self.std.shape or self.mean.numel() == 0:
+            raise InputError(f"data_stats: mean and std need one value per input channel each, got "
+                             f"{self.mean.numel()} and {self.std.numel()}")
+        for what, values, bad in (("mean", self.mean, ~torch.isfinite(self.mean)),
+                                  ("std", self.std, ~torch.isfinite(self.std) | (self.std < 0))):
+            if bad.any():
+                channels = bad.nonzero().flatten().tolist()
+                raise InputError(f"data_stats: the {what} of input channel(s) {channels[:8]} is "
+                                 f"{values[channels[0]].item()} (it must be finite{' and >= 0' if what == 'std' else ''}); "
+                                 "the data holds NaN or inf values, or the values given are wrong")
+
     @classmethod
     def coerce(cls, value: Any) -> "DatasetStats":
         if isinstance(value, DatasetStats):
@@ -648,6 +662,9 @@ def dataset_stats(data: Any) -> DatasetStats:
         model = bnrewrite.transform(model, "fs+vdn", data_stats=stats)
     """
     batches: Iterable = [data] if isinstance(data, (torch.Tensor, np.ndarray)) else data
+    if not isinstance(batches, Iterable):
+        raise InputError(f"dataset_stats expects a tensor or an iterable of batches (a DataLoader), got "
+                         f"{type(data).__name__}")
     count = 0
     mean = m2 = None
     for batch in batches:

@@ -426,3 +426,19 @@ def test_frs_trains_after_a_first_forward_under_inference_mode():
         checked(x)
     grads = [torch.autograd.grad(m(x).sum(), m.get_submodule("0").weight)[0] for m in (checked, plain)]
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_data_stats_with_nan_or_a_negative_std_are_refused():
+    """One NaN pixel in the data made every BatchNorm train on NaN through the virtual rows."""
+    from bnrewrite.runtime.sampled import DatasetStats
+
+    data = torch.randn(16, 3, 4, 4)
+    data[3, 0, 1, 1] = float("nan")
+    with pytest.raises(InputError, match=r"data_stats: the mean of input channel\(s\) \[0\] is nan.*NaN or inf"):
+        dataset_stats(data)
+    with pytest.raises(InputError, match=r"the std of input channel\(s\) \[1\] is -1.0 \(it must be finite and >= 0\)"):
+        DatasetStats.coerce(([0.0, 0.0], [1.0, -1.0]))
+    with pytest.raises(InputError, match="need one value per input channel each, got 2 and 3"):
+        DatasetStats.coerce(([0.0, 0.0], [1.0, 1.0, 1.0]))
+    with pytest.raises(InputError, match="dataset_stats expects a tensor or an iterable of batches"):
+        dataset_stats(None)
