@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from ..capture import set_submodule
 from ..errors import InputError
+from ..runtime.base import has_hooks
 from ..sites import unfaithful_reason
 
 LowerMode = Literal["auto", "fused", "reference"]
@@ -148,7 +149,9 @@ def _activation_of(gm: fx.GraphModule, user: fx.Node) -> tuple[str, float] | Non
     from ..runtime.kernels import activation_name
 
     if user.op == "call_module":
-        return activation_name(gm.get_submodule(user.target))
+        module = gm.get_submodule(user.target)
+        # its hooks would not run once the norm applies the activation itself
+        return None if has_hooks(module) else activation_name(module)
     if user.op == "call_function" and user.target in _ACT_FUNCTIONS:
         name = _ACT_FUNCTIONS[user.target]
         slope = 0.01
@@ -182,6 +185,8 @@ def _make_activation(name: str, slope: float) -> nn.Module:
 def _fuse_activation(root: nn.Module, site, norm: nn.Module) -> str | None:
     """Move the activation after ``site`` into ``norm`` (train graph and eval twin alike)."""
     if site.graph is None or site.functional or site.shared or getattr(norm, "_post_children", ()) != ():
+        return None
+    if has_hooks(norm, output_only=True):  # they must see the norm's output, not the activation's
         return None
     gm = root.get_submodule(site.graph) if site.graph else root
     if not isinstance(gm, fx.GraphModule):
@@ -224,8 +229,15 @@ def lower_model(module: nn.Module, sites, options: LowerOptions | str = "auto") 
         if site.name in done:
             continue
         norm = module.get_submodule(site.name)
-        kind = type(norm).__name__
+        kind, original_class = type(norm).__name__, type(norm)
         new, reason = _lowered_module(norm)
+        if new is not None and hasattr(new, "fused_activation") and new.fused_activation() is None:
+            # children after the norm (timm's act=GELU, say) that no kernel applies: every training
+            # step would run the reference path, so it is not lowered
+            reason = (", ".join(f"{n}={type(getattr(new, n)).__name__}" for n in new._post_children)
+                      + " after the norm: no fused kernel applies it, kept on the reference path")
+            new.__dict__.pop("_fused_activation", None)
+            norm.__class__, new = original_class, None
         if new is None:
             records.append(LoweringRecord(site.name, kind, False, reason=reason))
             continue

@@ -480,6 +480,13 @@ def _take_over_extra_state(new: nn.Module, bn: nn.Module, kind: str) -> None:
             new.add_module(name, value)
 
 
+def has_hooks(module: nn.Module, output_only: bool = False) -> bool:
+    """Whether the model's code registered hooks on ``module``; ``output_only``: only those that
+    see its output or gradients (forward pre-hooks see the input alone)."""
+    names = [n for n in _HOOK_DICTS if not (output_only and n.startswith("_forward_pre"))]
+    return any(module.__dict__.get(name) for name in names)
+
+
 def _take_over_hooks(new: nn.Module, bn: nn.Module) -> None:
     """``new`` stands in for ``bn``, so the hooks registered on ``bn`` run on ``new``: the same hook
     dicts, so a handle from ``bn.register_forward_hook`` still removes its hook."""

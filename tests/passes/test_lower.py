@@ -547,3 +547,95 @@ def test_lowered_training_step_replays_from_a_cuda_graph(recipe):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for (name, b), c in zip(graphed.named_buffers(), eager.buffers()):  # num_batches_tracked too
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------- what lowering must keep
+def _conv_bn_act(act=None):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act if act is not None else nn.ReLU())
+
+
+@pytest.mark.parametrize("kernels", ["reference-impl", "triton"])
+@pytest.mark.parametrize("recipe", ["bn", "fs:ratio=1/4"])
+def test_a_float64_model_keeps_float64_precision(recipe, kernels, monkeypatch):
+    """The kernels (and the op's plain-torch implementation) compute in fp32: a float64 model
+    lowered with lower="fused" was 4e-7 off stock float64 and failed gradcheck."""
+    if kernels == "triton":
+        _interpreted_kernels(monkeypatch)
+    model = _conv_bn_act().double()
+    ref = bnrewrite.transform(copy.deepcopy(model), recipe, seed=1)
+    low = bnrewrite.transform(copy.deepcopy(model), recipe, seed=1, lower="fused")
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(low(x), ref(x), rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda t: low(t), (x[:3, :, :5, :5].detach().requires_grad_(),))
+
+
+def test_a_forward_hook_on_the_batchnorm_keeps_the_norms_output():
+    """A fused activation would move into the norm: its forward hooks saw (and edited) the output
+    after the ReLU (min 0 where stock's hook saw -2.4)."""
+    seen = {}
+    model = _conv_bn_act()
+    model[1].register_forward_hook(lambda module, args, out: seen.__setitem__(module, out) or out - 1)
+    stock = copy.deepcopy(model)
+    low = bnrewrite.transform(model, "bn", lower="fused", inplace=True)
+    assert low.bnrewrite_lowering[0].lowered and low.bnrewrite_lowering[0].activation is None
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(low(x), stock(x))
+    assert min(out.min().item() for out in seen.values()) < 0
+
+
+def test_an_activation_with_hooks_or_its_own_forward_is_not_fused():
+    """Fusing replaced the activation by a fresh stock one: its hooks stopped firing, and a ReLU
+    subclass with its own forward (here a clamp at 1) was fused as a plain ReLU (max 3.2, not 1)."""
+    class ClampedReLU(nn.ReLU):
+        def forward(self, x):
+            if x.sum() > -1e9:  # data-dependent: torch.fx keeps the module a call of its own
+                return super().forward(x).clamp(max=1.0)
+            return x
+
+    fired = []
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda module, args, out: fired.append(1))
+    for act in (ClampedReLU(), hooked):
+        model = _conv_bn_act(act)
+        stock = copy.deepcopy(model)
+        low = bnrewrite.transform(model, "bn", lower="fused")
+        assert low.bnrewrite_lowering[0].activation is None
+        x = torch.randn(8, 3, 6, 6) * 5
+        torch.testing.assert_close(low(x), stock(x))
+    assert len(fired) == 2  # the stock copy's call and the transformed model's
+
+
+def test_vdn_one_virtual_row_on_a_linear_layer_is_refused_when_lowered_too():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    low = bnrewrite.transform(model, "vdn:n=1", lower="fused", data_stats=([0.0] * 3, [1.0] * 3))
+    with pytest.raises(bnrewrite.InputError, match=r"1 virtual row\(s\) holds one value per channel"):
+        low(torch.randn(8, 3))
+
+
+@pytest.mark.parametrize("kernels", ["reference-impl", "triton"])
+def test_an_eval_call_then_a_training_call_before_one_backward(kernels, monkeypatch):
+    """The op's plain-torch implementation updated the running statistics in place, which bumped
+    their version: the eval call's saved buffer then failed the backward (stock BN is fine)."""
+    if kernels == "triton":
+        _interpreted_kernels(monkeypatch)
+    low = bnrewrite.transform(_conv_bn_act(), "bn", lower="fused")
+    x = torch.randn(4, 3, 6, 6)
+    loss = low.eval()(x).sum() + low.train()(x).sum()
+    loss.backward()
+    assert low.get_submodule("0").weight.grad is not None
+
+
+@pytest.mark.parametrize("recipe", ["bn", "fs:ratio=1/4"])
+def test_a_norm_act_whose_activation_no_kernel_applies_is_not_reported_lowered(recipe):
+    """timm's BatchNormAct2d with GELU: the site was reported lowered (inspect: "fused") while
+    every training step fell back to the reference path."""
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), timm_layers.BatchNormAct2d(4, act_layer=nn.GELU))
+    reference = bnrewrite.transform(copy.deepcopy(model), recipe, seed=1)
+    low = bnrewrite.transform(model, recipe, seed=1, lower="fused")
+    record = low.bnrewrite_lowering[0]
+    assert not record.lowered and record.reason.startswith("act=GELU after the norm: no fused kernel")
+    assert type(low.get_submodule("1")) is type(reference.get_submodule("1"))
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(low(x), reference(x))

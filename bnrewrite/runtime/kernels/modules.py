@@ -18,22 +18,19 @@ import sys
 import torch
 from torch import nn
 
-from ...errors import InputError
 from ..base import BatchNormState, functorch_active
 from .functional import region_of, running_argument
-from .ops import call_batch_norm_act
+from .ops import KERNEL_DTYPES, call_batch_norm_act
 
 _ACTIVATION_TYPES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.LeakyReLU, "leaky_relu"))
 
 
 def activation_name(module: nn.Module | None) -> tuple[str, float] | None:
-    """``(name, negative_slope)`` of an activation module the kernels implement, else None."""
+    """``(name, negative_slope)`` of an activation module the kernels implement, else None. A
+    subclass counts only with the torch class's own ``forward`` (timm's subclass them for
+    ``inplace``); one with its own ``forward`` computes something else."""
     for cls, name in _ACTIVATION_TYPES:
-        if type(module) is cls:
-            return name, float(getattr(module, "negative_slope", 0.0))
-    # timm's activations subclass the torch ones (e.g. nn.ReLU with inplace)
-    for cls, name in _ACTIVATION_TYPES:
-        if isinstance(module, cls):
+        if isinstance(module, cls) and type(module).forward is cls.forward:
             return name, float(getattr(module, "negative_slope", 0.0))
     return None
 
@@ -150,8 +147,8 @@ class FusedBatchNorm(_FusedForward, BatchNormState):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         act = self.fused_activation()
-        if (not self.uses_batch_stats() or act is None or x.dim() > 5 or self.runs_plain_torch()
-                or self.empty_batch(x)):
+        if (not self.uses_batch_stats() or act is None or x.dim() > 5 or x.dtype not in KERNEL_DTYPES
+                or self.runs_plain_torch() or self.empty_batch(x)):
             return super().forward(x)
         self.check_values_per_channel(x)
         return self._run_fused(x, None, act)[0]
@@ -170,7 +167,7 @@ class FusedSampledMixin(_FusedForward):
 
     def fused_ready(self, x: torch.Tensor) -> bool:
         return (self.training and self.strategy != "frs" and 2 <= x.dim() <= 5 and x.numel() > 0
-                and self.fused_activation() is not None and not self.sync_active()
+                and x.dtype in KERNEL_DTYPES and self.fused_activation() is not None and not self.sync_active()
                 and not self.runs_plain_torch())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,11 +178,9 @@ class FusedSampledMixin(_FusedForward):
         shape = tuple(x.shape)
         spec = self.sample_spec(shape)
         full = spec.is_full(shape)
-        if not full and spec.uses_sample() and spec.sample_count(shape) < 2:
-            raise InputError(
-                f"SampledBatchNorm({self.strategy}) on input {shape}: the sample holds one value "
-                "per channel, which has no variance; use a larger n/ratio or batch")
-        if full:
+        if not full:
+            self._check_values_per_channel(spec, shape)
+        else:
             self.check_values_per_channel(x)
         y, stats, count = self._run_fused(x, None if full else spec, self.fused_activation())
         # stats carry no autograd history; a plain attribute, set past Module.__setattr__'s checks

@@ -272,13 +272,17 @@ class _FusedWindowBatchNorm(torch.autograd.Function):
             raise _at_site(err, ctx.site) from err.__cause__
 
 
+# what the kernels store; they compute in fp32, so a float64 model keeps the plain-torch path's precision
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def fused_window_available(x: Tensor) -> bool:
     """Whether :func:`fused_window_batch_norm` runs on ``x``: the Triton kernels apply there, this
     is not a ``torch.compile`` trace (which keeps the plain-torch op) nor a ``torch.func`` transform
     (which refuses old-style autograd Functions: :func:`~bnrewrite.runtime.base.functorch_active`), and ``x`` is fp32/bf16/fp16
     (the kernels compute in fp32; float64 keeps the plain-torch op's precision)."""
     return (not torch.compiler.is_compiling() and not functorch_active() and 2 <= x.dim() <= 5
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _kernels_for(x) is not None)
+            and x.dtype in KERNEL_DTYPES and _kernels_for(x) is not None)
 
 
 def fused_window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,

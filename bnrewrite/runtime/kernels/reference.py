@@ -67,9 +67,12 @@ def _channel(v: torch.Tensor) -> torch.Tensor:
 
 
 def update_running_stats(running_mean, running_var, stats, momentum, unbias) -> None:
+    # through .data, as stock BatchNorm's op and BatchNormState.update_running_stats: a version
+    # bump would fail the backward of an earlier call that saved the buffer (eval call, then a
+    # training call, then one backward)
     with torch.no_grad():
-        running_mean.copy_(running_mean.float() * (1 - momentum) + stats[0] * momentum)
-        running_var.copy_(running_var.float() * (1 - momentum) + stats[1] * unbias * momentum)
+        running_mean.data.copy_(running_mean.float() * (1 - momentum) + stats[0] * momentum)
+        running_var.data.copy_(running_var.float() * (1 - momentum) + stats[1] * unbias * momentum)
 
 
 def normalized(x, mean, var, weight, bias, eps, act, slope):
