@@ -136,15 +136,21 @@ class BatchGroupNorm(BatchNormState):
         return self.track_running_stats
 
     def group_running_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel ``(mean, var)`` of the channel's group, pooled from the running statistics."""
+        """Per-channel ``(mean, var)`` of the channel's group, pooled from the running statistics:
+        the group variance is the mean of ``running_var + (running_mean − group mean)²``, the same
+        value as ``E[var + mean²] − group mean²`` without its cancellation (float32 gave a variance
+        of 0 for means near 1e4, float16 NaN for means near 300), in at least float32."""
         mean, var = self.running_mean, self.running_var
         if self.groups == self.num_features:
             return mean, var
         per = self.num_features // self.groups
-        group_mean = mean.reshape(self.groups, per).mean(dim=1)
-        group_sq = (var + mean * mean).reshape(self.groups, per).mean(dim=1)
-        group_var = (group_sq - group_mean * group_mean).clamp_min(0.0)
-        return group_mean.repeat_interleave(per), group_var.repeat_interleave(per)
+        wide = torch.promote_types(mean.dtype, torch.float32)
+        cells = mean.to(wide).reshape(self.groups, per)
+        group_mean = cells.mean(dim=1, keepdim=True)
+        spread = cells - group_mean
+        group_var = (var.to(wide).reshape(self.groups, per) + spread * spread).mean(dim=1)
+        return (group_mean.flatten().repeat_interleave(per).to(mean.dtype),
+                group_var.repeat_interleave(per).to(mean.dtype))
 
     def inference_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.track_running_stats:

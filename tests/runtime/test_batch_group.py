@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnrewrite
 from bnrewrite.errors import InputError
 from bnrewrite.runtime.batch_group import BatchGroupNorm, GroupExampleWeightedNorm, channel_groups_for
 
@@ -273,3 +274,22 @@ def test_low_precision_input_is_normalised_in_float32_like_stock(dtype):
     assert y.dtype == dtype and (y.float() - ref).abs().max() <= 2 * step * 4
     m.eval()
     assert m(x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype, level, tol", [(torch.float32, 3000.0, 2e-3), (torch.float32, 1e4, 5e-3),
+                                              (torch.float16, 300.0, 0.3)])
+def test_eval_group_variance_does_not_cancel_at_large_channel_means(dtype, level, tol):
+    """E[var + mean²] − μ_G² cancelled: a float32 group variance of 2.0 or 0 where it is 1.25
+    (eval output 684 off at means near 1e4), and NaN in float16 at means near 300."""
+    stock = nn.Sequential(nn.BatchNorm2d(4))
+    means = torch.tensor([level, level + 1, -5.0, -4.0])
+    stock[0].running_mean.copy_(means)
+    model = bnrewrite.transform(stock, "bgn:groups=2").to(dtype).eval()
+    _, group_var = model.get_submodule("0").group_running_moments()
+    torch.testing.assert_close(group_var.double(), torch.full((4,), 1.25, dtype=torch.float64), rtol=1e-3, atol=0)
+    x = (torch.randn(2, 4, 4, 4) + means.reshape(1, 4, 1, 1)).to(dtype)
+    group_mean = torch.tensor([level + 0.5, level + 0.5, -4.5, -4.5], dtype=torch.float64).reshape(1, 4, 1, 1)
+    want = (x.double() - group_mean) / (1.25 + 1e-5) ** 0.5  # Batch-Group Norm eval, pooled running statistics
+    with torch.no_grad():
+        got = model(x).double()
+    assert (got - want).abs().max().item() <= tol

@@ -442,3 +442,17 @@ def test_data_stats_with_nan_or_a_negative_std_are_refused():
         DatasetStats.coerce(([0.0, 0.0], [1.0, 1.0, 1.0]))
     with pytest.raises(InputError, match="dataset_stats expects a tensor or an iterable of batches"):
         dataset_stats(None)
+
+
+@pytest.mark.parametrize("recipe", ["bs:n=4+vdn:n=1", "fs+vdn:n=1"])
+def test_one_virtual_value_per_channel_is_refused_in_a_mix_too(recipe):
+    """vdn:n=1 on a BatchNorm1d over (N, C): the one virtual value's variance 0 went into Eq. 4's
+    mix, so training normalised with about half the variance (pure vdn refused it already)."""
+    import bnrewrite
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    rewritten = bnrewrite.transform(model, recipe, data_stats=([0.0] * 3, [1.0] * 3))
+    with pytest.raises(InputError, match=r"1 virtual row\(s\) holds one value per channel.*vdn:n=2 or more"):
+        rewritten(torch.randn(8, 3))
+    two = bnrewrite.transform(model, recipe.replace("n=1", "n=2"), data_stats=([0.0] * 3, [1.0] * 3))
+    assert two(torch.randn(8, 3)).shape == (8, 3)
