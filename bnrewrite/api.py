@@ -117,6 +117,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     selected = _select(sites, include, exclude)
     _refuse_rewritten_sites(captured.root, sites, selected, parsed)
     _refuse_unfaithful_sites(sites, selected, parsed)
+    _refuse_zero_eps(captured.root, selected, parsed)
     if not selected and any(VARIANTS[c.name].runtime is not None for c in parsed.components):
         raise InputError(f"transform '{parsed}': include/exclude leave no site to rewrite (sites: "
                          f"{_sample_names(sites)}); drop the filter that removes them all")
@@ -188,6 +189,20 @@ def _refuse_rewritten_sites(root: nn.Module, sites: list[Site], selected: list[S
         raise InputError(f"transform: {shown} were already rewritten by an earlier bnrewrite.transform; transform "
                          "the original model once, with the combined recipe (e.g. 'fs+vdn'), or leave those sites "
                          "out with exclude=")
+
+
+def _refuse_zero_eps(root: nn.Module, selected: list[Site], recipe: Recipe) -> None:
+    """eps = 0: a constant sample, ghost batch or group would divide by 0 (stock BatchNorm's
+    training forward refuses it; the variants compute the normalisation themselves)."""
+    from .registry import VARIANTS
+
+    if all(VARIANTS[c.name].runtime is None for c in recipe.components):
+        return
+    for site in selected:
+        if not site.functional and not getattr(root.get_submodule(site.name), "eps", 1.0) > 0:
+            raise InputError(f"transform '{recipe}': site {site.name!r} ({site.kind}) has "
+                             f"eps={root.get_submodule(site.name).eps}; training needs eps > 0, as stock BatchNorm's "
+                             "training forward requires: set the layer's eps (1e-5 is PyTorch's default)")
 
 
 def _refuse_unfaithful_sites(sites: list[Site], selected: list[Site], recipe: Recipe) -> None:

@@ -482,3 +482,14 @@ def test_filters_that_leave_no_site_are_an_error_not_a_stock_model(filters):
     with pytest.raises(InputError, match=r"transform 'fs': include/exclude leave no site to rewrite \(sites: 0\.1, 1\.1\)"):
         bnrewrite.transform(_two_blocks(), "fs", **filters)
     assert _kinds(bnrewrite.transform(_two_blocks(), "bn", exclude="*")) == {"0.1": "BatchNorm2d", "1.1": "BatchNorm2d"}
+
+
+@pytest.mark.parametrize("recipe", ["fs", "ghost:size=2", "bgn", "cbn:k=2", "brn"])
+def test_a_site_with_eps_zero_is_refused_by_a_replacing_recipe(recipe):
+    """Stock BatchNorm's training forward refuses eps=0 (a raw ValueError); the variants, which
+    normalise themselves, took it silently (a constant sample then gave NaN) or passed torch's error on."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0))
+    with pytest.raises(InputError, match=rf"transform '{recipe}': site '1' \(BatchNorm2d\) has eps=0.0; training needs "
+                                         "eps > 0"):
+        bnrewrite.transform(model, recipe)
+    assert bnrewrite.transform(model, "bn") is not None
