@@ -21,6 +21,8 @@ _LAZY = {
     "inspect_sites": ("bnrewrite.api", "inspect_sites"),
     "stock_state_dict": ("bnrewrite.api", "stock_state_dict"),
     "Recipe": ("bnrewrite.recipe", "Recipe"),
+    "Variant": ("bnrewrite.recipe", "Variant"),
+    "register_variant": ("bnrewrite.registry", "register"),
     "parse_recipe": ("bnrewrite.recipe", "parse_recipe"),
     "new_epoch": ("bnrewrite.schedule", "new_epoch"),
     "fold_for_inference": ("bnrewrite.passes.fold", "fold_for_inference"),
@@ -36,6 +38,10 @@ _LAZY = {
 
 __all__ = sorted(list(_LAZY) + ["BnRewriteError", "CaptureError", "ExportError", "InputError", "KernelError",
                                  "RecipeError", "UnsupportedPatternError"])
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):

@@ -4,13 +4,31 @@ Adding a variant = one runtime module, one pass, one line here (see DESIGN.md).
 """
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+
 from .passes import stock
-from .recipe import Variant
+from .recipe import Role, Variant
 
 VARIANTS: dict[str, Variant] = {}
 
 
 def register(variant: Variant) -> Variant:
+    """Add a recipe component (``bnrewrite.register_variant``): after it, ``transform(model,
+    "<name>:<option>=...")`` runs ``variant.rewrite`` on the selected sites. The name must be one
+    the recipe parser can read (lower case, digits, '-' and '_'; no '+', ':', ',' or '=')."""
+    if not isinstance(variant, Variant):
+        raise TypeError(f"register takes a bnrewrite.Variant, got {type(variant).__name__}")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", variant.name):
+        raise ValueError(f"component name {variant.name!r} cannot appear in a recipe: use lower-case letters, digits, "
+                         "'-' and '_', starting with a letter")
+    if variant.role not in typing.get_args(Role):
+        raise ValueError(f"component {variant.name!r}: role must be one of {', '.join(typing.get_args(Role))}, "
+                         f"got {variant.role!r}")
+    if not dataclasses.is_dataclass(variant.options):
+        raise ValueError(f"component {variant.name!r}: options must be a dataclass (its fields are the recipe's "
+                         f"key=value options), got {variant.options!r}")
     if variant.name in VARIANTS:
         raise ValueError(f"component {variant.name!r} registered twice")
     VARIANTS[variant.name] = variant
