@@ -194,3 +194,10 @@ def test_a_value_with_a_plus_sign_says_that_plus_joins_components(text, fixed):
 def test_choice_values_are_case_insensitive_like_names_and_bools(text, value):
     option = text.split(":")[1].split("=")[0]
     assert getattr(parse(text).components[0].options, option) == value
+
+
+@pytest.mark.parametrize("name", _momentum_components())
+def test_momentum_none_is_stored_as_keep_in_every_component(name):
+    """cbn/ghost kept None: 'cbn:momentum=none' printed momentum=None and was not equal to 'cbn'."""
+    parsed = parse_recipe(f"{name}:momentum=none")
+    assert parsed == parse_recipe(name) and str(parsed) == name

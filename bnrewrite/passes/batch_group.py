@@ -37,7 +37,7 @@ class BatchGroupOptions:
             raise ValueError(f"groups must be >= 1, got {self.groups}")
         if self.examples < 1:
             raise ValueError(f"examples must be >= 1, got {self.examples}")
-        check_momentum_option(self.momentum)
+        check_momentum_option(self)
 
 
 def rewrite_batch_group(module: nn.Module, sites, options: BatchGroupOptions, context=None) -> nn.Module:

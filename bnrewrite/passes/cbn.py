@@ -29,12 +29,12 @@ from ..runtime.base import MomentumOption, check_momentum_option, resolve_moment
 from ..runtime.cross_iteration import COMPENSABLE_TYPES, CrossIterationBatchNorm, warn_uncompensated
 
 
-def _check_common(k, burnin, momentum) -> None:
-    if k != "auto" and k < 1:
-        raise ValueError(f"k must be a positive int or 'auto', got {k}")
-    if burnin < 0:
-        raise ValueError(f"burnin must be >= 0 steps, got {burnin}")
-    check_momentum_option(momentum)
+def _check_common(options) -> None:
+    if options.k != "auto" and options.k < 1:
+        raise ValueError(f"k must be a positive int or 'auto', got {options.k}")
+    if options.burnin < 0:
+        raise ValueError(f"burnin must be >= 0 steps, got {options.burnin}")
+    check_momentum_option(options)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class CbnOptions:
     backward: Literal["window", "renorm"] = "window"
 
     def __post_init__(self):
-        _check_common(self.k, self.burnin, self.momentum)
+        _check_common(self)
         if self.grad_stride < 1:
             raise ValueError(f"grad_stride must be an int >= 1, got {self.grad_stride}")
         if self.order != 1:
@@ -94,7 +94,7 @@ class NaiveCbnOptions:
     backward: Literal["window", "renorm"] = "window"
 
     def __post_init__(self):
-        _check_common(self.k, self.burnin, self.momentum)
+        _check_common(self)
 
 
 def _graph_of(root: nn.Module, site) -> fx.GraphModule | None:

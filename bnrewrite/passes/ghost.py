@@ -35,7 +35,7 @@ class GhostOptions:
         if self.size < 2:
             raise ValueError(f"size must be >= 2 (a ghost batch of one example has no batch statistics), "
                              f"got {self.size}")
-        check_momentum_option(self.momentum)
+        check_momentum_option(self)
 
 
 def rewrite_ghost(module: nn.Module, sites, options: GhostOptions, context=None) -> nn.Module:

@@ -29,9 +29,7 @@ from ..sites import module_sites
 def _check_common(options) -> None:
     if options.every < 0:
         raise ValueError(f"every must be >= 0 (0 = re-draw only on new_epoch), got {options.every}")
-    if options.momentum is None:
-        object.__setattr__(options, "momentum", "keep")
-    check_momentum_option(options.momentum)
+    check_momentum_option(options)
 
 
 def _check_ratio(ratio: float | None) -> None:

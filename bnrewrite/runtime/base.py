@@ -415,8 +415,13 @@ def _detached_copy(value):
 MomentumOption = float | Literal["keep", "cumulative"] | None
 
 
-def check_momentum_option(momentum) -> None:
-    """Validate a recipe's ``momentum`` option: a float in (0, 1], ``keep`` (or None) or ``cumulative``."""
+def check_momentum_option(options) -> None:
+    """Validate the ``momentum`` option of a recipe component's (frozen dataclass) ``options``: a
+    float in (0, 1], ``keep`` or ``cumulative``; ``none`` is stored as ``keep``, the meaning it has,
+    so both print and compare the same."""
+    momentum = options.momentum
+    if momentum is None:
+        object.__setattr__(options, "momentum", "keep")
     if isinstance(momentum, float) and not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {momentum}")
 

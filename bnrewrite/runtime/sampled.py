@@ -473,20 +473,25 @@ class SampledBatchNorm(BatchNormState):
             self._count_step()
 
     def _check_values_per_channel(self, spec: SampleSpec, shape: tuple[int, ...]) -> None:
-        """The statistics need ≥ 2 values per channel from each part they mix: one has no variance
-        (stock BatchNorm refuses it too). The virtual rows count alone under pure VDN and by β in
-        a mix (vdn:n=1 on a BatchNorm1d over (N, C) or a 1×1 map gives one value, whose variance 0
-        would halve the mixed variance at β = 0.5)."""
-        parts = []
+        """The statistics need ≥ 2 values per channel: one has no variance (stock BatchNorm refuses
+        it too). Pure VDN takes them from the virtual rows alone (vdn:n=1 on a BatchNorm1d over
+        (N, C) or a 1×1 map gives one value). In a mix, one virtual value per channel puts a
+        variance of 0 into Eq. 4, which scales the mixed variance by 1 − β: a warning, once."""
         if spec.uses_sample():
-            parts.append((spec.sample_count(shape), "the sample", "use a larger n/ratio or batch"))
-        if spec.virtual_weight() > 0.0:
-            parts.append((spec.virtual_count(shape), f"{self.num_virtual} virtual row(s)",
-                          "use vdn:n=2 or more, or exclude this layer from the recipe"))
-        for values, source, fix in parts:
-            if values < 2:
-                raise InputError(f"SampledBatchNorm({self.strategy}){self.site_label} on input {shape}: {source} "
-                                 f"holds one value per channel, which has no variance; {fix}")
+            values, source, fix = spec.sample_count(shape), "the sample", "use a larger n/ratio or batch"
+        else:
+            values, source, fix = (spec.virtual_count(shape), f"{self.num_virtual} virtual row(s)",
+                                   "use vdn:n=2 or more, or exclude this layer from the recipe")
+        if values < 2:
+            raise InputError(f"SampledBatchNorm({self.strategy}){self.site_label} on input {shape}: {source} holds one "
+                             f"value per channel, which has no variance; {fix}")
+        if (spec.uses_sample() and spec.virtual_weight() > 0.0 and spec.virtual_count(shape) < 2
+                and not self.__dict__.get("_warned_one_virtual_value")):
+            self.__dict__["_warned_one_virtual_value"] = True
+            warn_at_caller(f"SampledBatchNorm({self.strategy}+vdn){self.site_label} on input {shape}: the "
+                           f"{self.num_virtual} virtual row(s) hold one value per channel, whose variance is 0, so "
+                           f"Eq. 4 normalises with {1 - spec.virtual_weight():g} of the sample's variance here; use "
+                           "vdn:n=2 or more, or exclude this layer from the recipe")
 
     def empty_batch(self, x: torch.Tensor) -> bool:
         """An empty batch is stock BatchNorm's (:meth:`BatchNormState.empty_batch`), except with
