@@ -125,6 +125,7 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     context.consumed.update(("lower", "compile_path"))
     result = captured.root
     synced = [name for name, m in result.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    layers_before = [(name, id(m)) for name, m in model.named_modules()] if inplace else None
     try:
         for component in _pipeline_order(parsed):
             variant = VARIANTS[component.name]
@@ -139,7 +140,8 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
             raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
                              f"recipe '{parsed}' uses")
     except BaseException:
-        if inplace:  # some of its layers may be rewritten already: it must not run as a mix
+        # some of its layers rewritten already: it must not run as a mix (untouched, it may run)
+        if inplace and [(name, id(m)) for name, m in model.named_modules()] != layers_before:
             model.register_forward_pre_hook(_refuse_half_rewritten)
         raise
     _keep_per_process_buffers_from_ddp(result)
@@ -233,7 +235,7 @@ def _refuse_unfaithful_sites(sites: list[Site], selected: list[Site], recipe: Re
 
 def _refuse_half_rewritten(module: nn.Module, args) -> None:
     raise InputError(f"bnrewrite.transform(..., inplace=True) failed part way through on this {type(module).__name__} "
-                     "(see the error it raised), so some of its BatchNorms may be rewritten and others not; build "
+                     "(see the error it raised), so some of its BatchNorms are rewritten and others not; build "
                      "the model again (inplace=False keeps the original usable when a transform fails)")
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ExportError, InputError, refuse_compiled_wrappers, require_module, warn_at_caller
+from .errors import (ExportError, InputError, refuse_batchnorm_root, refuse_compiled_wrappers, require_module,
+                     warn_at_caller)
 from .errors import first_line as _first_line
 from .runtime.base import is_batchnorm
 
@@ -192,6 +193,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, dy
         ({}, True)
     """
     require_module(model, "export_onnx")
+    refuse_batchnorm_root(model, "export_onnx")
     refuse_compiled_wrappers(model, "export_onnx")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):

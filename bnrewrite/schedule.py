@@ -200,7 +200,8 @@ def update_bn(batches, model: nn.Module, device=None) -> int:
 
 
 def _require_batches(batches, function: str) -> None:
-    if not isinstance(batches, (torch.Tensor, Iterable)):
+    # not iter(): that would start a DataLoader's workers; a container iterable through __getitem__ counts
+    if not (isinstance(batches, (torch.Tensor, Iterable)) or hasattr(type(batches), "__getitem__")):
         raise InputError(f"{function} expects the batches as an input tensor or an iterable of batches (a list, a "
                          f"DataLoader), got {type(batches).__name__}")
 

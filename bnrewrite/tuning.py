@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, refuse_compiled_wrappers, require_module, warn_at_caller
+from .errors import InputError, refuse_batchnorm_root, refuse_compiled_wrappers, require_module, warn_at_caller
 
 DEFAULT_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
@@ -186,6 +186,7 @@ def tune_example_weight(model: nn.Module, data, metric="accuracy", grid: Sequenc
     from .passes.fold import fold_for_inference
 
     require_module(model, "tune_example_weight")
+    refuse_batchnorm_root(model, "tune_example_weight")
     refuse_compiled_wrappers(model, "tune_example_weight")
     try:
         alphas = sorted({float(a) for a in grid})

@@ -370,6 +370,7 @@ def test_a_batchnorm_subclass_keeps_its_own_state(recipe):
     rewritten = bnrewrite.transform(model, recipe, **extra)
     site = rewritten.get_submodule("1")
     assert type(site) is not CalibratedBatchNorm
+    assert site._post_children == ()  # its act child is state, not applied (brn+rot applied it)
     assert site.calib is not None and site.gain is not None and site.observer is not None
     assert set(bnrewrite.stock_state_dict(rewritten)) == set(model.state_dict())
     assert "1.scratch" not in rewritten.state_dict()
@@ -384,7 +385,8 @@ def test_a_batchnorm_subclass_keeps_its_own_state(recipe):
     assert site.gain.grad is None  # in the model and the optimizer, but (as in stock) not read
 
 
-def test_a_batchnorm_subclass_state_named_like_the_variants_is_refused():
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_batchnorm_subclass_state_named_like_the_variants_is_refused(inplace):
     class Clashing(nn.BatchNorm2d):
         def __init__(self, channels):
             super().__init__(channels)
@@ -392,18 +394,26 @@ def test_a_batchnorm_subclass_state_named_like_the_variants_is_refused():
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), Clashing(4))
     with pytest.raises(UnsupportedPatternError, match="Clashing has a buffer 'reduce_dims'.*exclude"):
-        bnrewrite.transform(model, "fs")
+        bnrewrite.transform(model, "fs", inplace=inplace)
+    model(torch.randn(2, 3, 6, 6))  # nothing was rewritten, so even an inplace=True model still runs
 
 
-@pytest.mark.parametrize("function", ["transform", "fold_for_inference"])
-def test_a_model_that_is_a_batchnorm_layer_is_an_input_error(function):
+_BATCHNORM_LAYER_CALLS = {
+    "transform": lambda m, out: bnrewrite.transform(m, "ghost:size=2"),
+    "fold_for_inference": lambda m, out: bnrewrite.fold_for_inference(m.eval()),
+    "export_onnx": lambda m, out: bnrewrite.export_onnx(m.eval(), torch.randn(2, 4, 3, 3), out / "m.onnx"),
+    "tune_example_weight": lambda m, out: bnrewrite.tune_example_weight(m.eval(), (torch.randn(4, 4, 3, 3),
+                                                                                   torch.zeros(4, dtype=torch.long))),
+}
+
+
+@pytest.mark.parametrize("function", sorted(_BATCHNORM_LAYER_CALLS))
+def test_a_model_that_is_a_batchnorm_layer_is_an_input_error(function, tmp_path):
     """A module cannot replace itself in the caller's variable: the variant was attached as a child
     named '' while the returned layer still ran stock BatchNorm (ghost: 0.52 off the variant)."""
     layer = nn.BatchNorm2d(4)
-    call = (lambda m: bnrewrite.transform(m, "ghost:size=2")) if function == "transform" else \
-        (lambda m: bnrewrite.fold_for_inference(m.eval()))
     with pytest.raises(InputError, match=rf"{function}: the model is itself a BatchNorm2d layer.*nn.Sequential"):
-        call(layer)
+        _BATCHNORM_LAYER_CALLS[function](layer, tmp_path)
     assert dict(layer.named_children()) == {}
 
 

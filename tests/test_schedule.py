@@ -289,3 +289,16 @@ def test_batches_that_are_not_iterable_are_an_input_error(call, batches):
                                          f"got {type(batches).__name__}".replace("batches,", r"batches \(a list, a "
                                                                                  r"DataLoader\),")):
         function(model, batches) if call == "warm_up_statistics" else function(batches, model)
+
+
+def test_a_container_iterable_through_getitem_is_taken():
+    class Batches:  # the old sequence protocol, as torch.optim.swa_utils.update_bn takes it
+        def __getitem__(self, i):
+            if i >= 3:
+                raise IndexError
+            return torch.randn(4, 3, 6, 6)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert bnrewrite.update_bn(Batches(), model) == 3
+    assert bnrewrite.warm_up_statistics(model, Batches(), steps=3) == 3
+    assert bnrewrite.dataset_stats(Batches()).mean.shape == (3,)

@@ -234,8 +234,10 @@ def lower_model(module: nn.Module, sites, options: LowerOptions | str = "auto") 
         if new is not None and hasattr(new, "fused_activation") and new.fused_activation() is None:
             # children after the norm (timm's act=GELU, say) that no kernel applies: every training
             # step would run the reference path, so it is not lowered
-            reason = (", ".join(f"{n}={type(getattr(new, n)).__name__}" for n in new._post_children)
-                      + " after the norm: no fused kernel applies it, kept on the reference path")
+            children = [getattr(new, n) for n in new._post_children]
+            reason = (", ".join(f"{n}={type(c).__name__}" for n, c in zip(new._post_children, children))
+                      + (" after the norm has hooks, which the kernel would skip" if any(map(has_hooks, children))
+                         else " after the norm: no fused kernel applies it") + "; kept on the reference path")
             new.__dict__.pop("_fused_activation", None)
             norm.__class__, new = original_class, None
         if new is None:

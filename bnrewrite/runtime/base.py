@@ -128,10 +128,16 @@ class BatchNormState(nn.Module):
             new.running_var = bn.running_var
             new.num_batches_tracked = bn.num_batches_tracked
         post = []
-        # timm's BatchNormAct2d applies them; a subclass keeping stock BatchNorm's forward does not
-        applies_children = (isinstance(bn, BatchNormState)
-                            or type(bn).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward))
-        for name in _POST_NORM_CHILDREN if applies_children else ():
+        # timm's BatchNormAct2d applies them, a runtime module those it applies (rot built from brn);
+        # a subclass keeping stock BatchNorm's forward applies none (they move on as its own state)
+        if isinstance(bn, BatchNormState):
+            applied = tuple(n for n in _POST_NORM_CHILDREN if n in bn._post_children or isinstance(
+                bn._modules.get(n), nn.Identity))
+        elif type(bn).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+            applied = _POST_NORM_CHILDREN
+        else:
+            applied = ()
+        for name in applied:
             child = getattr(bn, name, None)
             if isinstance(child, nn.Module) and not isinstance(child, nn.Identity):
                 new.add_module(name, child)

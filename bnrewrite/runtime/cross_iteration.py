@@ -1042,9 +1042,11 @@ class CrossIterationBatchNorm(BatchNormState):
             self._steps = int(self.cbn_steps)
             self._filled = int(self.cbn_filled)
             self._next = int(self.cbn_next)
-        elif self.cbn_mean is not None and self.cbn_mean.device.type != "meta":
-            # a checkpoint without history (a stock one): the stored iterations were computed with
-            # weights it has just replaced, and compensating from those would mix two models
+        elif (self.cbn_mean is not None and self.cbn_mean.device.type != "meta"
+              and any(prefix + key in state_dict for key in ("running_mean", "weight"))):
+            # a checkpoint of this layer without history (a stock one): the stored iterations were
+            # computed with weights it has just replaced, and compensating from those would mix two
+            # models. A partial load that leaves this layer out keeps them.
             self.reset_history()
 
     def _estimated_store(self, input_shape: tuple[int, ...] | None) -> tuple[str, int | None, int | None]:

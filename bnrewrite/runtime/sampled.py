@@ -670,7 +670,8 @@ def dataset_stats(data: Any) -> DatasetStats:
         model = bnrewrite.transform(model, "fs+vdn", data_stats=stats)
     """
     batches: Iterable = [data] if isinstance(data, (torch.Tensor, np.ndarray)) else data
-    if not isinstance(batches, Iterable):
+    # not iter(): that would start a DataLoader's workers; a container iterable through __getitem__ counts
+    if not (isinstance(batches, Iterable) or hasattr(type(batches), "__getitem__")):
         raise InputError(f"dataset_stats expects a tensor or an iterable of batches (a DataLoader), got "
                          f"{type(data).__name__}")
     count = 0

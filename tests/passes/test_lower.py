@@ -639,3 +639,17 @@ def test_a_norm_act_whose_activation_no_kernel_applies_is_not_reported_lowered(r
     assert type(low.get_submodule("1")) is type(reference.get_submodule("1"))
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(low(x), reference(x))
+
+
+def test_a_hook_on_a_norm_acts_own_activation_keeps_the_site_on_the_reference_path():
+    """timm's BatchNormAct2d applies its act child: lowered, the kernel applied the ReLU and the
+    hook on act never ran."""
+    timm_layers = pytest.importorskip("timm.layers")
+    fired = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), timm_layers.BatchNormAct2d(4))
+    model[1].act.register_forward_hook(lambda module, args, out: fired.append(1))
+    low = bnrewrite.transform(model, "bn", lower="fused")
+    record = low.bnrewrite_lowering[0]
+    assert not record.lowered and "act=ReLU after the norm has hooks" in record.reason
+    low(torch.randn(4, 3, 6, 6))
+    assert fired == [1]

@@ -911,3 +911,13 @@ def test_a_model_with_history_converts_to_channels_last_and_other_dtypes(store):
         if k in history:
             assert v.shape == history[k].shape and v.is_contiguous()
             assert v.dtype == (torch.float64 if history[k].is_floating_point() else history[k].dtype)
+
+
+def test_a_partial_load_that_leaves_the_layer_out_keeps_its_history():
+    """torch calls every module's _load_from_state_dict: a checkpoint of other layers only (a new
+    head, strict=False) reset the history of every CBN layer."""
+    _, cbn, _, _ = _run_history(True, k=3, steps=3)
+    holder = nn.Module()
+    holder.norm, holder.head = cbn, nn.Linear(2, 2)
+    holder.load_state_dict({f"head.{k}": v for k, v in nn.Linear(2, 2).state_dict().items()}, strict=False)
+    assert cbn.history_filled == 2

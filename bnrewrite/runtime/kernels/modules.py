@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-from ..base import BatchNormState, functorch_active
+from ..base import BatchNormState, functorch_active, has_hooks
 from .functional import region_of, running_argument
 from .ops import KERNEL_DTYPES, call_batch_norm_act
 
@@ -38,12 +38,13 @@ def activation_name(module: nn.Module | None) -> tuple[str, float] | None:
 def kernel_activation(norm: nn.Module) -> tuple[str, float] | None:
     """The activation a norm's kernel applies: ``("none", 0.0)`` without post-norm children, the
     ``act`` child when it is the only one and a kind the kernels implement (``drop`` before it
-    would change the order), else None (the kernel cannot apply what follows)."""
+    would change the order) and no hooks of the model's sit on it (they would not run), else None
+    (the kernel cannot apply what follows)."""
     post = getattr(norm, "_post_children", ())
     if post == ():
         return "none", 0.0
-    if post == ("act",):
-        return activation_name(getattr(norm, "act"))
+    if post == ("act",) and not has_hooks(norm.act):
+        return activation_name(norm.act)
     return None
 
 
