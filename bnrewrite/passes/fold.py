@@ -308,6 +308,8 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
                              "run the model once on an example batch before folding")
     work = deepcopy_model(model)
     work.eval()
+    if options.example_weight == 0.0:
+        _as_eval_batchnorms(work)
     report = FoldReport(example_weight=options.example_weight)
     if not any(is_batchnorm(m) for m in work.modules()) and not _has_functional_bn(work):
         object.__setattr__(work, "bnrewrite_fold_report", report)
@@ -322,6 +324,23 @@ def fold_for_inference(model: nn.Module, *, example_weight: float = 0.0, example
     result.eval()
     object.__setattr__(result, "bnrewrite_fold_report", report)
     return result
+
+
+def _as_eval_batchnorms(work: nn.Module) -> None:
+    """torchvision's ``FrozenBatchNorm2d`` (detection backbones) computes exactly an eval-mode
+    ``BatchNorm2d`` on its buffers: swapped for one, it folds into its producer like any other.
+    Not under example weighing, which would make the frozen layers mix each example's moments in."""
+    for name, module in list(work.named_modules()):
+        if not name or type(module).__name__ != "FrozenBatchNorm2d" or not type(module).__module__.startswith(
+                "torchvision."):
+            continue
+        bn = nn.BatchNorm2d(module.weight.numel(), eps=module.eps, device=module.weight.device,
+                            dtype=module.weight.dtype).eval()
+        with torch.no_grad():
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, key).copy_(getattr(module, key))
+        parent_name, _, child = name.rpartition(".")
+        setattr(work.get_submodule(parent_name) if parent_name else work, child, bn)
 
 
 def _recorded_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -1043,3 +1043,25 @@ def test_example_weighing_uses_a_variants_own_rule():
         torch.testing.assert_close(folded(x), manual(x), rtol=1e-5, atol=1e-6)
         plain = bnrewrite.fold_for_inference(transformed, example_weight=0.0)
         assert (plain(x) - folded(x)).abs().max() > 1e-3  # the weighing really changed something
+
+
+def test_torchvision_frozen_batchnorm_folds_into_its_producer():
+    """torchvision's FrozenBatchNorm2d (detection backbones) is an eval BatchNorm2d on its buffers;
+    it stayed in the folded model as an elementwise affine."""
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d).eval()
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    folded = bnrewrite.fold_for_inference(model)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in folded.modules())
+    with torch.no_grad():
+        assert rel_err(model(x), folded(x)) <= 1e-5
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())  # the source model is as it was
