@@ -231,6 +231,11 @@ def parse_recipe(text: "str | Recipe", registry: dict[str, Variant] | None = Non
             value = after.split(",")[0]
             raise RecipeError(f"'{before}+{value}': '+' joins recipe components, so a value cannot start with it; "
                               f"write {before}{value}")
+    for i, part in enumerate(parts):
+        if not part:
+            where = "starts with '+'" if i == 0 else "ends with '+'" if i == len(parts) - 1 else "has '++'"
+            raise RecipeError(f"empty component in recipe '{text}' (it {where}): '+' joins two components; "
+                              f"known components: {', '.join(sorted(registry))}")
     components = tuple(parse_component(p, registry) for p in parts)
     validate_combination(components, registry)
     return Recipe(components)

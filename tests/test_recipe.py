@@ -92,7 +92,10 @@ def test_real_registry_parses_bn():
     ("vdn+rot", "'vdn' cannot be combined with 'rot'"),
     ("rot", "'rot' needs a normalisation"),
     ("", "empty recipe"),
-    ("fs++vdn", "empty component"),
+    ("fs++vdn", "empty component in recipe 'fs++vdn' (it has '++')"),
+    ("+fs", "empty component in recipe '+fs' (it starts with '+')"),
+    ("fs+", "empty component in recipe 'fs+' (it ends with '+')"),
+    (":x+fs", "empty component in recipe; known"),
     # 1e999 overflows to inf (str() of the recipe then raised a raw OverflowError)
     ("ghost:ratio=1e999", "ghost: ratio must be a finite number, got '1e999'"),
     ("ghost:ratio=1e300/1e-300", "ghost: ratio must be a finite number"),
