@@ -117,12 +117,11 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
     selected = _select(sites, include, exclude)
     _refuse_rewritten_sites(captured.root, sites, selected, parsed)
     _refuse_unfaithful_sites(sites, selected, parsed)
-    _refuse_zero_eps(captured.root, selected, parsed)
+    _refuse_zero_eps(captured.root, sites, selected, parsed, lowering)
     if not selected and any(VARIANTS[c.name].runtime is not None for c in parsed.components):
         raise InputError(f"transform '{parsed}': include/exclude leave no site to rewrite (sites: "
                          f"{_sample_names(sites)}); drop the filter that removes them all")
     context = RewriteContext(captured=captured, example_inputs=example_inputs, options=dict(options))
-    context.consumed.update(("lower", "compile_path"))
     result = captured.root
     synced = [name for name, m in result.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     layers_before = [(name, id(m)) for name, m in model.named_modules()] if inplace else None
@@ -135,10 +134,6 @@ def transform(model: nn.Module, recipe: "str | Recipe" = "bn", *, example_inputs
             from .passes.lower import lower_model
 
             result = lower_model(result, selected, lowering)
-        unused = set(context.options) - context.consumed - _GENERAL_OPTIONS
-        if unused:  # a pass that reads an option its registry entry does not declare
-            raise InputError(f"transform got option(s) {', '.join(sorted(unused))} that no component of "
-                             f"recipe '{parsed}' uses")
     except BaseException:
         # some of its layers rewritten already: it must not run as a mix (untouched, it may run)
         if inplace and [(name, id(m)) for name, m in model.named_modules()] != layers_before:
@@ -193,14 +188,16 @@ def _refuse_rewritten_sites(root: nn.Module, sites: list[Site], selected: list[S
                          "out with exclude=")
 
 
-def _refuse_zero_eps(root: nn.Module, selected: list[Site], recipe: Recipe) -> None:
+def _refuse_zero_eps(root: nn.Module, sites: list[Site], selected: list[Site], recipe: Recipe,
+                     lowering) -> None:
     """eps = 0: a constant sample, ghost batch or group would divide by 0 (stock BatchNorm's
-    training forward refuses it; the variants compute the normalisation themselves)."""
+    training forward refuses it; the variants and the fused op compute the normalisation
+    themselves). vdn replaces excluded sites too (their statistics leave the virtual rows out)."""
     from .registry import VARIANTS
 
-    if all(VARIANTS[c.name].runtime is None for c in recipe.components):
+    if lowering is None and all(VARIANTS[c.name].runtime is None for c in recipe.components):
         return
-    for site in selected:
+    for site in sites if "vdn" in recipe.names() else selected:
         if not site.functional and not getattr(root.get_submodule(site.name), "eps", 1.0) > 0:
             raise InputError(f"transform '{recipe}': site {site.name!r} ({site.kind}) has "
                              f"eps={root.get_submodule(site.name).eps}; training needs eps > 0, as stock BatchNorm's "
@@ -280,7 +277,8 @@ def _refuse_rewritten_original(module: nn.Module, args) -> None:
 @dataclass
 class RewriteContext:
     """What a pass may need beyond (module, sites, options): the capture, the example inputs,
-    and keyword options given to ``transform`` (a pass marks those it uses as consumed)."""
+    and the keyword options given to ``transform`` (checked against the registry entries'
+    ``keyword_options`` before any pass runs; ``take`` reads one)."""
 
     captured: Capture
     example_inputs: tuple | None

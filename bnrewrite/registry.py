@@ -20,17 +20,29 @@ def register(variant: Variant) -> Variant:
     the recipe parser can read (lower case, digits, '-' and '_'; no '+', ':', ',' or '=')."""
     if not isinstance(variant, Variant):
         raise TypeError(f"register takes a bnrewrite.Variant, got {type(variant).__name__}")
-    if not re.fullmatch(r"[a-z][a-z0-9_-]*", variant.name):
+    if not isinstance(variant.name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", variant.name):
         raise ValueError(f"component name {variant.name!r} cannot appear in a recipe: use lower-case letters, digits, "
                          "'-' and '_', starting with a letter")
     if variant.role not in typing.get_args(Role):
         raise ValueError(f"component {variant.name!r}: role must be one of {', '.join(typing.get_args(Role))}, "
                          f"got {variant.role!r}")
-    if not dataclasses.is_dataclass(variant.options):
-        raise ValueError(f"component {variant.name!r}: options must be a dataclass (its fields are the recipe's "
+    if not (isinstance(variant.options, type) and dataclasses.is_dataclass(variant.options)):
+        raise ValueError(f"component {variant.name!r}: options must be a dataclass class (its fields are the recipe's "
                          f"key=value options), got {variant.options!r}")
+    upper = [f.name for f in dataclasses.fields(variant.options) if f.name != f.name.lower()]
+    if upper:  # the parser reads option keys in lower case
+        raise ValueError(f"component {variant.name!r}: option field(s) {', '.join(upper)} must be lower case")
+    if not callable(variant.rewrite):
+        raise ValueError(f"component {variant.name!r}: rewrite must be the pass, a function, got {variant.rewrite!r}")
+    sets = {}
+    for key in ("combines_with", "partner_options", "keyword_options"):
+        value = getattr(variant, key)
+        if not isinstance(value, (set, frozenset, list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"component {variant.name!r}: {key} must be a collection of names, got {value!r}")
+        sets[key] = frozenset(value)
     if variant.name in VARIANTS:
         raise ValueError(f"component {variant.name!r} registered twice")
+    variant = dataclasses.replace(variant, **sets)
     VARIANTS[variant.name] = variant
     return variant
 

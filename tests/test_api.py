@@ -503,3 +503,14 @@ def test_a_site_with_eps_zero_is_refused_by_a_replacing_recipe(recipe):
                                          "eps > 0"):
         bnrewrite.transform(model, recipe)
     assert bnrewrite.transform(model, "bn") is not None
+
+
+@pytest.mark.parametrize("recipe, options", [("fs+vdn", {"exclude": ["1"]}), ("vdn", {"exclude": ["1"]}),
+                                             ("bn", {"lower": "fused"})])
+def test_eps_zero_is_refused_where_vdn_or_lowering_replaces_the_site(recipe, options):
+    """vdn rewrites excluded sites too, and lowering swaps a stock site for the fused op: both
+    normalise themselves, so eps=0 there gave NaN on a constant channel where stock BN raises."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0))
+    extra = {"data_stats": ([0.0] * 3, [1.0] * 3)} if "vdn" in recipe else {}
+    with pytest.raises(InputError, match=r"site '1' \(BatchNorm2d\) has eps=0.0"):
+        bnrewrite.transform(model, recipe, **options, **extra)

@@ -204,3 +204,12 @@ def test_momentum_none_is_stored_as_keep_in_every_component(name):
     """cbn/ghost kept None: 'cbn:momentum=none' printed momentum=None and was not equal to 'cbn'."""
     parsed = parse_recipe(f"{name}:momentum=none")
     assert parsed == parse_recipe(name) and str(parsed) == name
+
+
+@pytest.mark.parametrize("name", _momentum_components())
+@pytest.mark.parametrize("bad", [2, 0, -1.0, True, "bogus"])
+def test_a_hand_built_momentum_option_is_checked_like_a_parsed_one(name, bad):
+    """Only floats were range-checked: an int 2 or 0 and True built layers with momentum 2.0 or 0.0."""
+    with pytest.raises(ValueError, match="momentum must be in .0, 1.*'keep' or 'cumulative'"):
+        VARIANTS[name].options(momentum=bad)
+    assert VARIANTS[name].options(momentum=1).momentum == 1.0

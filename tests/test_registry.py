@@ -58,3 +58,51 @@ def test_register_variant_refuses_what_a_recipe_could_not_use(changes, message, 
     with pytest.raises(ValueError, match=re.escape(message)):
         bnrewrite.register_variant(bnrewrite.Variant(**fields))
     assert "mine" not in VARIANTS
+
+
+@dataclass(frozen=True)
+class FactorOptions:
+    scale: float = 1.0
+
+
+def _scaling_pass(module, sites, options, context=None):
+    """Multiplies every selected BatchNorm's weight by the recipe's scale and transform's factor."""
+    factor = context.take("factor", 1.0)
+    for site in sites:
+        with torch.no_grad():
+            module.get_submodule(site.name).weight.mul_(options.scale * factor)
+    return module
+
+
+def test_a_user_variant_with_options_and_a_keyword_works_through_the_parser(registry_restored):
+    bnrewrite.register_variant(bnrewrite.Variant("scaled", FactorOptions, _scaling_pass, None, "norm", "scale γ",
+                                                 keyword_options=["factor"], combines_with=["vdn"]))
+    assert VARIANTS["scaled"].keyword_options == frozenset({"factor"})
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    rewritten = bnrewrite.transform(model, "scaled:scale=1/2", factor=3.0)
+    torch.testing.assert_close(rewritten.get_submodule("1").weight, torch.full((4,), 1.5))
+    with pytest.raises(bnrewrite.InputError, match="option.s. fact that no component"):
+        bnrewrite.transform(model, "scaled", fact=3.0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"options": FactorOptions()}, "options must be a dataclass class"),
+    ({"combines_with": "vdn"}, "combines_with must be a collection of names"),
+    ({"keyword_options": None}, "keyword_options must be a collection of names"),
+    ({"name": None}, "cannot appear in a recipe"),
+])
+def test_register_variant_refuses_malformed_entries(changes, message, registry_restored):
+    fields = dict(name="mine", options=FactorOptions, rewrite=_scaling_pass, runtime=None, role="norm",
+                  summary="a test variant")
+    fields.update(changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bnrewrite.register_variant(bnrewrite.Variant(**fields))
+
+
+def test_option_fields_in_upper_case_are_refused(registry_restored):
+    @dataclass(frozen=True)
+    class Upper:
+        Scale: float = 1.0
+
+    with pytest.raises(ValueError, match="option field.s. Scale must be lower case"):
+        bnrewrite.register_variant(bnrewrite.Variant("upper", Upper, _scaling_pass, None, "norm", "x"))

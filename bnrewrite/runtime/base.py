@@ -428,8 +428,10 @@ def check_momentum_option(options) -> None:
     momentum = options.momentum
     if momentum is None:
         object.__setattr__(options, "momentum", "keep")
-    if isinstance(momentum, float) and not 0.0 < momentum <= 1.0:
-        raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {momentum}")
+    elif isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0.0 < momentum <= 1.0:
+        object.__setattr__(options, "momentum", float(momentum))
+    elif momentum not in ("keep", "cumulative"):  # options built by hand skip the parser's type checks
+        raise ValueError(f"momentum must be in (0, 1], 'keep' or 'cumulative', got {momentum!r}")
 
 
 def resolve_momentum(option, current: float | None) -> float | None:

@@ -463,3 +463,19 @@ def test_one_virtual_value_per_channel_in_a_mix_warns_once(recipe):
         two = bnrewrite.transform(model, recipe.replace("n=1", "n=2"), data_stats=([0.0] * 3, [1.0] * 3))
         assert two(torch.randn(8, 3)).shape == (8, 3)
     assert not [w for w in caught if "virtual row" in str(w.message)]
+
+
+def test_the_one_virtual_value_warning_stays_out_of_compiled_steps():
+    """Dynamo does not guard on the warned-once flag: a compiled step warned at every call."""
+    import warnings
+
+    import bnrewrite
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    rewritten = bnrewrite.transform(model, "bs:n=4+vdn:n=1", data_stats=([0.0] * 3, [1.0] * 3))
+    compiled = torch.compile(rewritten, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            compiled(torch.randn(8, 3))
+    assert not [w for w in caught if "virtual row" in str(w.message)]
