@@ -20,6 +20,7 @@ def _parse_runs(text: str | None):
         return None
     from .demo import DEFAULT_RUNS
     from .errors import InputError
+    from .recipe import parse_recipe
 
     known = {label: (label, recipe, batch) for label, recipe, batch in DEFAULT_RUNS}
     runs = []
@@ -31,6 +32,7 @@ def _parse_runs(text: str | None):
         if not recipe or (batch and not (batch.isdigit() and int(batch) >= 1)):
             raise InputError(f"demo --runs: {item!r} is not RECIPE@BATCH with a batch size of 1 or more, nor a "
                              f"default run ({', '.join(known)})")
+        parse_recipe(recipe)  # a bad recipe now, not after the runs before it have trained
         runs.append((item, recipe, int(batch) if batch else 32))
     return runs
 

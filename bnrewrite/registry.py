@@ -9,6 +9,7 @@ import re
 import typing
 
 from .passes import stock
+from .errors import RecipeError
 from .recipe import Role, Variant
 
 VARIANTS: dict[str, Variant] = {}
@@ -17,31 +18,32 @@ VARIANTS: dict[str, Variant] = {}
 def register(variant: Variant) -> Variant:
     """Add a recipe component (``bnrewrite.register_variant``): after it, ``transform(model,
     "<name>:<option>=...")`` runs ``variant.rewrite`` on the selected sites. The name must be one
-    the recipe parser can read (lower case, digits, '-' and '_'; no '+', ':', ',' or '=')."""
+    the recipe parser can read (lower case, digits, '-' and '_'; no '+', ':', ',' or '='); a
+    malformed entry is a :class:`RecipeError`."""
     if not isinstance(variant, Variant):
-        raise TypeError(f"register takes a bnrewrite.Variant, got {type(variant).__name__}")
+        raise RecipeError(f"register takes a bnrewrite.Variant, got {type(variant).__name__}")
     if not isinstance(variant.name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", variant.name):
-        raise ValueError(f"component name {variant.name!r} cannot appear in a recipe: use lower-case letters, digits, "
+        raise RecipeError(f"component name {variant.name!r} cannot appear in a recipe: use lower-case letters, digits, "
                          "'-' and '_', starting with a letter")
     if variant.role not in typing.get_args(Role):
-        raise ValueError(f"component {variant.name!r}: role must be one of {', '.join(typing.get_args(Role))}, "
+        raise RecipeError(f"component {variant.name!r}: role must be one of {', '.join(typing.get_args(Role))}, "
                          f"got {variant.role!r}")
     if not (isinstance(variant.options, type) and dataclasses.is_dataclass(variant.options)):
-        raise ValueError(f"component {variant.name!r}: options must be a dataclass class (its fields are the recipe's "
+        raise RecipeError(f"component {variant.name!r}: options must be a dataclass class (its fields are the recipe's "
                          f"key=value options), got {variant.options!r}")
     upper = [f.name for f in dataclasses.fields(variant.options) if f.name != f.name.lower()]
     if upper:  # the parser reads option keys in lower case
-        raise ValueError(f"component {variant.name!r}: option field(s) {', '.join(upper)} must be lower case")
+        raise RecipeError(f"component {variant.name!r}: option field(s) {', '.join(upper)} must be lower case")
     if not callable(variant.rewrite):
-        raise ValueError(f"component {variant.name!r}: rewrite must be the pass, a function, got {variant.rewrite!r}")
+        raise RecipeError(f"component {variant.name!r}: rewrite must be the pass, a function, got {variant.rewrite!r}")
     sets = {}
     for key in ("combines_with", "partner_options", "keyword_options"):
         value = getattr(variant, key)
         if not isinstance(value, (set, frozenset, list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"component {variant.name!r}: {key} must be a collection of names, got {value!r}")
+            raise RecipeError(f"component {variant.name!r}: {key} must be a collection of names, got {value!r}")
         sets[key] = frozenset(value)
     if variant.name in VARIANTS:
-        raise ValueError(f"component {variant.name!r} registered twice")
+        raise RecipeError(f"component {variant.name!r} registered twice")
     variant = dataclasses.replace(variant, **sets)
     VARIANTS[variant.name] = variant
     return variant

@@ -68,3 +68,12 @@ def test_demo_runs_take_recipes_with_several_options():
     assert _parse_runs("bn,cbn:k=4,burnin=5@4,fs:ratio=1/8+vdn:n=2,beta=0.3@16") == [
         ("bn", "bn", 32), ("cbn:k=4,burnin=5@4", "cbn:k=4,burnin=5", 4),
         ("fs:ratio=1/8+vdn:n=2,beta=0.3@16", "fs:ratio=1/8+vdn:n=2,beta=0.3", 16)]
+
+
+def test_a_bad_recipe_in_runs_is_refused_before_the_runs_before_it_train(capsys, monkeypatch):
+    """The recipe was parsed when its turn came: 'bn,fs:foo=1@4' trained bn first."""
+    import bnrewrite.demo
+
+    monkeypatch.setattr(bnrewrite.demo, "run_demo", lambda **kw: pytest.fail("training started"))
+    assert main(["demo", "--no-progress", "--runs", "bn,fs:foo=1@4"]) == 2
+    assert "bnrewrite: error: fs: unknown option 'foo'" in capsys.readouterr().err

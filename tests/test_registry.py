@@ -55,7 +55,7 @@ def test_register_variant_refuses_what_a_recipe_could_not_use(changes, message, 
     fields = dict(name="mine", options=NoOptions, rewrite=stock.keep_batchnorm, runtime=None, role="norm",
                   summary="a test variant")
     fields.update(changes)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(bnrewrite.RecipeError, match=re.escape(message)):
         bnrewrite.register_variant(bnrewrite.Variant(**fields))
     assert "mine" not in VARIANTS
 
@@ -95,7 +95,7 @@ def test_register_variant_refuses_malformed_entries(changes, message, registry_r
     fields = dict(name="mine", options=FactorOptions, rewrite=_scaling_pass, runtime=None, role="norm",
                   summary="a test variant")
     fields.update(changes)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(bnrewrite.RecipeError, match=re.escape(message)):
         bnrewrite.register_variant(bnrewrite.Variant(**fields))
 
 
@@ -104,5 +104,5 @@ def test_option_fields_in_upper_case_are_refused(registry_restored):
     class Upper:
         Scale: float = 1.0
 
-    with pytest.raises(ValueError, match="option field.s. Scale must be lower case"):
+    with pytest.raises(bnrewrite.RecipeError, match="option field.s. Scale must be lower case"):
         bnrewrite.register_variant(bnrewrite.Variant("upper", Upper, _scaling_pass, None, "norm", "x"))

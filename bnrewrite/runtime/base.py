@@ -474,12 +474,15 @@ def _take_over_extra_state(new: nn.Module, bn: nn.Module, kind: str) -> None:
     itself cannot be kept, and is refused rather than dropped. From a runtime module (``rot`` on
     top of ``brn``), what the new module lacks moves on the same way."""
     stock = isinstance(bn, _BatchNorm)
+    moved = set() if stock else set(bn.__dict__.get("_extra_state_names", ()))
     extra = [(n, "parameter", p) for n, p in bn._parameters.items() if n not in _BATCHNORM_STATE]
     extra += [(n, "buffer", b) for n, b in bn._buffers.items() if n not in _BATCHNORM_STATE]
     extra += [(n, "child", m) for n, m in bn._modules.items() if n not in new._modules]
+    kept = []
     for name, what, value in extra:
-        if hasattr(new, name):
-            if not stock:  # the variant's own state, which new has too
+        # optional_state_keys: what the variant registers later (brn's input_mean, once its producer is known)
+        if hasattr(new, name) or name in getattr(new, "optional_state_keys", ()):
+            if not stock and name not in moved:  # the variant's own state, which new has too
                 continue
             from ..errors import UnsupportedPatternError
             raise UnsupportedPatternError(
@@ -491,6 +494,8 @@ def _take_over_extra_state(new: nn.Module, bn: nn.Module, kind: str) -> None:
             new.register_buffer(name, value, persistent=name not in bn._non_persistent_buffers_set)
         else:
             new.add_module(name, value)
+        kept.append(name)
+    new.__dict__["_extra_state_names"] = tuple(kept)  # a rebuild from new (rot on brn) keeps checking them
 
 
 def has_hooks(module: nn.Module, output_only: bool = False) -> bool:
