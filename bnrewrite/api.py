@@ -198,10 +198,11 @@ def _refuse_zero_eps(root: nn.Module, sites: list[Site], selected: list[Site], r
     if lowering is None and all(VARIANTS[c.name].runtime is None for c in recipe.components):
         return
     for site in sites if "vdn" in recipe.names() else selected:
-        if not site.functional and not getattr(root.get_submodule(site.name), "eps", 1.0) > 0:
-            raise InputError(f"transform '{recipe}': site {site.name!r} ({site.kind}) has "
-                             f"eps={root.get_submodule(site.name).eps}; training needs eps > 0, as stock BatchNorm's "
-                             "training forward requires: set the layer's eps (1e-5 is PyTorch's default)")
+        eps = None if site.functional else getattr(root.get_submodule(site.name), "eps", None)
+        if eps is not None and not eps > 0:
+            raise InputError(f"transform '{recipe}': site {site.name!r} ({site.kind}) has eps={eps}; training needs "
+                             "eps > 0, as stock BatchNorm's training forward requires: set the layer's eps (1e-5 is "
+                             "PyTorch's default)")
 
 
 def _refuse_unfaithful_sites(sites: list[Site], selected: list[Site], recipe: Recipe) -> None:
@@ -283,10 +284,8 @@ class RewriteContext:
     captured: Capture
     example_inputs: tuple | None
     options: dict[str, Any]
-    consumed: set[str] = field(default_factory=set)
 
     def take(self, key: str, default=None):
-        self.consumed.add(key)
         return self.options.get(key, default)
 
 

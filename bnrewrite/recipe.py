@@ -136,10 +136,11 @@ def _coerce(raw: str, hint: Any) -> Any:
             return False
         raise ValueError("must be a bool (true/false)")
     if hint is int:
-        # a torch int64 must hold it (k, n, sizes reach tensor shapes and buffers)
-        if re.fullmatch(r"[+-]?\d+", raw) and abs(int(raw)) < 2 ** 62:
-            return int(raw)
-        raise ValueError("must be an int" + (" below 2**62" if re.fullmatch(r"[+-]?\d+", raw) else ""))
+        if not re.fullmatch(r"[+-]?\d+", raw):
+            raise ValueError("must be an int")
+        if abs(int(raw)) >= 2 ** 62:  # a torch int64 must hold it (k, n, sizes reach tensor shapes and buffers)
+            raise ValueError("must be an int below 2**62")
+        return int(raw)
     if hint is float:
         value = None
         if "/" in raw:

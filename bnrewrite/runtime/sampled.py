@@ -485,9 +485,10 @@ class SampledBatchNorm(BatchNormState):
         if values < 2:
             raise InputError(f"SampledBatchNorm({self.strategy}){self.site_label} on input {shape}: {source} holds one "
                              f"value per channel, which has no variance; {fix}")
-        # eager only: a compiled step does not guard on the flag and would warn at every call
-        if (spec.uses_sample() and spec.virtual_weight() > 0.0 and spec.virtual_count(shape) < 2
-                and not torch.compiler.is_compiling() and not self.__dict__.get("_warned_one_virtual_value")):
+        # cheap tests first (every training step asks); eager only: a compiled step does not guard
+        # on the flag and would warn at every call
+        if (0.0 < spec.virtual_weight() < 1.0 and not self.__dict__.get("_warned_one_virtual_value")
+                and spec.virtual_count(shape) < 2 and not torch.compiler.is_compiling()):
             self.__dict__["_warned_one_virtual_value"] = True
             warn_at_caller(f"SampledBatchNorm({self.strategy}+vdn){self.site_label} on input {shape}: the "
                            f"{self.num_virtual} virtual row(s) hold one value per channel, whose variance is 0, so "
